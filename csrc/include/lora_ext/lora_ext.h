@@ -1,0 +1,4 @@
+#pragma once
+// Umbrella header: the whole public C++ API of lora_ext.
+#include <lora_ext/build_info.h>
+#include <lora_ext/ops.h>

@@ -1,0 +1,153 @@
+// Autograd formula of lora_linear, in C++ so that libtorch programs can train.
+//
+// Forward saves x (alive anyway), the [N, r] intermediate h, and an 8-byte
+// dropout seed; weight/lora_A/lora_B are parameters that are alive anyway.
+// No output-sized tensor, no dropout mask and no dropped copy of x is saved:
+// backward regenerates the mask from the seed. The frozen weight's gradient
+// (and bias's) is computed only when they require grad.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+
+namespace lora_ext::autograd {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+const auto& forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::_lora_linear_forward", "")
+                       .typed<std::tuple<Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
+                           double, double, const optional<Tensor>&)>();
+  return op;
+}
+
+const auto& backward_input_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::_lora_linear_backward_input", "")
+                       .typed<Tensor(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
+                           const optional<Tensor>&)>();
+  return op;
+}
+
+const auto& backward_lora_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::_lora_linear_backward_lora", "")
+                       .typed<std::tuple<Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                           double, const optional<Tensor>&)>();
+  return op;
+}
+
+const auto& lora_linear_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::lora_linear", "")
+                       .typed<Tensor(
+                           const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
+                           double, double, bool)>();
+  return op;
+}
+
+bool requires_grad(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const Tensor& weight,
+      const optional<Tensor>& bias,
+      const Tensor& lora_A,
+      const Tensor& lora_B,
+      double scale,
+      double dropout_p,
+      bool training) {
+    const double p = training ? dropout_p : 0.0;
+    optional<Tensor> seed;
+    if (p > 0.0) {
+      // A factory op (not a C++-side draw) so that traced graphs draw a fresh
+      // seed on every call; reproducible under torch.manual_seed.
+      seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
+    }
+    auto [y, h] = forward_op().call(x, weight, bias, lora_A, lora_B, scale, p, seed);
+    ctx->save_for_backward({x, weight, lora_A, lora_B, h, seed.value_or(Tensor())});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["grad_x"] = x.requires_grad();
+    ctx->saved_data["grad_w"] = weight.requires_grad();
+    ctx->saved_data["grad_b"] = requires_grad(bias);
+    ctx->saved_data["grad_ab"] = lora_A.requires_grad() || lora_B.requires_grad();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& weight = saved[1];
+    const Tensor& lora_A = saved[2];
+    const Tensor& lora_B = saved[3];
+    const Tensor& h = saved[4];
+    const optional<Tensor> seed = saved[5].defined() ? optional<Tensor>(saved[5]) : std::nullopt;
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double p = ctx->saved_data["p"].toDouble();
+    Tensor g = grad_outputs[0];
+    Tensor grad_x, grad_w, grad_b, grad_A, grad_B;
+    if (!g.defined()) {
+      return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor()};
+    }
+    if (ctx->saved_data["grad_x"].toBool()) {
+      grad_x = backward_input_op().call(g, weight, lora_A, lora_B, scale, p, seed);
+    }
+    if (ctx->saved_data["grad_ab"].toBool()) {
+      std::tie(grad_A, grad_B) = backward_lora_op().call(g, x, lora_A, lora_B, h, scale, p, seed);
+    }
+    const bool need_w = ctx->saved_data["grad_w"].toBool(), need_b = ctx->saved_data["grad_b"].toBool();
+    if (need_w || need_b) {
+      const Tensor g2d = g.reshape({-1, g.size(-1)});
+      if (need_w) grad_w = at::mm(g2d.t(), x.reshape({-1, x.size(-1)}));
+      if (need_b) grad_b = g2d.sum(0);
+    }
+    return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor lora_linear_autograd(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    bool training) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || weight.requires_grad() || requires_grad(bias) || lora_A.requires_grad() ||
+       lora_B.requires_grad());
+  if (!any_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lora_linear_op().call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
+  }
+  detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, Autograd, m) {
+  m.impl("lora_linear", &lora_linear_autograd);
+}
+
+}  // namespace lora_ext::autograd

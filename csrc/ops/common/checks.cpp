@@ -1,0 +1,148 @@
+#include "ops/common/checks.h"
+
+#include <cmath>
+
+#include <c10/core/SymBool.h>
+#include <c10/util/Exception.h>
+
+namespace lora_ext::detail {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+bool is_half_like(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t dims, const char* layout) {
+  TORCH_CHECK(
+      t.dim() == dims, "lora_ext::", op, ": expected ", name, " to have ", dims, " dims ", layout,
+      ", got ", t.dim(), " dims with shape ", t.sym_sizes());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(
+      t.device() == ref.device(), "lora_ext::", op, ": expected ", name, " on device ", ref.device(),
+      " (the device of the first tensor argument), got ", t.device());
+}
+
+// Shared rules for the adapter (lora_A, lora_B) against a base dtype/size.
+void check_adapter(
+    const char* op,
+    const char* base_name,
+    const at::Tensor& base,
+    const c10::SymInt& in,
+    const c10::SymInt& out,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale) {
+  check_dims(op, "lora_A", lora_A, 2, "[r, in]");
+  check_dims(op, "lora_B", lora_B, 2, "[out, r]");
+  check_same_device(op, "lora_A", lora_A, base);
+  check_same_device(op, "lora_B", lora_B, base);
+  const auto& r = lora_A.sym_size(0);
+  TORCH_CHECK_VALUE(
+      r.sym_ge(1).expect_true(__FILE__, __LINE__), "lora_ext::", op,
+      ": expected rank r >= 1 (lora_A of shape [r, in]), got lora_A of shape ", lora_A.sym_sizes());
+  TORCH_SYM_CHECK(
+      lora_A.sym_size(1).sym_eq(in), "lora_ext::", op, ": expected lora_A of shape [r, in] with in = ", in,
+      ", got ", lora_A.sym_sizes());
+  TORCH_SYM_CHECK(
+      lora_B.sym_size(0).sym_eq(out), "lora_ext::", op, ": expected lora_B of shape [out, r] with out = ", out,
+      ", got ", lora_B.sym_sizes());
+  TORCH_SYM_CHECK(
+      lora_B.sym_size(1).sym_eq(r), "lora_ext::", op, ": expected lora_B of shape [out, r] with r = ", r,
+      " (lora_A's first dim), got ", lora_B.sym_sizes());
+  const auto bt = base.scalar_type();
+  const auto at_ = lora_A.scalar_type();
+  TORCH_CHECK(
+      is_supported_float(bt), "lora_ext::", op, ": expected ", base_name,
+      " of dtype float32, float64, bfloat16 or float16, got ", bt);
+  TORCH_CHECK(
+      lora_B.scalar_type() == at_, "lora_ext::", op, ": expected lora_A and lora_B of the same dtype, got ",
+      at_, " and ", lora_B.scalar_type());
+  TORCH_CHECK(
+      at_ == bt || (at_ == at::kFloat && is_half_like(bt)), "lora_ext::", op,
+      ": expected lora_A/lora_B of dtype ", bt, " (the ", base_name, "'s dtype)",
+      (is_half_like(bt) ? " or float32" : ""), ", got ", at_);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "lora_ext::", op, ": expected a finite scale, got ", scale);
+}
+
+}  // namespace
+
+at::ScalarType lora_acc_dtype(at::ScalarType adapter_dtype) {
+  return is_half_like(adapter_dtype) ? at::kFloat : adapter_dtype;
+}
+
+void check_lora_linear_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p) {
+  TORCH_CHECK(x.defined() && weight.defined() && lora_A.defined() && lora_B.defined(),
+              "lora_ext::", op, ": expected defined tensors for x, weight, lora_A and lora_B");
+  TORCH_CHECK(
+      x.dim() >= 1, "lora_ext::", op, ": expected x of shape [..., in] with at least 1 dim, got a 0-dim tensor");
+  check_dims(op, "weight", weight, 2, "[out, in]");
+  check_same_device(op, "weight", weight, x);
+  TORCH_CHECK(
+      is_supported_float(x.scalar_type()), "lora_ext::", op,
+      ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(
+      weight.scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected weight of dtype ", x.scalar_type(),
+      " (x's dtype), got ", weight.scalar_type());
+  const auto& in = weight.sym_size(1);
+  const auto& out = weight.sym_size(0);
+  TORCH_SYM_CHECK(
+      x.sym_size(-1).sym_eq(in), "lora_ext::", op, ": expected x of shape [..., in] with in = ", in,
+      " (weight of shape ", weight.sym_sizes(), "), got x of shape ", x.sym_sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_dims(op, "bias", *bias, 1, "[out]");
+    check_same_device(op, "bias", *bias, x);
+    TORCH_SYM_CHECK(
+        bias->sym_size(0).sym_eq(out), "lora_ext::", op, ": expected bias of shape [", out, "], got ",
+        bias->sym_sizes());
+    TORCH_CHECK(
+        bias->scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected bias of dtype ", x.scalar_type(),
+        " (x's dtype), got ", bias->scalar_type());
+  }
+  check_adapter(op, "x/weight", x, in, out, lora_A, lora_B, scale);
+  TORCH_CHECK_VALUE(
+      dropout_p >= 0.0 && dropout_p < 1.0, "lora_ext::", op, ": expected 0 <= dropout_p < 1, got ", dropout_p);
+}
+
+void check_merge_args(
+    const char* op,
+    const at::Tensor& weight,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale) {
+  TORCH_CHECK(weight.defined() && lora_A.defined() && lora_B.defined(),
+              "lora_ext::", op, ": expected defined tensors for weight, lora_A and lora_B");
+  check_dims(op, "weight", weight, 2, "[out, in]");
+  check_adapter(op, "weight", weight, weight.sym_size(1), weight.sym_size(0), lora_A, lora_B, scale);
+}
+
+void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p) {
+  TORCH_CHECK_VALUE(
+      dropout_p >= 0.0 && dropout_p < 1.0, "lora_ext::", op, ": expected 0 <= dropout_p < 1, got ", dropout_p);
+  const bool has_seed = seed.has_value() && seed->defined();
+  TORCH_CHECK(
+      has_seed == (dropout_p > 0.0), "lora_ext::", op, ": expected a seed tensor exactly when dropout_p > 0, got ",
+      (has_seed ? "a seed" : "no seed"), " with dropout_p = ", dropout_p);
+  if (has_seed) {
+    TORCH_CHECK(
+        seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(), "lora_ext::", op,
+        ": expected seed to be a one-element int64 CPU tensor, got ", seed->scalar_type(), " of shape ",
+        seed->sym_sizes(), " on ", seed->device());
+  }
+}
+
+}  // namespace lora_ext::detail

@@ -1,0 +1,39 @@
+#pragma once
+// Argument validation shared by every backend (CPU, CUDA, Meta) so that all of
+// them reject the same inputs with the same messages. Messages name the op and
+// say what was expected and what was received.
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace lora_ext::detail {
+
+// Checks x [..., in], weight [out, in], bias [out] | None, lora_A [r, in],
+// lora_B [out, r] (r >= 1), same device, supported dtypes, finite scale and
+// 0 <= dropout_p < 1.
+void check_lora_linear_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p);
+
+// Checks weight [out, in], lora_A [r, in], lora_B [out, r], dtypes, finite scale.
+void check_merge_args(
+    const char* op,
+    const at::Tensor& weight,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale);
+
+// Checks a dropout seed tensor: defined iff dropout_p > 0, int64, one element, on CPU.
+void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p);
+
+// The dtype the LoRA branch accumulates in: float32 for half/bfloat16 adapters,
+// otherwise the adapter's dtype.
+at::ScalarType lora_acc_dtype(at::ScalarType adapter_dtype);
+
+}  // namespace lora_ext::detail

@@ -1,0 +1,29 @@
+#pragma once
+// Helpers for CPU kernels that convert / mask bounded row chunks instead of
+// materialising output-sized or x-sized temporaries.
+#include <algorithm>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "ops/common/dropout_rng.h"
+
+namespace lora_ext::cpu {
+
+// Upper bound on the bytes of one temporary chunk buffer.
+constexpr int64_t kChunkBytes = int64_t(1) << 20;
+
+inline int64_t chunk_rows(int64_t cols, at::ScalarType t, int64_t budget = kChunkBytes) {
+  const int64_t row_bytes = std::max<int64_t>(1, cols) * static_cast<int64_t>(c10::elementSize(t));
+  return std::max<int64_t>(1, budget / row_bytes);
+}
+
+// The dropout mask parameters for a seed tensor, or nullopt without dropout.
+std::optional<detail::DropoutParams> dropout_from_seed(const std::optional<at::Tensor>& seed, double dropout_p);
+
+// a2d [N, k] (any float dtype) @ b [k, m] -> [N, m] in b's dtype. When a2d has
+// another dtype or dropout is given, rows of a2d are converted (and masked) in
+// bounded chunks; otherwise one GEMM.
+at::Tensor mm_rows(const at::Tensor& a2d, const at::Tensor& b, const std::optional<detail::DropoutParams>& drop);
+
+}  // namespace lora_ext::cpu

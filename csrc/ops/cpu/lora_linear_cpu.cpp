@@ -1,0 +1,257 @@
+// CPU kernels of lora_linear and of the pieces its autograd formula uses.
+//
+// Precision: the LoRA branch accumulates in the adapter's dtype, or in float32
+// when the adapter is bfloat16/float16 (the [N, r] intermediate h is then
+// float32 too). The base product runs in x's dtype. A float32 adapter on a
+// bfloat16/float16 base (PEFT's default) computes the whole branch in float32
+// and rounds once when adding into the output.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+#include "ops/cpu/chunking.h"
+#include "ops/cpu/dropout_cpu.h"
+
+namespace lora_ext::cpu {
+
+using at::Tensor;
+using std::optional;
+
+std::optional<detail::DropoutParams> dropout_from_seed(const optional<Tensor>& seed, double dropout_p) {
+  if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
+  return detail::make_dropout_params(seed->item<int64_t>(), dropout_p);
+}
+
+Tensor mm_rows(const Tensor& a2d, const Tensor& b, const optional<detail::DropoutParams>& drop) {
+  const auto acc = b.scalar_type();
+  if (!drop && a2d.scalar_type() == acc) return at::mm(a2d, b);
+  const int64_t N = a2d.size(0), k = a2d.size(1);
+  Tensor out = at::empty({N, b.size(1)}, b.options());
+  if (N == 0) return out;
+  const int64_t rows = std::min(N, chunk_rows(k, acc));
+  Tensor buf = at::empty({rows, k}, b.options());
+  for (int64_t s = 0; s < N; s += rows) {
+    const int64_t n = std::min(rows, N - s);
+    Tensor bv = buf.narrow(0, 0, n);
+    bv.copy_(a2d.narrow(0, s, n));
+    if (drop) apply_dropout_rows_(bv, s, *drop);
+    Tensor ov = out.narrow(0, s, n);
+    at::mm_out(ov, bv, b);
+  }
+  return out;
+}
+
+namespace {
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+std::tuple<Tensor, Tensor> forward_impl(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = x2d.size(0);
+  const auto out_shape = with_last(x.sizes(), out);
+  if (N == 0) {
+    return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
+  }
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
+  const bool has_bias = bias.has_value() && bias->defined();
+
+  // h = dropout(x) A^T, [N, r]: the only extra buffer.
+  Tensor h = mm_rows(x2d, A_acc.t(), drop);
+
+  Tensor y = at::empty({N, out}, x.options());
+  if (x.scalar_type() == acc) {
+    // y = bias + scale * h B^T first, then the base GEMM accumulates into y
+    // (beta = 1): the low-rank term costs no extra pass over the output.
+    if (has_bias) {
+      at::addmm_out(y, *bias, h, B_acc.t(), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      at::addmm_out(y, y, h, B_acc.t(), /*beta=*/0, /*alpha=*/scale);
+    }
+    y.addmm_(x2d, weight.t());
+  } else {
+    // Half/bf16 output with a float32 branch: add scale * h B^T row chunk by
+    // row chunk, computed in float32 and rounded once into y.
+    if (has_bias) {
+      at::addmm_out(y, *bias, x2d, weight.t());
+    } else {
+      at::mm_out(y, x2d, weight.t());
+    }
+    const int64_t rows = std::min(N, chunk_rows(out, acc));
+    Tensor buf = at::empty({rows, out}, A_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      at::mm_out(bv, h.narrow(0, s, n), B_acc.t());
+      y.narrow(0, s, n).add_(bv, scale);
+    }
+  }
+  return {y.view(out_shape), h};
+}
+
+Tensor lora_linear_cpu(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    bool training) {
+  detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  optional<Tensor> seed;
+  const double p = training ? dropout_p : 0.0;
+  if (p > 0.0) {
+    seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
+  }
+  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scale, p, seed));
+}
+
+std::tuple<Tensor, Tensor> lora_linear_forward_cpu(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  detail::check_seed("_lora_linear_forward", seed, dropout_p);
+  return forward_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
+}
+
+Tensor lora_linear_backward_input_cpu(
+    const Tensor& grad_y,
+    const Tensor& weight,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_backward_input";
+  detail::check_seed(op, seed, dropout_p);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const int64_t N = g2d.size(0);
+  const auto shape = with_last(grad_y.sizes(), in);
+  if (N == 0) return at::empty(shape, grad_y.options());
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);
+
+  Tensor v = mm_rows(g2d, B_acc, std::nullopt);  // grad_y B, [N, r]
+  v.mul_(scale);
+  Tensor gx;
+  if (!drop && grad_y.scalar_type() == acc) {
+    gx = at::mm(v, A_acc);
+    gx.addmm_(g2d, weight);
+  } else {
+    gx = at::mm(g2d, weight);
+    const int64_t rows = std::min(N, chunk_rows(in, acc));
+    Tensor buf = at::empty({rows, in}, A_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      at::mm_out(bv, v.narrow(0, s, n), A_acc);
+      if (drop) apply_dropout_rows_(bv, s, *drop);
+      gx.narrow(0, s, n).add_(bv);
+    }
+  }
+  return gx.view(shape);
+}
+
+std::tuple<Tensor, Tensor> lora_linear_backward_lora_cpu(
+    const Tensor& grad_y,
+    const Tensor& x,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    const Tensor& h,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_backward_lora";
+  detail::check_seed(op, seed, dropout_p);
+  const int64_t in = lora_A.size(1), out = lora_B.size(0), r = lora_A.size(0);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
+              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
+  if (N == 0) return {at::zeros_like(lora_A), at::zeros_like(lora_B)};
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor B_acc = lora_B.to(acc);
+
+  // grad_B = scale * grad_y^T h and v = scale * grad_y B.
+  Tensor gB, v;
+  if (g2d.scalar_type() == acc) {
+    gB = at::mm(g2d.t(), h);
+    v = at::mm(g2d, B_acc);
+  } else {
+    gB = at::zeros({out, r}, B_acc.options());
+    v = at::empty({N, r}, B_acc.options());
+    const int64_t rows = std::min(N, chunk_rows(out, acc));
+    Tensor buf = at::empty({rows, out}, B_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      bv.copy_(g2d.narrow(0, s, n));
+      gB.addmm_(bv.t(), h.narrow(0, s, n));
+      Tensor vv = v.narrow(0, s, n);
+      at::mm_out(vv, bv, B_acc);
+    }
+  }
+  gB.mul_(scale);
+  v.mul_(scale);
+
+  // grad_A = v^T dropout(x), with x converted / masked in row chunks.
+  Tensor gA;
+  if (!drop && x2d.scalar_type() == acc) {
+    gA = at::mm(v.t(), x2d);
+  } else {
+    gA = at::zeros({r, in}, B_acc.options());
+    const int64_t rows = std::min(N, chunk_rows(in, acc));
+    Tensor buf = at::empty({rows, in}, B_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      bv.copy_(x2d.narrow(0, s, n));
+      if (drop) apply_dropout_rows_(bv, s, *drop);
+      gA.addmm_(v.narrow(0, s, n).t(), bv);
+    }
+  }
+  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("_lora_linear_forward", &lora_linear_forward_cpu);
+  m.impl("_lora_linear_backward_input", &lora_linear_backward_input_cpu);
+  m.impl("_lora_linear_backward_lora", &lora_linear_backward_lora_cpu);
+}
+
+}  // namespace lora_ext::cpu

@@ -1,0 +1,44 @@
+// Typed dispatcher calls behind the public C++ API (lora_ext/ops.h).
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <lora_ext/ops.h>
+
+namespace lora_ext::ops {
+
+namespace {
+c10::TypedOperatorHandle<void(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>
+merge_handle(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(name, "")
+      .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+}
+}  // namespace
+
+at::Tensor lora_linear(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    bool training) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::lora_linear", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, double, double, bool)>();
+  return op.call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
+}
+
+void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = merge_handle("lora_ext::merge_");
+  op.call(weight, lora_A, lora_B, scale);
+}
+
+void unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = merge_handle("lora_ext::unmerge_");
+  op.call(weight, lora_A, lora_B, scale);
+}
+
+}  // namespace lora_ext::ops

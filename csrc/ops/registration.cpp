@@ -1,0 +1,28 @@
+// The one place that declares every lora_ext operator schema. Kernels are
+// registered per dispatch key in cpu/, meta/, autograd/ (and cuda/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(lora_ext, m) {
+  // Public ops.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p=0., bool training=False) -> Tensor");
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
+  m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
+
+  // Pieces used by lora_linear's autograd formula. `seed` (int64 [1], or None
+  // for no dropout) determines the dropout mask, which is regenerated from it
+  // by every kernel that needs it, so no mask and no dropped copy of x is kept.
+  // Returns (y, h) with h = dropout(x) A^T of shape [N, r] (fp32 for half/bf16).
+  m.def(
+      "_lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  // grad_x = grad_y W + scale * mask/(1-p) * ((grad_y B) A)
+  m.def(
+      "_lora_linear_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? seed) -> Tensor");
+  // (grad_A, grad_B) = (scale * (grad_y B)^T dropout(x), scale * grad_y^T h)
+  m.def(
+      "_lora_linear_backward_lora(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor h, "
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+}

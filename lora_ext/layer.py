@@ -1,0 +1,208 @@
+"""Adapter bookkeeping shared by every LoRA layer type.
+
+Adapters are kept by name with PEFT's in-memory names, so saving PEFT files is a key
+rename: ``base_layer.weight``, ``base_layer.bias``, ``lora_A.<name>.weight`` ``[r, in]``,
+``lora_B.<name>.weight`` ``[out, r]``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+class AdapterWeight(nn.Module):
+    """Holds one adapter matrix as ``.weight`` (so its state-dict key ends in ``.weight``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters on a bfloat16/float16 base are kept in float32 (PEFT's default)."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
+class LoraLayer(nn.Module):
+    """Base class: a frozen ``base_layer`` plus any number of named adapters.
+
+    Subclasses define ``in_features``/``out_features`` via ``_adapter_shapes`` and ``forward``.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters: bool = False
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    # -- adapters -------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+    ) -> None:
+        """Add an adapter named ``adapter_name``; the first adapter added becomes active."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"LoraLayer.add_adapter: expected a non-empty adapter name without '.', got {adapter_name!r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"LoraLayer.add_adapter: adapter {adapter_name!r} already exists")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoraLayer.add_adapter: expected an integer rank r >= 1, got {r!r}")
+        if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha)):
+            raise ValueError(f"LoraLayer.add_adapter: expected a finite lora_alpha, got {lora_alpha!r}")
+        if not (0.0 <= float(lora_dropout) < 1.0):
+            raise ValueError(f"LoraLayer.add_adapter: expected 0 <= lora_dropout < 1, got {lora_dropout!r}")
+        if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
+            raise ValueError(
+                f"LoraLayer.add_adapter: expected init_lora_weights in {_INIT_CHOICES}, got {init_lora_weights!r}"
+            )
+        base_w = self._base_weight()
+        dtype = adapter_dtype(base_w.dtype)
+        shape_a, shape_b = self._adapter_shapes(r)
+        a = torch.empty(shape_a, dtype=dtype, device=base_w.device)
+        b = torch.empty(shape_b, dtype=dtype, device=base_w.device)
+        self._init_weights(a, b, r, init_lora_weights)
+        self.lora_A[adapter_name] = AdapterWeight(a)
+        self.lora_B[adapter_name] = AdapterWeight(b)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
+        if not self._active_adapters:
+            self._active_adapters = [adapter_name]
+
+    @staticmethod
+    def _init_weights(a: torch.Tensor, b: torch.Tensor, r: int, init: Union[bool, str]) -> None:
+        with torch.no_grad():
+            if init is True:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+                nn.init.zeros_(b)
+            else:  # False: both random, so the adapter changes outputs (tests, debugging)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+
+    def _check_names(self, names: Iterable[str], where: str) -> list[str]:
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.{where}: unknown adapter(s) {missing}; have {list(self.lora_A)}")
+        return names
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return self._active_adapters[0] if self._active_adapters else None
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Make ``adapter_names`` (a name or a list of names) the active adapter(s)."""
+        names = self._check_names(adapter_names, "set_adapter")
+        if self.merged:
+            warnings.warn("LoRA adapters are merged; unmerging before switching adapters", stacklevel=2)
+            self.unmerge()
+        self._active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerging first if it is merged)."""
+        self._check_names([adapter_name], "delete_adapter")
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for d in (self.lora_A, self.lora_B):
+            del d[adapter_name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+            d.pop(adapter_name)
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+        if not self._active_adapters and len(self.lora_A):
+            self._active_adapters = [next(iter(self.lora_A))]
+
+    # -- merging --------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _merge_target(self) -> torch.Tensor:
+        """The ``[out, in]`` view of the base weight that ``lora_B @ lora_A`` updates."""
+        return self._base_weight()
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Add the adapters' ``scale * B @ A`` into the base weight in place.
+
+        After merging, forward is the plain base layer. ``safe_merge=True`` first checks, in
+        bounded row chunks, that the merged weight would be finite, and raises without touching
+        the weight if it would not.
+        """
+        names = self._check_names(self._active_adapters if adapter_names is None else adapter_names, "merge")
+        todo = [n for n in names if n not in self.merged_adapters]
+        if len(todo) < len(names):
+            warnings.warn(f"already merged: {[n for n in names if n in self.merged_adapters]}", stacklevel=2)
+        w = self._merge_target()
+        with torch.no_grad():
+            if safe_merge:
+                for n in todo:
+                    self._check_finite_merge(w, n)
+            for n in todo:
+                ops.merge_(w, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
+                self.merged_adapters.append(n)
+
+    def _check_finite_merge(self, w: torch.Tensor, name: str, rows: int = 256) -> None:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight
+        s = self.scaling[name]
+        for i in range(0, w.shape[0], rows):
+            chunk = w[i : i + rows].float() + s * (b[i : i + rows].float() @ a)
+            if not torch.isfinite(chunk.to(w.dtype)).all():
+                raise ValueError(
+                    f"{type(self).__name__}.merge(safe_merge=True): merging adapter {name!r} would produce "
+                    "non-finite weights; the weight was left unchanged"
+                )
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight (in reverse merge order)."""
+        w = self._merge_target()
+        with torch.no_grad():
+            while self.merged_adapters:
+                n = self.merged_adapters.pop()
+                ops.unmerge_(w, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
