@@ -139,8 +139,8 @@ void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dr
       (has_seed ? "a seed" : "no seed"), " with dropout_p = ", dropout_p);
   if (has_seed) {
     TORCH_CHECK(
-        seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(), "lora_ext::", op,
-        ": expected seed to be a one-element int64 CPU tensor, got ", seed->scalar_type(), " of shape ",
+        seed->scalar_type() == at::kLong && seed->numel() == 1, "lora_ext::", op,
+        ": expected seed to be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ",
         seed->sym_sizes(), " on ", seed->device());
   }
 }

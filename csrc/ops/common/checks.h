@@ -29,7 +29,7 @@ void check_merge_args(
     const at::Tensor& lora_B,
     double scale);
 
-// Checks a dropout seed tensor: defined iff dropout_p > 0, int64, one element, on CPU.
+// Checks a dropout seed tensor: defined iff dropout_p > 0, int64, one element.
 void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p);
 
 // The dtype the LoRA branch accumulates in: float32 for half/bfloat16 adapters,

@@ -27,3 +27,13 @@ std::optional<detail::DropoutParams> dropout_from_seed(const std::optional<at::T
 at::Tensor mm_rows(const at::Tensor& a2d, const at::Tensor& b, const std::optional<detail::DropoutParams>& drop);
 
 }  // namespace lora_ext::cpu
+
+namespace lora_ext::cpu {
+
+// dst[i, j] = dst[i, j] + alpha * src[i, j], computed in src's dtype (float32
+// or float64) and rounded once into dst. dst: 2-D, any float dtype, any
+// strides (e.g. a transposed weight view); src: contiguous, same shape.
+// Allocates nothing (unlike a mixed-dtype add_, which makes a temporary).
+void add_scaled_(at::Tensor& dst, const at::Tensor& src, double alpha);
+
+}  // namespace lora_ext::cpu

@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor> forward_impl(
       const int64_t n = std::min(rows, N - s);
       Tensor bv = buf.narrow(0, 0, n);
       at::mm_out(bv, h.narrow(0, s, n), B_acc.t());
-      y.narrow(0, s, n).add_(bv, scale);
+      Tensor yv = y.narrow(0, s, n);
+      add_scaled_(yv, bv, scale);
     }
   }
   return {y.view(out_shape), h};
@@ -173,7 +174,8 @@ Tensor lora_linear_backward_input_cpu(
       Tensor bv = buf.narrow(0, 0, n);
       at::mm_out(bv, v.narrow(0, s, n), A_acc);
       if (drop) apply_dropout_rows_(bv, s, *drop);
-      gx.narrow(0, s, n).add_(bv);
+      Tensor gv = gx.narrow(0, s, n);
+      add_scaled_(gv, bv, 1.0);
     }
   }
   return gx.view(shape);

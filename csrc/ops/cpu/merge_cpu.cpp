@@ -33,7 +33,8 @@ void merge_impl(const char* op, at::Tensor& weight, const at::Tensor& lora_A, co
     const int64_t n = std::min(rows, out - s);
     at::Tensor bv = buf.narrow(0, 0, n);
     at::mm_out(bv, lora_B.narrow(0, s, n).to(at::kFloat), A32);
-    weight.narrow(0, s, n).add_(bv, scale);
+    at::Tensor wv = weight.narrow(0, s, n);
+    add_scaled_(wv, bv, scale);
   }
 }
 

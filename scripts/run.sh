@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set everything up, then run `python -P "$@"` inside the project's virtual env.
+#
+#   bash scripts/run.sh examples/quickstart.py     # the main job
+#   bash scripts/run.sh -m pytest tests -q         # the whole test suite
+#
+# Steps: create or reuse .venv (or $LORA_EXT_VENV); `pip install torch==2.13.0` when no
+# torch is importable there; install the build tools and test dependencies; build and
+# install lora_ext against that torch with --no-build-isolation (an isolated build would
+# pull another torch and break the ABI). The build dir build/ is kept, so a rebuild after
+# an edit is incremental. `python -P` keeps the repository root off sys.path so the
+# installed package, not the source folder, is imported.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LORA_EXT_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[lora_ext] creating virtual env $VENV" >&2
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+VPY="$VENV/bin/python"
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "[lora_ext] installing torch==2.13.0 (CPU)" >&2
+  "$VPY" -m pip install -q torch==2.13.0
+fi
+# Build tools and test dependencies; a torch that is already installed satisfies them,
+# so pip never replaces it.
+if ! "$VPY" -c "import scikit_build_core, pybind11, ninja, cmake, pytest, numpy, peft, safetensors" >/dev/null 2>&1; then
+  echo "[lora_ext] installing build tools and test dependencies" >&2
+  "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" \
+    "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors
+fi
+echo "[lora_ext] building and installing lora_ext" >&2
+"$VPY" -m pip install -q --no-build-isolation --no-deps "$ROOT"
+exec "$VPY" -P "$@"
