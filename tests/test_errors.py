@@ -1,0 +1,124 @@
+"""Every bad input is a RuntimeError/ValueError whose message names the op and says
+what was expected; never a crash or silent broadcasting."""
+import math
+
+import pytest
+import torch
+
+from lora_ext import ops
+
+
+def _good(dtype=torch.float32, rg=False):
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=rg)
+    w = torch.randn(6, 8, dtype=dtype)
+    b = torch.randn(6, dtype=dtype)
+    a = torch.randn(3, 8, dtype=dtype, requires_grad=rg)
+    bb = torch.randn(6, 3, dtype=dtype, requires_grad=rg)
+    return dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, scale=0.5, dropout_p=0.0, training=False)
+
+
+def _meta(t):
+    return t.detach().to("meta")
+
+
+BAD_LINEAR = {
+    "in mismatch x": (dict(x=torch.randn(4, 7)), "in = 8"),
+    "in mismatch A": (dict(lora_A=torch.randn(3, 7)), "lora_A of shape \\[r, in\\]"),
+    "out mismatch B": (dict(lora_B=torch.randn(5, 3)), "lora_B of shape \\[out, r\\] with out = 6"),
+    "r mismatch": (dict(lora_B=torch.randn(6, 2)), "with r = 3"),
+    "rank 0": (dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), "r >= 1"),
+    "x 0-dim": (dict(x=torch.tensor(1.0)), "at least 1 dim"),
+    "weight 3-D": (dict(weight=torch.randn(1, 6, 8)), "weight to have 2 dims"),
+    "weight 1-D": (dict(weight=torch.randn(8)), "weight to have 2 dims"),
+    "A 1-D": (dict(lora_A=torch.randn(8)), "lora_A to have 2 dims"),
+    "A 3-D": (dict(lora_A=torch.randn(1, 3, 8)), "lora_A to have 2 dims"),
+    "B 3-D": (dict(lora_B=torch.randn(1, 6, 3)), "lora_B to have 2 dims"),
+    "bias wrong size": (dict(bias=torch.randn(5)), "bias of shape \\[6\\]"),
+    "bias broadcastable 1": (dict(bias=torch.randn(1)), "bias of shape \\[6\\]"),
+    "bias 2-D": (dict(bias=torch.randn(1, 6)), "bias to have 1 dims"),
+    "int x": (dict(x=torch.ones(4, 8, dtype=torch.int64), weight=torch.ones(6, 8, dtype=torch.int64)), "dtype float32"),
+    "complex": (dict(x=torch.randn(4, 8, dtype=torch.complex64), weight=torch.randn(6, 8, dtype=torch.complex64)),
+                "dtype float32"),
+    "weight dtype": (dict(weight=torch.randn(6, 8, dtype=torch.float64)), "weight of dtype Float"),
+    "bias dtype": (dict(bias=torch.randn(6, dtype=torch.float64)), "bias of dtype Float"),
+    "A/B dtype": (dict(lora_B=torch.randn(6, 3, dtype=torch.float64)), "same dtype"),
+    "bf16 adapter on fp32": (dict(lora_A=torch.randn(3, 8).bfloat16(), lora_B=torch.randn(6, 3).bfloat16()),
+                             "lora_A/lora_B of dtype Float"),
+    "device weight": (dict(weight=torch.randn(6, 8, device="meta")), "weight on device"),
+    "device A": (dict(lora_A=torch.randn(3, 8, device="meta")), "lora_A on device"),
+    "device bias": (dict(bias=torch.randn(6, device="meta")), "bias on device"),
+    "dropout 1": (dict(dropout_p=1.0), "0 <= dropout_p < 1"),
+    "dropout negative": (dict(dropout_p=-0.1), "0 <= dropout_p < 1"),
+    "dropout nan": (dict(dropout_p=math.nan), "0 <= dropout_p < 1"),
+    "scale nan": (dict(scale=math.nan), "finite scale"),
+    "scale inf": (dict(scale=math.inf), "finite scale"),
+}
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "autograd"])
+@pytest.mark.parametrize("case", list(BAD_LINEAR), ids=str)
+def test_lora_linear_bad_input(case, requires_grad):
+    changes, *_, pattern = BAD_LINEAR[case]
+    kw = _good(rg=requires_grad)
+    kw.update(changes)
+    with pytest.raises((RuntimeError, ValueError), match="lora_ext::lora_linear: expected") as ei:
+        ops.lora_linear(**kw)
+    assert __import__("re").search(pattern, str(ei.value)), str(ei.value)
+
+
+@pytest.mark.parametrize("case", ["in mismatch x", "r mismatch", "rank 0", "bias wrong size", "dropout 1", "scale nan"])
+def test_lora_linear_bad_input_meta(case):
+    changes, *_, pattern = BAD_LINEAR[case]
+    kw = {k: (_meta(v) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    kw.update({k: (_meta(v) if isinstance(v, torch.Tensor) else v) for k, v in changes.items()})
+    with pytest.raises((RuntimeError, ValueError), match="lora_ext::lora_linear: expected"):
+        ops.lora_linear(**kw)
+
+
+def test_value_errors_are_value_errors():
+    kw = _good()
+    kw["dropout_p"] = 1.5
+    with pytest.raises(ValueError):
+        ops.lora_linear(**kw)
+    kw = _good()
+    kw.update(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0))
+    with pytest.raises(ValueError):
+        ops.lora_linear(**kw)
+
+
+BAD_MERGE = {
+    "in mismatch": (dict(lora_A=torch.randn(3, 7)), "lora_A of shape"),
+    "out mismatch": (dict(lora_B=torch.randn(5, 3)), "lora_B of shape"),
+    "r mismatch": (dict(lora_B=torch.randn(6, 2)), "with r = 3"),
+    "rank 0": (dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), "r >= 1"),
+    "weight 1-D": (dict(weight=torch.randn(48)), "weight to have 2 dims"),
+    "A 3-D": (dict(lora_A=torch.randn(1, 3, 8)), "lora_A to have 2 dims"),
+    "int weight": (dict(weight=torch.ones(6, 8, dtype=torch.int32)), "dtype float32"),
+    "A/B dtype": (dict(lora_B=torch.randn(6, 3, dtype=torch.float64)), "same dtype"),
+    "adapter fp64 on fp32": (dict(lora_A=torch.randn(3, 8).double(), lora_B=torch.randn(6, 3).double()),
+                             "lora_A/lora_B of dtype Float"),
+    "device": (dict(lora_A=torch.randn(3, 8, device="meta")), "lora_A on device"),
+    "scale inf": (dict(scale=math.inf), "finite scale"),
+}
+
+
+@pytest.mark.parametrize("opname", ["merge_", "unmerge_"])
+@pytest.mark.parametrize("case", list(BAD_MERGE), ids=str)
+def test_merge_bad_input(opname, case):
+    changes, pattern = BAD_MERGE[case]
+    kw = dict(weight=torch.randn(6, 8), lora_A=torch.randn(3, 8), lora_B=torch.randn(6, 3), scale=0.5)
+    kw.update(changes)
+    before = kw["weight"].clone() if kw["weight"].device.type == "cpu" else None
+    with pytest.raises((RuntimeError, ValueError), match=f"lora_ext::{opname}: expected") as ei:
+        getattr(ops, opname)(kw["weight"], kw["lora_A"], kw["lora_B"], kw["scale"])
+    assert __import__("re").search(pattern, str(ei.value)), str(ei.value)
+    if before is not None:
+        assert torch.equal(kw["weight"], before)  # nothing was changed
+
+
+def test_internal_ops_check_seed():
+    x, w, a, bb = torch.randn(4, 8), torch.randn(6, 8), torch.randn(3, 8), torch.randn(6, 3)
+    with pytest.raises(RuntimeError, match="_lora_linear_forward: expected a seed tensor exactly when dropout_p > 0"):
+        torch.ops.lora_ext._lora_linear_forward(x, w, None, a, bb, 1.0, 0.5, None)
+    with pytest.raises(RuntimeError, match="one-element int64"):
+        torch.ops.lora_ext._lora_linear_forward(x, w, None, a, bb, 1.0, 0.5, torch.tensor([1.0]))
