@@ -368,16 +368,6 @@ def peak_extra_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-@dataclass
-class MergeResult:
-    dtype: torch.dtype
-    weight_bytes: int
-    timings: Timings  # "<variant>.merge" and "<variant>.unmerge"
-    peak_merge: dict[str, int]
-    peak_unmerge: dict[str, int]
-    variants: list[str]
-
-
 def merge_variants(dtype: torch.dtype) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     """name -> (merge, unmerge); each variant owns a copy of the same weight and adapter."""
     d_in, d_out, r = MERGE_SHAPE
@@ -404,7 +394,6 @@ def merge_variants(dtype: torch.dtype) -> dict[str, tuple[Callable[[], None], Ca
         out[PEFT] = (peft_layer.merge, peft_layer.unmerge)
     out[EXT] = (ext_layer.merge, ext_layer.unmerge)
     return out
-
 
 
 @dataclass

@@ -159,8 +159,10 @@ def test_opcheck_internal_pieces(dtype, adtype, p):
     y, h = torch.ops.lora_ext._lora_linear_forward(x, w, b, a, bb, 0.5, p, seed)
     g = torch.randn_like(y)
     torch.library.opcheck(torch.ops.lora_ext._lora_linear_forward.default, (x, w, b, a, bb, 0.5, p, seed))
-    torch.library.opcheck(torch.ops.lora_ext._lora_linear_backward_input.default, (g, w, a, bb, 0.5, p, seed))
+    ga, gb, gh = torch.ops.lora_ext._lora_linear_backward_lora(g, x, a, bb, h, 0.5, p, seed)
+    assert gh.shape == h.shape and gh.dtype == h.dtype
     torch.library.opcheck(torch.ops.lora_ext._lora_linear_backward_lora.default, (g, x, a, bb, h, 0.5, p, seed))
+    torch.library.opcheck(torch.ops.lora_ext._lora_linear_backward_input.default, (g, w, a, gh, p, seed))
 
 
 class _Layer(torch.nn.Module):

@@ -17,12 +17,13 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "_lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  // grad_x = grad_y W + scale * mask/(1-p) * ((grad_y B) A)
-  m.def(
-      "_lora_linear_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "float scale, float dropout_p, Tensor? seed) -> Tensor");
-  // (grad_A, grad_B) = (scale * (grad_y B)^T dropout(x), scale * grad_y^T h)
+  // (grad_A, grad_B, grad_h) with grad_h = scale * grad_y B ([N, r], the LoRA
+  // intermediate's gradient), grad_A = grad_h^T dropout(x), grad_B = scale * grad_y^T h.
   m.def(
       "_lora_linear_backward_lora(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor h, "
-      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  // grad_x = grad_y W + mask/(1-p) * (grad_h A), accumulated in place into one buffer.
+  m.def(
+      "_lora_linear_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor grad_h, "
+      "float dropout_p, Tensor? seed) -> Tensor");
 }

@@ -36,7 +36,7 @@ const auto& backward_input_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lora_ext::_lora_linear_backward_input", "")
                        .typed<Tensor(
-                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
                            const optional<Tensor>&)>();
   return op;
 }
@@ -44,7 +44,7 @@ const auto& backward_input_op() {
 const auto& backward_lora_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lora_ext::_lora_linear_backward_lora", "")
-                       .typed<std::tuple<Tensor, Tensor>(
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
                            double, const optional<Tensor>&)>();
   return op;
@@ -108,11 +108,13 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     if (!g.defined()) {
       return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor()};
     }
-    if (ctx->saved_data["grad_x"].toBool()) {
-      grad_x = backward_input_op().call(g, weight, lora_A, lora_B, scale, p, seed);
-    }
-    if (ctx->saved_data["grad_ab"].toBool()) {
-      std::tie(grad_A, grad_B) = backward_lora_op().call(g, x, lora_A, lora_B, h, scale, p, seed);
+    const bool need_x = ctx->saved_data["grad_x"].toBool();
+    if (need_x || ctx->saved_data["grad_ab"].toBool()) {
+      // grad_h = scale * g B comes out of the LoRA backward and feeds grad_x,
+      // so grad_y is read once for both.
+      Tensor grad_h;
+      std::tie(grad_A, grad_B, grad_h) = backward_lora_op().call(g, x, lora_A, lora_B, h, scale, p, seed);
+      if (need_x) grad_x = backward_input_op().call(g, weight, lora_A, grad_h, p, seed);
     }
     const bool need_w = ctx->saved_data["grad_w"].toBool(), need_b = ctx->saved_data["grad_b"].toBool();
     if (need_w || need_b) {

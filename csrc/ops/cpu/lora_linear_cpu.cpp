@@ -138,50 +138,7 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cpu(
   return forward_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
 }
 
-Tensor lora_linear_backward_input_cpu(
-    const Tensor& grad_y,
-    const Tensor& weight,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_backward_input";
-  detail::check_seed(op, seed, dropout_p);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = grad_y.reshape({-1, out});
-  const int64_t N = g2d.size(0);
-  const auto shape = with_last(grad_y.sizes(), in);
-  if (N == 0) return at::empty(shape, grad_y.options());
-  const auto drop = dropout_from_seed(seed, dropout_p);
-  const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);
-
-  Tensor v = mm_rows(g2d, B_acc, std::nullopt);  // grad_y B, [N, r]
-  v.mul_(scale);
-  Tensor gx;
-  if (!drop && grad_y.scalar_type() == acc) {
-    gx = at::mm(v, A_acc);
-    gx.addmm_(g2d, weight);
-  } else {
-    gx = at::mm(g2d, weight);
-    const int64_t rows = std::min(N, chunk_rows(in, acc));
-    Tensor buf = at::empty({rows, in}, A_acc.options());
-    for (int64_t s = 0; s < N; s += rows) {
-      const int64_t n = std::min(rows, N - s);
-      Tensor bv = buf.narrow(0, 0, n);
-      at::mm_out(bv, v.narrow(0, s, n), A_acc);
-      if (drop) apply_dropout_rows_(bv, s, *drop);
-      Tensor gv = gx.narrow(0, s, n);
-      add_scaled_(gv, bv, 1.0);
-    }
-  }
-  return gx.view(shape);
-}
-
-std::tuple<Tensor, Tensor> lora_linear_backward_lora_cpu(
+std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
     const Tensor& grad_y,
     const Tensor& x,
     const Tensor& lora_A,
@@ -202,18 +159,21 @@ std::tuple<Tensor, Tensor> lora_linear_backward_lora_cpu(
   TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
   TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
               ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
-  if (N == 0) return {at::zeros_like(lora_A), at::zeros_like(lora_B)};
+  if (N == 0) {
+    return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
+  }
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor B_acc = lora_B.to(acc);
 
-  // grad_B = scale * grad_y^T h and v = scale * grad_y B.
-  Tensor gB, v;
+  // grad_B = scale * grad_y^T h and grad_h = scale * grad_y B: one pass over
+  // grad_y (converted in row chunks when it is not in the accumulation dtype).
+  Tensor gB, gh;
   if (g2d.scalar_type() == acc) {
     gB = at::mm(g2d.t(), h);
-    v = at::mm(g2d, B_acc);
+    gh = at::mm(g2d, B_acc);
   } else {
     gB = at::zeros({out, r}, B_acc.options());
-    v = at::empty({N, r}, B_acc.options());
+    gh = at::empty({N, r}, B_acc.options());
     const int64_t rows = std::min(N, chunk_rows(out, acc));
     Tensor buf = at::empty({rows, out}, B_acc.options());
     for (int64_t s = 0; s < N; s += rows) {
@@ -221,17 +181,17 @@ std::tuple<Tensor, Tensor> lora_linear_backward_lora_cpu(
       Tensor bv = buf.narrow(0, 0, n);
       bv.copy_(g2d.narrow(0, s, n));
       gB.addmm_(bv.t(), h.narrow(0, s, n));
-      Tensor vv = v.narrow(0, s, n);
-      at::mm_out(vv, bv, B_acc);
+      Tensor gv = gh.narrow(0, s, n);
+      at::mm_out(gv, bv, B_acc);
     }
   }
   gB.mul_(scale);
-  v.mul_(scale);
+  gh.mul_(scale);
 
-  // grad_A = v^T dropout(x), with x converted / masked in row chunks.
+  // grad_A = grad_h^T dropout(x), with x converted / masked in row chunks.
   Tensor gA;
   if (!drop && x2d.scalar_type() == acc) {
-    gA = at::mm(v.t(), x2d);
+    gA = at::mm(gh.t(), x2d);
   } else {
     gA = at::zeros({r, in}, B_acc.options());
     const int64_t rows = std::min(N, chunk_rows(in, acc));
@@ -241,10 +201,54 @@ std::tuple<Tensor, Tensor> lora_linear_backward_lora_cpu(
       Tensor bv = buf.narrow(0, 0, n);
       bv.copy_(x2d.narrow(0, s, n));
       if (drop) apply_dropout_rows_(bv, s, *drop);
-      gA.addmm_(v.narrow(0, s, n).t(), bv);
+      gA.addmm_(gh.narrow(0, s, n).t(), bv);
     }
   }
-  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type())};
+  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+}
+
+Tensor lora_linear_backward_input_cpu(
+    const Tensor& grad_y,
+    const Tensor& weight,
+    const Tensor& lora_A,
+    const Tensor& grad_h,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_backward_input";
+  detail::check_seed(op, seed, dropout_p);
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
+              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
+              grad_h.sizes(), " ", grad_h.scalar_type());
+  const auto shape = with_last(grad_y.sizes(), in);
+  if (N == 0) return at::empty(shape, grad_y.options());
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc);
+
+  Tensor gx;
+  if (!drop && grad_y.scalar_type() == acc) {
+    // grad_h A first, then the big GEMM accumulates into it (beta = 1).
+    gx = at::mm(grad_h, A_acc);
+    gx.addmm_(g2d, weight);
+  } else {
+    gx = at::mm(g2d, weight);
+    const int64_t rows = std::min(N, chunk_rows(in, acc));
+    Tensor buf = at::empty({rows, in}, A_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      at::mm_out(bv, grad_h.narrow(0, s, n), A_acc);
+      if (drop) apply_dropout_rows_(bv, s, *drop);
+      Tensor gv = gx.narrow(0, s, n);
+      add_scaled_(gv, bv, 1.0);
+    }
+  }
+  return gx.view(shape);
 }
 
 }  // namespace
