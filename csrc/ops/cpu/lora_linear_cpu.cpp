@@ -35,8 +35,11 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& b, const optional<detail::Dropou
   for (int64_t s = 0; s < N; s += rows) {
     const int64_t n = std::min(rows, N - s);
     Tensor bv = buf.narrow(0, 0, n);
-    bv.copy_(a2d.narrow(0, s, n));
-    if (drop) apply_dropout_rows_(bv, s, *drop);
+    if (drop) {
+      dropout_rows(bv, a2d.narrow(0, s, n), s, *drop);  // convert + mask in one pass
+    } else {
+      bv.copy_(a2d.narrow(0, s, n));
+    }
     Tensor ov = out.narrow(0, s, n);
     at::mm_out(ov, bv, b);
   }
@@ -169,7 +172,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
   // grad_y (converted in row chunks when it is not in the accumulation dtype).
   Tensor gB, gh;
   if (g2d.scalar_type() == acc) {
-    gB = at::mm(g2d.t(), h);
+    // (h^T grad_y)^T rather than grad_y^T h: MKL runs this skinny reduction
+    // several times faster with the small operand transposed on the left.
+    gB = at::mm(h.t(), g2d).t();
     gh = at::mm(g2d, B_acc);
   } else {
     gB = at::zeros({out, r}, B_acc.options());
@@ -199,12 +204,15 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
     for (int64_t s = 0; s < N; s += rows) {
       const int64_t n = std::min(rows, N - s);
       Tensor bv = buf.narrow(0, 0, n);
-      bv.copy_(x2d.narrow(0, s, n));
-      if (drop) apply_dropout_rows_(bv, s, *drop);
+      if (drop) {
+        dropout_rows(bv, x2d.narrow(0, s, n), s, *drop);
+      } else {
+        bv.copy_(x2d.narrow(0, s, n));
+      }
       gA.addmm_(gh.narrow(0, s, n).t(), bv);
     }
   }
-  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+  return {gA.to(lora_A.scalar_type()), gB.contiguous().to(lora_B.scalar_type()), gh};
 }
 
 Tensor lora_linear_backward_input_cpu(
@@ -231,11 +239,24 @@ Tensor lora_linear_backward_input_cpu(
   const Tensor A_acc = lora_A.to(acc);
 
   Tensor gx;
-  if (!drop && grad_y.scalar_type() == acc) {
-    // grad_h A first, then the big GEMM accumulates into it (beta = 1).
-    gx = at::mm(grad_h, A_acc);
+  if (grad_y.scalar_type() == acc) {
+    // mask/(1-p) * (grad_h A) first (row chunks, masked in place), then the big
+    // GEMM accumulates into it (beta = 1): no extra pass over grad_x.
+    if (!drop) {
+      gx = at::mm(grad_h, A_acc);
+    } else {
+      gx = at::empty({N, in}, grad_y.options());
+      const int64_t rows = std::min(N, chunk_rows(in, acc));
+      for (int64_t s = 0; s < N; s += rows) {
+        const int64_t n = std::min(rows, N - s);
+        Tensor gv = gx.narrow(0, s, n);
+        at::mm_out(gv, grad_h.narrow(0, s, n), A_acc);
+        dropout_rows(gv, gv, s, *drop);
+      }
+    }
     gx.addmm_(g2d, weight);
   } else {
+    // half/bf16 grad_x: float32 chunks rounded once into the base product.
     gx = at::mm(g2d, weight);
     const int64_t rows = std::min(N, chunk_rows(in, acc));
     Tensor buf = at::empty({rows, in}, A_acc.options());
@@ -243,7 +264,7 @@ Tensor lora_linear_backward_input_cpu(
       const int64_t n = std::min(rows, N - s);
       Tensor bv = buf.narrow(0, 0, n);
       at::mm_out(bv, grad_h.narrow(0, s, n), A_acc);
-      if (drop) apply_dropout_rows_(bv, s, *drop);
+      if (drop) dropout_rows(bv, bv, s, *drop);  // in place
       Tensor gv = gx.narrow(0, s, n);
       add_scaled_(gv, bv, 1.0);
     }
