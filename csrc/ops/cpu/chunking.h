@@ -21,10 +21,14 @@ inline int64_t chunk_rows(int64_t cols, at::ScalarType t, int64_t budget = kChun
 // The dropout mask parameters for a seed tensor, or nullopt without dropout.
 std::optional<detail::DropoutParams> dropout_from_seed(const std::optional<at::Tensor>& seed, double dropout_p);
 
-// a2d [N, k] (any float dtype) @ b [k, m] -> [N, m] in b's dtype. When a2d has
+// out = a @ w^T with w [m, k] contiguous, out [N, m] contiguous: the skinny
+// AVX2 kernel when it applies, otherwise one BLAS call.
+void rowdot_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w);
+
+// a2d [N, k] (any float dtype) @ w [m, k]^T -> [N, m] in w's dtype. When a2d has
 // another dtype or dropout is given, rows of a2d are converted (and masked) in
-// bounded chunks; otherwise one GEMM.
-at::Tensor mm_rows(const at::Tensor& a2d, const at::Tensor& b, const std::optional<detail::DropoutParams>& drop);
+// bounded chunks; otherwise one product.
+at::Tensor mm_rows(const at::Tensor& a2d, const at::Tensor& w, const std::optional<detail::DropoutParams>& drop);
 
 }  // namespace lora_ext::cpu
 

@@ -13,6 +13,7 @@
 #include "ops/common/checks.h"
 #include "ops/cpu/chunking.h"
 #include "ops/cpu/dropout_cpu.h"
+#include "ops/cpu/skinny_gemm.h"
 
 namespace lora_ext::cpu {
 
@@ -24,14 +25,22 @@ std::optional<detail::DropoutParams> dropout_from_seed(const optional<Tensor>& s
   return detail::make_dropout_params(seed->item<int64_t>(), dropout_p);
 }
 
-Tensor mm_rows(const Tensor& a2d, const Tensor& b, const optional<detail::DropoutParams>& drop) {
-  const auto acc = b.scalar_type();
-  if (!drop && a2d.scalar_type() == acc) return at::mm(a2d, b);
+void rowdot_into(Tensor& out, const Tensor& a, const Tensor& w) {
+  if (!skinny_rowdot(out, a, w)) at::mm_out(out, a, w.t());
+}
+
+Tensor mm_rows(const Tensor& a2d, const Tensor& w_, const optional<detail::DropoutParams>& drop) {
+  const auto acc = w_.scalar_type();
+  const Tensor w = w_.contiguous();
   const int64_t N = a2d.size(0), k = a2d.size(1);
-  Tensor out = at::empty({N, b.size(1)}, b.options());
+  Tensor out = at::empty({N, w.size(0)}, w.options());
   if (N == 0) return out;
+  if (!drop && a2d.scalar_type() == acc) {
+    rowdot_into(out, a2d, w);
+    return out;
+  }
   const int64_t rows = std::min(N, chunk_rows(k, acc));
-  Tensor buf = at::empty({rows, k}, b.options());
+  Tensor buf = at::empty({rows, k}, w.options());
   for (int64_t s = 0; s < N; s += rows) {
     const int64_t n = std::min(rows, N - s);
     Tensor bv = buf.narrow(0, 0, n);
@@ -41,7 +50,7 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& b, const optional<detail::Dropou
       bv.copy_(a2d.narrow(0, s, n));
     }
     Tensor ov = out.narrow(0, s, n);
-    at::mm_out(ov, bv, b);
+    rowdot_into(ov, bv, w);
   }
   return out;
 }
@@ -76,7 +85,7 @@ std::tuple<Tensor, Tensor> forward_impl(
   const bool has_bias = bias.has_value() && bias->defined();
 
   // h = dropout(x) A^T, [N, r]: the only extra buffer.
-  Tensor h = mm_rows(x2d, A_acc.t(), drop);
+  Tensor h = mm_rows(x2d, A_acc, drop);
 
   Tensor y = at::empty({N, out}, x.options());
   if (x.scalar_type() == acc) {
@@ -167,6 +176,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
   }
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor B_acc = lora_B.to(acc);
+  const Tensor Bt_acc = B_acc.t().contiguous();  // [r, out]
 
   // grad_B = scale * grad_y^T h and grad_h = scale * grad_y B: one pass over
   // grad_y (converted in row chunks when it is not in the accumulation dtype).
@@ -175,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
     // (h^T grad_y)^T rather than grad_y^T h: MKL runs this skinny reduction
     // several times faster with the small operand transposed on the left.
     gB = at::mm(h.t(), g2d).t();
-    gh = at::mm(g2d, B_acc);
+    gh = mm_rows(g2d, Bt_acc, std::nullopt);
   } else {
     gB = at::zeros({out, r}, B_acc.options());
     gh = at::empty({N, r}, B_acc.options());
@@ -187,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
       bv.copy_(g2d.narrow(0, s, n));
       gB.addmm_(bv.t(), h.narrow(0, s, n));
       Tensor gv = gh.narrow(0, s, n);
-      at::mm_out(gv, bv, B_acc);
+      rowdot_into(gv, bv, Bt_acc);
     }
   }
   gB.mul_(scale);

@@ -1,0 +1,99 @@
+#include "ops/cpu/skinny_gemm.h"
+
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+
+namespace lora_ext::cpu {
+
+namespace {
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+// NB rows of X against KB rows of W: NB*KB accumulators stay in registers.
+template <int NB, int KB>
+__attribute__((target("avx2,fma"))) void rowdot_block(
+    const float* X, int64_t ldx, const float* W, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[NB][KB];
+#pragma GCC unroll 4
+  for (int a = 0; a < NB; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < KB; ++b) acc[a][b] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t j = 0; j < K8; j += 8) {
+    __m256 w[KB];
+#pragma GCC unroll 4
+    for (int b = 0; b < KB; ++b) w[b] = _mm256_loadu_ps(W + b * K + j);
+#pragma GCC unroll 4
+    for (int a = 0; a < NB; ++a) {
+      const __m256 x = _mm256_loadu_ps(X + a * ldx + j);
+#pragma GCC unroll 4
+      for (int b = 0; b < KB; ++b) acc[a][b] = _mm256_fmadd_ps(x, w[b], acc[a][b]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < NB; ++a) {
+#pragma GCC unroll 4
+    for (int b = 0; b < KB; ++b) {
+      float s = hsum(acc[a][b]);
+      for (int64_t j = K8; j < K; ++j) s += X[a * ldx + j] * W[b * K + j];
+      out[a * ldo + b] = s;
+    }
+  }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma"))) void rowdot_rows(
+    const float* X, int64_t ldx, const float* W, int64_t K, int64_t R, float* out, int64_t ldo) {
+  int64_t k0 = 0;
+  for (; k0 + 4 <= R; k0 += 4) rowdot_block<NB, 4>(X, ldx, W + k0 * K, K, out + k0, ldo);
+  switch (R - k0) {
+    case 3: rowdot_block<NB, 3>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
+    case 2: rowdot_block<NB, 2>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
+    case 1: rowdot_block<NB, 1>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W) {
+  if (!cpu_has_avx2_fma()) return false;
+  if (X.scalar_type() != at::kFloat || W.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat) return false;
+  if (X.dim() != 2 || W.dim() != 2 || out.dim() != 2) return false;
+  if (X.stride(1) != 1 || !W.is_contiguous() || !out.is_contiguous()) return false;
+  const int64_t N = X.size(0), K = X.size(1), R = W.size(0);
+  TORCH_INTERNAL_ASSERT(W.size(1) == K && out.size(0) == N && out.size(1) == R);
+  if (R > 256 || K < 32) return false;  // wide enough for BLAS, or too short to be worth it
+  const float* xp = X.const_data_ptr<float>();
+  const float* wp = W.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = X.stride(0);
+  // Blocks of 3 rows: 3 x 4 accumulators + 4 weight vectors fit the 16 YMM registers.
+  const int64_t nblocks = (N + 2) / 3;
+  at::parallel_for(0, nblocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 3, nb = std::min<int64_t>(3, N - n);
+      const float* xr = xp + n * ldx;
+      float* orow = op + n * R;
+      if (nb == 3) rowdot_rows<3>(xr, ldx, wp, K, R, orow, R);
+      else if (nb == 2) rowdot_rows<2>(xr, ldx, wp, K, R, orow, R);
+      else rowdot_rows<1>(xr, ldx, wp, K, R, orow, R);
+    }
+  });
+  return true;
+}
+
+}  // namespace lora_ext::cpu
