@@ -15,7 +15,8 @@ HERE = pathlib.Path(__file__).parent
 def test_cpp_program_uses_ops_without_python(tmp_path_factory):
     cmake = shutil.which("cmake")
     assert cmake, "cmake is needed to build the C++ test"
-    pkg = pathlib.Path(lora_ext.__file__).parent
+    # the compiled files' folder (site-packages/lora_ext, also for editable installs)
+    pkg = pathlib.Path(lora_ext._C.__file__).parent
     assert (pkg / "include" / "lora_ext" / "lora_ext.h").is_file()
     assert (pkg / "lib" / "liblora_ext.so").is_file()
     build = tmp_path_factory.mktemp("cpp_build")
@@ -37,7 +38,7 @@ def test_cpp_program_uses_ops_without_python(tmp_path_factory):
 
 
 def test_core_library_does_not_link_python():
-    lib = pathlib.Path(lora_ext.__file__).parent / "lib" / "liblora_ext.so"
+    lib = pathlib.Path(lora_ext._C.__file__).parent / "lib" / "liblora_ext.so"
     ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
     assert "libtorch_cpu" in ldd or "libtorch.so" in ldd, ldd
     assert "libpython" not in ldd and "torch_python" not in ldd, ldd
