@@ -16,7 +16,23 @@ except ImportError as e:  # pragma: no cover - only hit with a broken/missing bu
     ) from e
 
 from . import ops
+from .adapter_io import load_adapter, read_adapter, save_adapter
+from .config import LoraConfig
+from .layer import LoraLayer
 from .linear import LoraLinear
+from .model import (
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    inject_adapter,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
 
 __version__ = _C.build_info()["version"]
 
@@ -26,4 +42,9 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["LoraLinear", "ops", "build_info", "__version__"]
+__all__ = [
+    "LoraConfig", "LoraLayer", "LoraLinear", "ops", "build_info", "__version__",
+    "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
+    "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
+    "save_adapter", "load_adapter", "read_adapter",
+]

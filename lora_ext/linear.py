@@ -1,7 +1,7 @@
 """``LoraLinear``: LoRA on an existing ``nn.Linear`` through the compiled ``lora_linear`` op."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +32,15 @@ class LoraLinear(LoraLayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: Union[bool, str] = True,
-        adapter_name: str = "default",
+        adapter_name: Optional[str] = "default",
     ):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoraLinear: expected an nn.Linear base layer, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     def _adapter_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)

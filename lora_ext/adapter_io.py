@@ -1,0 +1,178 @@
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` with
+the adapter name stripped. A non-default adapter lives in ``<path>/<adapter_name>``, as PEFT
+saves it. Writes are atomic (temporary file + rename), loads validate everything before
+touching the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layer import LoraLayer
+from .model import adapter_configs, inject_adapter, lora_layers
+from .targeting import candidate_modules, layer_r_alpha
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+
+def _adapter_dir(path: str, adapter_name: str) -> str:
+    return path if adapter_name == "default" else os.path.join(path, adapter_name)
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's file keys."""
+    out = {}
+    for path, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+            out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; returns the folder."""
+    from safetensors.torch import save_file
+
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
+    config = configs[adapter_name]
+    if config.bias != "none":
+        raise NotImplementedError(f"lora_ext.save_adapter: saving bias={config.bias!r} adapters is not supported yet")
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    out_dir = _adapter_dir(path, adapter_name)
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    cfg = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+    def write_cfg(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(cfg)
+
+    _atomic_write(os.path.join(out_dir, CONFIG_NAME), write_cfg)
+    return out_dir
+
+
+def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter folder (config + tensors) without touching any model."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"lora_ext.load_adapter: no {CONFIG_NAME} in {path!r}")
+    with open(cfg_path) as f:
+        try:
+            config = LoraConfig.from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"lora_ext.load_adapter: {cfg_path} is not valid JSON: {e}") from e
+    st_path = os.path.join(path, WEIGHTS_NAME)
+    bin_path = os.path.join(path, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(st_path):
+        tensors = load_file(st_path)
+    elif os.path.isfile(bin_path):
+        if not allow_pickle:
+            raise ValueError(
+                f"lora_ext.load_adapter: {path!r} holds only {PICKLE_WEIGHTS_NAME} (a pickle); pass "
+                "allow_pickle=True to read it with torch.load(weights_only=True)"
+            )
+        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"lora_ext.load_adapter: no {WEIGHTS_NAME} in {path!r}")
+    return config, tensors
+
+
+def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter_name: str):
+    """Validate the file against the model; returns {module path: (A, B)}. Raises listing every problem."""
+    cands = candidate_modules(model)
+    problems: list[str] = []
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            problems.append(f"unexpected key {key!r}")
+            continue
+        path = key[len(PREFIX):-len(suffix)]
+        if path not in cands:
+            problems.append(f"unexpected key {key!r}: the model has no LoRA-capable module {path!r}")
+            continue
+        if not t.is_floating_point():
+            problems.append(f"{key!r} has dtype {t.dtype}, expected a floating dtype")
+            continue
+        found.setdefault(path, {})[_SUFFIXES[suffix]] = t
+    plan = {}
+    for path, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            problems.append(f"missing key {PREFIX}{path}.{missing}.weight")
+            continue
+        module = cands[path]
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            problems.append(f"module {path!r} already has an adapter named {adapter_name!r}")
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        out_f, in_f = base.weight.shape
+        r, _ = layer_r_alpha(config, path)
+        a, b = ab["A"], ab["B"]
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            problems.append(
+                f"shape mismatch at {path!r}: expected lora_A {(r, in_f)} and lora_B {(out_f, r)} "
+                f"(r from the config), got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+            continue
+        plan[path] = (a, b)
+    if problems:
+        raise ValueError("lora_ext.load_adapter: the adapter does not fit the model:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
+                 allow_pickle: bool = False) -> nn.Module:
+    """Load a PEFT/lora_ext adapter folder into ``model`` (injecting LoRA layers as needed).
+
+    Every key is mapped exactly (``base_model.model.<path>.lora_A.weight`` -> module ``<path>``);
+    missing or unexpected keys, shape or dtype problems raise a ``ValueError`` listing them,
+    before the model is changed. The loaded adapter becomes active; it is frozen unless
+    ``is_trainable``. ``adapter_model.bin`` (pickle) is read only with ``allow_pickle=True``.
+    """
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"lora_ext.load_adapter: adapter {adapter_name!r} already exists in the model")
+    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    plan = _plan(model, config, tensors, adapter_name)
+    inject_adapter(model, config.replace(init_lora_weights=True), adapter_name, target_names=sorted(plan))
+    adapter_configs(model)[adapter_name] = config
+    with torch.no_grad():
+        for p, (a, b) in plan.items():
+            layer = model.get_submodule(p)
+            layer.lora_A[adapter_name].weight.copy_(a)
+            layer.lora_B[adapter_name].weight.copy_(b)
+    if not is_trainable:
+        for _, layer in lora_layers(model):
+            if adapter_name in layer.lora_A:
+                layer.lora_A[adapter_name].weight.requires_grad_(False)
+                layer.lora_B[adapter_name].weight.requires_grad_(False)
+    return model

@@ -1,0 +1,179 @@
+"""Model-level API: inject adapters into an existing model and manage them."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layer import LoraLayer
+from .linear import LoraLinear
+from .targeting import layer_r_alpha, resolve_targets
+
+CONFIGS_ATTR = "lora_ext_configs"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(path, layer)`` for every LoRA layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            yield name, m
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters injected into ``model``, by adapter name."""
+    return getattr(model, CONFIGS_ATTR, {})
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _wrap(module: nn.Module, path: str) -> LoraLayer:
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module, adapter_name=None)
+    raise TypeError(f"lora_ext: cannot add LoRA to {path!r} of type {type(module).__name__}")
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                   target_names: Optional[list[str]] = None) -> nn.Module:
+    """Add adapter ``adapter_name`` to the modules ``config`` targets, in place.
+
+    Targeted ``nn.Linear`` modules are replaced by ``LoraLinear`` wrappers (no copy of the base
+    weights); already wrapped modules get one more adapter. Everything except this adapter is
+    frozen (plus biases per ``config.bias``). Returns the same model object.
+    """
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"lora_ext.inject_adapter: adapter {adapter_name!r} already exists in the model")
+    names = resolve_targets(model, config) if target_names is None else target_names
+    for path in names:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, LoraLayer) else _wrap(module, path)
+        r, alpha = layer_r_alpha(config, path)
+        layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+        if layer is not module:
+            _set_submodule(model, path, layer)
+    configs = dict(configs)
+    configs[adapter_name] = config
+    object.__setattr__(model, CONFIGS_ATTR, configs)
+    _mark_trainable(model, [adapter_name], config.bias)
+    return model
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    """Add another adapter (it does not become active: see :func:`set_adapter`)."""
+    return inject_adapter(model, config, adapter_name)
+
+
+def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none") -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        for n in adapter_names:
+            if n in layer.lora_A:
+                layer.lora_A[n].weight.requires_grad_(True)
+                layer.lora_B[n].weight.requires_grad_(True)
+        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+
+
+def _check_adapters(model: nn.Module, names: list[str], where: str) -> None:
+    missing = [n for n in names if n not in adapter_configs(model)]
+    if missing:
+        raise ValueError(f"lora_ext.{where}: unknown adapter(s) {missing}; have {list(adapter_configs(model))}")
+
+
+def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
+    """Make the named adapter(s) active in every layer that has them; only they are trainable."""
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    _check_adapters(model, names, "set_adapter")
+    for _, layer in lora_layers(model):
+        present = [n for n in names if n in layer.lora_A]
+        if layer.merged:
+            layer.unmerge()
+        layer._active_adapters = present
+    bias = adapter_configs(model)[names[0]].bias
+    _mark_trainable(model, names, bias)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter from every layer (unmerging it first where it is merged)."""
+    _check_adapters(model, [adapter_name], "delete_adapter")
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    configs = dict(adapter_configs(model))
+    del configs[adapter_name]
+    object.__setattr__(model, CONFIGS_ATTR, configs)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model): ...`` runs the plain base model (merged adapters are unmerged)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+            layer.disable_adapters = True
+        yield model
+    finally:
+        for layer, b in zip(layers, before):
+            layer.disable_adapters = b
+
+
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    """Merge the active (or the named) adapters into the base weights of every LoRA layer."""
+    if adapter_names is not None:
+        _check_adapters(model, list(adapter_names), "merge")
+    for _, layer in lora_layers(model):
+        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.lora_A]
+        if names:
+            layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge in every LoRA layer."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def _replace_layers(model: nn.Module, merge_first: bool) -> nn.Module:
+    for path, layer in list(lora_layers(model)):
+        if merge_first and not layer.disable_adapters:
+            if not layer.merged and layer.active_adapters:
+                layer.merge(layer.active_adapters)
+        elif layer.merged:
+            layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+    if hasattr(model, CONFIGS_ATTR):
+        object.__delattr__(model, CONFIGS_ATTR)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put the plain base modules back; returns the model."""
+    return _replace_layers(model, merge_first=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop all adapters and put the plain (unmerged) base modules back; returns the model."""
+    return _replace_layers(model, merge_first=False)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
