@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import LoraLayer
+from .registry import LAYER_TYPES, layer_type_for
 from .model import adapter_configs, inject_adapter, lora_layers
 from .targeting import candidate_modules, layer_r_alpha
 
@@ -24,7 +25,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# file-key suffix -> which matrix ("A"/"B"); longest first so that suffixes never shadow each other
+_SUFFIXES = dict(sorted(
+    ((suf, ab) for cls in LAYER_TYPES for suf, ab in zip(cls.file_suffixes, "AB")), key=lambda kv: -len(kv[0])
+))
 
 
 def _adapter_dir(path: str, adapter_name: str) -> str:
@@ -48,9 +52,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's file keys."""
     out = {}
     for path, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
-            out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+        if layer.has_adapter(adapter_name):
+            for suffix, w in zip(layer.file_suffixes, layer.adapter_weights(adapter_name)):
+                out[f"{PREFIX}{path}{suffix}"] = w.detach()
     return out
 
 
@@ -123,24 +127,30 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         if not t.is_floating_point():
             problems.append(f"{key!r} has dtype {t.dtype}, expected a floating dtype")
             continue
+        cls = layer_type_for(cands[path])
+        if suffix not in cls.file_suffixes:
+            problems.append(f"unexpected key {key!r}: module {path!r} is a {type(cands[path]).__name__}, "
+                            f"whose keys end in {cls.file_suffixes}")
+            continue
         found.setdefault(path, {})[_SUFFIXES[suffix]] = t
     plan = {}
     for path, ab in found.items():
+        cls = layer_type_for(cands[path])
         if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            problems.append(f"missing key {PREFIX}{path}.{missing}.weight")
+            missing = cls.file_suffixes[1] if "A" in ab else cls.file_suffixes[0]
+            problems.append(f"missing key {PREFIX}{path}{missing}")
             continue
         module = cands[path]
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+        if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
             problems.append(f"module {path!r} already has an adapter named {adapter_name!r}")
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        out_f, in_f = base.weight.shape
         r, _ = layer_r_alpha(config, path)
+        want_a, want_b = cls.adapter_shapes(base, r)
         a, b = ab["A"], ab["B"]
-        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+        if tuple(a.shape) != tuple(want_a) or tuple(b.shape) != tuple(want_b):
             problems.append(
-                f"shape mismatch at {path!r}: expected lora_A {(r, in_f)} and lora_B {(out_f, r)} "
+                f"shape mismatch at {path!r}: expected A {tuple(want_a)} and B {tuple(want_b)} "
                 f"(r from the config), got {tuple(a.shape)} and {tuple(b.shape)}"
             )
             continue
@@ -167,12 +177,12 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     adapter_configs(model)[adapter_name] = config
     with torch.no_grad():
         for p, (a, b) in plan.items():
-            layer = model.get_submodule(p)
-            layer.lora_A[adapter_name].weight.copy_(a)
-            layer.lora_B[adapter_name].weight.copy_(b)
+            wa, wb = model.get_submodule(p).adapter_weights(adapter_name)
+            wa.copy_(a)
+            wb.copy_(b)
     if not is_trainable:
         for _, layer in lora_layers(model):
-            if adapter_name in layer.lora_A:
-                layer.lora_A[adapter_name].weight.requires_grad_(False)
-                layer.lora_B[adapter_name].weight.requires_grad_(False)
+            if layer.has_adapter(adapter_name):
+                for w in layer.adapter_weights(adapter_name):
+                    w.requires_grad_(False)
     return model

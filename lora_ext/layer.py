@@ -42,16 +42,37 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 class LoraLayer(nn.Module):
     """Base class: a frozen ``base_layer`` plus any number of named adapters.
 
-    Subclasses define ``in_features``/``out_features`` via ``_adapter_shapes`` and ``forward``.
+    Every layer type holds its adapters the same way: two containers named
+    ``container_names`` (PEFT's in-memory names), either ``ModuleDict``s of
+    :class:`AdapterWeight` (keys ``<container>.<name>.weight``) or, with
+    ``adapter_as_parameters``, ``ParameterDict``s (keys ``<container>.<name>``). Subclasses
+    define ``adapter_shapes`` (A's and B's shapes for a base module and a rank), ``forward``,
+    and, when the base weight is not ``[out, in]``, ``_merge_operands``.
     """
 
-    def __init__(self, base_layer: nn.Module):
+    container_names: tuple[str, str] = ("lora_A", "lora_B")
+    adapter_as_parameters: bool = False
+    # suffixes of PEFT's file keys: base_model.model.<path><suffix>
+    file_suffixes: tuple[str, str] = (".lora_A.weight", ".lora_B.weight")
+    base_types: tuple[type, ...] = ()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        adapter_name: Optional[str] = "default",
+    ):
+        self.check_base(base_layer)
         super().__init__()
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        for c in self.container_names:
+            setattr(self, c, nn.ParameterDict() if self.adapter_as_parameters else nn.ModuleDict())
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
@@ -60,13 +81,61 @@ class LoraLayer(nn.Module):
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters: bool = False
+        if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this layer type can wrap ``module``."""
+        return isinstance(module, cls.base_types)
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
+        if not cls.accepts(base_layer):
+            names = ", ".join(t.__name__ for t in cls.base_types) or "a supported module"
+            raise TypeError(f"{cls.__name__}: expected a base layer of type {names}, got {type(base_layer).__name__}")
 
     # -- subclass hooks -------------------------------------------------------------------
-    def _adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for a rank-r adapter on ``base_layer``."""
         raise NotImplementedError
 
     def _base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def _init_weights(self, a: torch.Tensor, b: torch.Tensor, r: int, init: Union[bool, str]) -> None:
+        with torch.no_grad():
+            if init is True:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+                nn.init.zeros_(b)
+            else:  # False: both random, so the adapter changes outputs (tests, debugging)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+
+    def _merge_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W, A, B)`` as ``[out, in]``, ``[r, in]``, ``[out, r]`` views for the merge kernels."""
+        return self._base_weight(), *self.adapter_weights(name)
+
+    # -- storage --------------------------------------------------------------------------
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameters ``(A, B)`` of adapter ``name``."""
+        a, b = (getattr(self, c)[name] for c in self.container_names)
+        return (a, b) if self.adapter_as_parameters else (a.weight, b.weight)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.r
+
+    def _store(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        for c, t in zip(self.container_names, (a, b)):
+            getattr(self, c)[name] = nn.Parameter(t) if self.adapter_as_parameters else AdapterWeight(t)
 
     # -- adapters -------------------------------------------------------------------------
     def add_adapter(
@@ -81,7 +150,7 @@ class LoraLayer(nn.Module):
         """Add an adapter named ``adapter_name``; the first adapter added becomes active."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"LoraLayer.add_adapter: expected a non-empty adapter name without '.', got {adapter_name!r}")
-        if adapter_name in self.lora_A:
+        if self.has_adapter(adapter_name):
             raise ValueError(f"LoraLayer.add_adapter: adapter {adapter_name!r} already exists")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoraLayer.add_adapter: expected an integer rank r >= 1, got {r!r}")
@@ -95,12 +164,11 @@ class LoraLayer(nn.Module):
             )
         base_w = self._base_weight()
         dtype = adapter_dtype(base_w.dtype)
-        shape_a, shape_b = self._adapter_shapes(r)
+        shape_a, shape_b = self.adapter_shapes(self.base_layer, r)
         a = torch.empty(shape_a, dtype=dtype, device=base_w.device)
         b = torch.empty(shape_b, dtype=dtype, device=base_w.device)
         self._init_weights(a, b, r, init_lora_weights)
-        self.lora_A[adapter_name] = AdapterWeight(a)
-        self.lora_B[adapter_name] = AdapterWeight(b)
+        self._store(adapter_name, a, b)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = float(lora_dropout)
@@ -109,24 +177,11 @@ class LoraLayer(nn.Module):
         if not self._active_adapters:
             self._active_adapters = [adapter_name]
 
-    @staticmethod
-    def _init_weights(a: torch.Tensor, b: torch.Tensor, r: int, init: Union[bool, str]) -> None:
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.zeros_(b)
-            elif init == "gaussian":
-                nn.init.normal_(a, std=1.0 / r)
-                nn.init.zeros_(b)
-            else:  # False: both random, so the adapter changes outputs (tests, debugging)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-
     def _check_names(self, names: Iterable[str], where: str) -> list[str]:
         names = [names] if isinstance(names, str) else list(names)
-        missing = [n for n in names if n not in self.lora_A]
+        missing = [n for n in names if not self.has_adapter(n)]
         if missing:
-            raise ValueError(f"{type(self).__name__}.{where}: unknown adapter(s) {missing}; have {list(self.lora_A)}")
+            raise ValueError(f"{type(self).__name__}.{where}: unknown adapter(s) {missing}; have {self.adapter_names}")
         return names
 
     @property
@@ -150,22 +205,18 @@ class LoraLayer(nn.Module):
         self._check_names([adapter_name], "delete_adapter")
         if adapter_name in self.merged_adapters:
             self.unmerge()
-        for d in (self.lora_A, self.lora_B):
-            del d[adapter_name]
+        for c in self.container_names:
+            del getattr(self, c)[adapter_name]
         for d in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
             d.pop(adapter_name)
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
-        if not self._active_adapters and len(self.lora_A):
-            self._active_adapters = [next(iter(self.lora_A))]
+        if not self._active_adapters and self.adapter_names:
+            self._active_adapters = [self.adapter_names[0]]
 
     # -- merging --------------------------------------------------------------------------
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    def _merge_target(self) -> torch.Tensor:
-        """The ``[out, in]`` view of the base weight that ``lora_B @ lora_A`` updates."""
-        return self._base_weight()
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the adapters' ``scale * B @ A`` into the base weight in place.
@@ -178,18 +229,17 @@ class LoraLayer(nn.Module):
         todo = [n for n in names if n not in self.merged_adapters]
         if len(todo) < len(names):
             warnings.warn(f"already merged: {[n for n in names if n in self.merged_adapters]}", stacklevel=2)
-        w = self._merge_target()
         with torch.no_grad():
             if safe_merge:
                 for n in todo:
-                    self._check_finite_merge(w, n)
+                    self._check_finite_merge(n)
             for n in todo:
-                ops.merge_(w, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
+                ops.merge_(*self._merge_operands(n), self.scaling[n])
                 self.merged_adapters.append(n)
 
-    def _check_finite_merge(self, w: torch.Tensor, name: str, rows: int = 256) -> None:
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight
+    def _check_finite_merge(self, name: str, rows: int = 256) -> None:
+        w, a, b = self._merge_operands(name)
+        a = a.float()
         s = self.scaling[name]
         for i in range(0, w.shape[0], rows):
             chunk = w[i : i + rows].float() + s * (b[i : i + rows].float() @ a)
@@ -201,8 +251,7 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight (in reverse merge order)."""
-        w = self._merge_target()
         with torch.no_grad():
             while self.merged_adapters:
                 n = self.merged_adapters.pop()
-                ops.unmerge_(w, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
+                ops.unmerge_(*self._merge_operands(n), self.scaling[n])

@@ -1,7 +1,6 @@
 """``LoraLinear``: LoRA on an existing ``nn.Linear`` through the compiled ``lora_linear`` op."""
 from __future__ import annotations
 
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +21,25 @@ class LoraLinear(LoraLayer):
     The base layer is wrapped, not copied, and frozen. Parameters use PEFT's names:
     ``base_layer.weight``, ``base_layer.bias``, ``lora_A.<name>.weight``, ``lora_B.<name>.weight``.
     When merged (``merge()``), forward is the plain base linear.
+
+    ``LoraLinear(base_layer, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+    init_lora_weights=True, adapter_name="default")``; ``adapter_name=None`` adds no adapter.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: Union[bool, str] = True,
-        adapter_name: Optional[str] = "default",
-    ):
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoraLinear: expected an nn.Linear base layer, got {type(base_layer).__name__}")
-        super().__init__(base_layer)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
-            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    base_types = (nn.Linear,)
 
-    def _adapter_shapes(self, r: int):
-        return (r, self.in_features), (self.out_features, r)
+    @property
+    def in_features(self) -> int:
+        return self._base_weight().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self._base_weight().shape[0]
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int):
+        out_f, in_f = base_layer.weight.shape
+        return (r, in_f), (out_f, r)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -61,18 +57,19 @@ class LoraLinear(LoraLayer):
         if self.merged or not self._active_adapters:
             return self.base_layer(x)
         first, *rest = self._active_adapters
+        a, b = self.adapter_weights(first)
         y = ops.lora_linear(
             x,
-            self.base_layer.weight,
+            self._base_weight(),
             self.base_layer.bias,
-            self.lora_A[first].weight,
-            self.lora_B[first].weight,
+            a,
+            b,
             self.scaling[first],
             self.lora_dropout[first],
             self.training,
         )
         for name in rest:  # further active adapters add their own low-rank terms
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            a, b = self.adapter_weights(name)
             xd = F.dropout(x, self.lora_dropout[name], self.training).to(a.dtype)
             y = y + (F.linear(F.linear(xd, a), b) * self.scaling[name]).to(y.dtype)
         return y
@@ -80,5 +77,5 @@ class LoraLinear(LoraLayer):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"adapters={ {n: self.r[n] for n in self.lora_A} }, active={self._active_adapters}, merged={self.merged}"
+            f"adapters={dict(self.r)}, active={self._active_adapters}, merged={self.merged}"
         )

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
+from .gpt2_conv1d import is_gpt2_conv1d
 from .layer import LoraLayer
-from .linear import LoraLinear
+from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
 
 CONFIGS_ATTR = "lora_ext_configs"
@@ -34,9 +36,10 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _wrap(module: nn.Module, path: str) -> LoraLayer:
-    if isinstance(module, nn.Linear):
-        return LoraLinear(module, adapter_name=None)
-    raise TypeError(f"lora_ext: cannot add LoRA to {path!r} of type {type(module).__name__}")
+    cls = layer_type_for(module)
+    if cls is None:
+        raise TypeError(f"lora_ext: cannot add LoRA to {path!r} of type {type(module).__name__}")
+    return cls(module, adapter_name=None)
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
@@ -51,6 +54,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     if adapter_name in configs:
         raise ValueError(f"lora_ext.inject_adapter: adapter {adapter_name!r} already exists in the model")
     names = resolve_targets(model, config) if target_names is None else target_names
+    if not config.fan_in_fan_out and any(is_gpt2_conv1d(_base(model.get_submodule(n))) for n in names):
+        warnings.warn("lora_ext: target modules include GPT-2 Conv1D layers (weight stored [in, out]); "
+                      "setting fan_in_fan_out=True", stacklevel=2)
+        config = config.replace(fan_in_fan_out=True)
     for path in names:
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else _wrap(module, path)
@@ -66,6 +73,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return model
 
 
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     """Add another adapter (it does not become active: see :func:`set_adapter`)."""
     return inject_adapter(model, config, adapter_name)
@@ -76,9 +87,9 @@ def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "non
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         for n in adapter_names:
-            if n in layer.lora_A:
-                layer.lora_A[n].weight.requires_grad_(True)
-                layer.lora_B[n].weight.requires_grad_(True)
+            if layer.has_adapter(n):
+                for w in layer.adapter_weights(n):
+                    w.requires_grad_(True)
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     if bias == "all":
@@ -98,7 +109,7 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
     _check_adapters(model, names, "set_adapter")
     for _, layer in lora_layers(model):
-        present = [n for n in names if n in layer.lora_A]
+        present = [n for n in names if layer.has_adapter(n)]
         if layer.merged:
             layer.unmerge()
         layer._active_adapters = present
@@ -110,7 +121,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter from every layer (unmerging it first where it is merged)."""
     _check_adapters(model, [adapter_name], "delete_adapter")
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+        if layer.has_adapter(adapter_name):
             layer.delete_adapter(adapter_name)
     configs = dict(adapter_configs(model))
     del configs[adapter_name]
@@ -138,7 +149,7 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merg
     if adapter_names is not None:
         _check_adapters(model, list(adapter_names), "merge")
     for _, layer in lora_layers(model):
-        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.lora_A]
+        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if layer.has_adapter(n)]
         if names:
             layer.merge(names, safe_merge=safe_merge)
 

@@ -8,9 +8,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import LoraLayer
-
-# module types that can carry a LoRA adapter (more types come with their layers)
-SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,)
+from .registry import is_linear_like, layer_type_for
 
 
 def matches(spec: Optional[Union[str, Iterable[str]]], key: str) -> bool:
@@ -45,7 +43,7 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, LoraLayer):
             out[name] = module
             skip.append(name + ".")
-        elif isinstance(module, SUPPORTED_TYPES):
+        elif layer_type_for(module) is not None:
             out[name] = module
     return out
 
@@ -70,7 +68,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, or use 'all-linear'")
     if config.target_modules == "all-linear":
         head = _output_layer_name(model)
-        names = [n for n in cands if n != head]
+        names = [n for n, m in cands.items() if n != head and is_linear_like(m)]
     else:
         names = [n for n in cands if matches(config.target_modules, n)]
     names = [n for n in names if not matches(config.exclude_modules, n)]

@@ -30,7 +30,7 @@ def test_wraps_without_copy_and_freezes():
                                         "lora_B.default.weight"]
     assert layer.lora_A["default"].weight.shape == (4, 16) and layer.lora_B["default"].weight.shape == (12, 4)
     assert layer.weight is base.weight and layer.bias is base.bias
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match="LoraLinear: expected a base layer of type Linear"):
         LoraLinear(nn.Conv1d(3, 3, 1))
 
 
