@@ -21,3 +21,59 @@ def llama_inputs(batch: int = 2, seq: int = 7, seed: int = 1):
 def logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _kwargs(model, ids):
+    kwargs = {"input_ids": ids}
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids[:, :3]
+    return kwargs
+
+
+def run(model, ids):
+    """The model's main output for token ids (logits or last hidden state)."""
+    kwargs = _kwargs(model, ids)
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def train_steps(model, ids, steps=3, lr=1e-2):
+    """A few SGD steps on a simple objective (sum of squares of the main output)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    kwargs = _kwargs(model, ids)
+    for _ in range(steps):
+        out = model(**kwargs)
+        y = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        loss = y.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()

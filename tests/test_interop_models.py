@@ -1,0 +1,60 @@
+"""PEFT <-> lora_ext adapter files on tiny GPT-2 (Conv1D, fan_in_fan_out), BERT (with embedding
+LoRA) and T5, both directions, plus merge_and_unload against PEFT's merged weights."""
+import copy
+
+import peft
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import LoraConfig
+from models import llama_inputs, run, tiny_bert, tiny_gpt2, tiny_t5, train_steps
+
+CASES = {
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], dict(fan_in_fan_out=True)),
+    "bert": (tiny_bert, ["query", "key", "value", "dense", "word_embeddings"], {}),
+    "t5": (tiny_t5, ["q", "k", "v", "o", "wi", "wo"], {}),
+}
+
+
+def _peft_cfg(targets, extra, **kw):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra, **kw)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_to_lora_ext(name, tmp_path):
+    factory, targets, extra = CASES[name]
+    base = factory()
+    ids = llama_inputs()
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_cfg(targets, extra, use_rslora=True))
+    train_steps(pm, ids)
+    pm.save_pretrained(str(tmp_path))
+    model = copy.deepcopy(base)
+    lora_ext.load_adapter(model, str(tmp_path))
+    torch.testing.assert_close(run(model, ids), run(pm, ids), atol=1e-5, rtol=1e-5)
+    ours = lora_ext.merge_and_unload(model).state_dict()
+    theirs = pm.merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lora_ext_to_peft(name, tmp_path):
+    factory, targets, extra = CASES[name]
+    base = factory()
+    ids = llama_inputs()
+    model = copy.deepcopy(base)
+    lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                              rank_pattern={"value": 2, "c_fc": 2, "wi": 2}))
+    train_steps(model, ids)
+    lora_ext.save_adapter(model, str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(run(pm, ids), run(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_sets_fan_in_fan_out_with_a_warning():
+    model = tiny_gpt2()
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
+        lora_ext.inject_adapter(model, LoraConfig(target_modules=["c_attn"]))
+    assert lora_ext.model.adapter_configs(model)["default"].fan_in_fan_out
