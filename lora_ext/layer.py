@@ -80,6 +80,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._exact_codes: dict[str, tuple] = {}  # adapter -> (ExactMergeCodes, adapter versions)
         self.disable_adapters: bool = False
         if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
@@ -218,12 +219,14 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, exact: bool = False) -> None:
         """Add the adapters' ``scale * B @ A`` into the base weight in place.
 
         After merging, forward is the plain base layer. ``safe_merge=True`` first checks, in
         bounded row chunks, that the merged weight would be finite, and raises without touching
-        the weight if it would not.
+        the weight if it would not. ``exact=True`` (float32/bfloat16/float16 weights) keeps 2 bits
+        per weight element (plus a sparse list of rare exceptions) so that :meth:`unmerge`
+        restores the original weight bit for bit.
         """
         names = self._check_names(self._active_adapters if adapter_names is None else adapter_names, "merge")
         todo = [n for n in names if n not in self.merged_adapters]
@@ -234,8 +237,18 @@ class LoraLayer(nn.Module):
                 for n in todo:
                     self._check_finite_merge(n)
             for n in todo:
-                ops.merge_(*self._merge_operands(n), self.scaling[n])
+                w, a, b = self._merge_operands(n)
+                if exact:
+                    codes = ops.merge_exact_codes(w, a, b, self.scaling[n])
+                    ops.merge_exact_(w, a, b, self.scaling[n])
+                    self._exact_codes[n] = (codes, (a._version, b._version))
+                else:
+                    ops.merge_(w, a, b, self.scaling[n])
                 self.merged_adapters.append(n)
+
+    def exact_merge_nbytes(self) -> int:
+        """Bytes of side information held for exactly merged adapters."""
+        return sum(c.nbytes() for c, _ in self._exact_codes.values())
 
     def _check_finite_merge(self, name: str, rows: int = 256) -> None:
         w, a, b = self._merge_operands(name)
@@ -254,4 +267,11 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 n = self.merged_adapters.pop()
-                ops.unmerge_(*self._merge_operands(n), self.scaling[n])
+                w, a, b = self._merge_operands(n)
+                exact = self._exact_codes.pop(n, None)
+                if exact is not None and exact[1] == (a._version, b._version):
+                    ops.unmerge_exact_(w, exact[0], a, b, self.scaling[n])
+                else:
+                    if exact is not None:
+                        warnings.warn(f"adapter {n!r} changed while merged: unmerging it inexactly", stacklevel=2)
+                    ops.unmerge_(w, a, b, self.scaling[n])

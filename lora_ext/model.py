@@ -144,14 +144,16 @@ def disable_adapters(model: nn.Module):
             layer.disable_adapters = b
 
 
-def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-    """Merge the active (or the named) adapters into the base weights of every LoRA layer."""
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+          exact: bool = False) -> None:
+    """Merge the active (or the named) adapters into the base weights of every LoRA layer
+    (``exact=True``: :func:`unmerge` restores the weights bit for bit; see ``LoraLayer.merge``)."""
     if adapter_names is not None:
         _check_adapters(model, list(adapter_names), "merge")
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if layer.has_adapter(n)]
         if names:
-            layer.merge(names, safe_merge=safe_merge)
+            layer.merge(names, safe_merge=safe_merge, exact=exact)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -11,14 +11,14 @@ intermediate is float32 in that case too.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["lora_linear", "merge_", "unmerge_"]
+__all__ = ["lora_linear", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
 
 
 def lora_linear(
@@ -68,3 +68,42 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> None
 def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
     """In place ``weight -= scale * lora_B @ lora_A`` (the inverse of :func:`merge_`)."""
     torch.ops.lora_ext.unmerge_.default(weight, lora_A, lora_B, float(scale))
+
+
+class ExactMergeCodes(NamedTuple):
+    """Side information that makes an exact merge reversible bit for bit."""
+
+    codes: Tensor  # uint8 [ceil(numel / 4)]: 2 bits per weight element
+    exc_index: Tensor  # int64 [n]: flat indices the codes cannot express
+    exc_value: Tensor  # [n], weight dtype: their original values
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def merge_exact_codes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> ExactMergeCodes:
+    """Side information for :func:`merge_exact_` of the current ``weight`` (which it does not change).
+
+    Delta W is recomputed deterministically in float32; per weight element a 2-bit code says
+    which of ``round(merged - dW)`` and its two neighbours the original value is, and a sparse
+    list keeps the rare elements outside that window. float32/bfloat16/float16 weights.
+    """
+    return ExactMergeCodes(*torch.ops.lora_ext.merge_exact_codes.default(weight, lora_A, lora_B, float(scale)))
+
+
+def merge_exact_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
+    """In place ``weight = round(weight + dW)`` with the deterministic float32 ``dW`` of the exact merge."""
+    torch.ops.lora_ext.merge_exact_.default(weight, lora_A, lora_B, float(scale))
+
+
+def unmerge_exact_(weight: Tensor, codes: ExactMergeCodes, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
+    """Restore, bit for bit, the weight that :func:`merge_exact_` merged (given its side information)."""
+    torch.ops.lora_ext.unmerge_exact_.default(weight, *codes, lora_A, lora_B, float(scale))
+
+
+@torch.library.register_fake("lora_ext::merge_exact_codes")
+def _merge_exact_codes_fake(weight, lora_A, lora_B, scale):
+    # The sparse list's length depends on the data: an unbacked size.
+    n = torch.library.get_ctx().new_dynamic_size()
+    codes = weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
+    return codes, weight.new_empty((n,), dtype=torch.long), weight.new_empty((n,))

@@ -41,4 +41,29 @@ void unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lo
   op.call(weight, lora_A, lora_B, scale);
 }
 
+ExactMergeCodes merge_exact_codes(
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::merge_exact_codes", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  auto [codes, idx, val] = op.call(weight, lora_A, lora_B, scale);
+  return {codes, idx, val};
+}
+
+void merge_exact_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  static auto op = merge_handle("lora_ext::merge_exact_");
+  op.call(weight, lora_A, lora_B, scale);
+}
+
+void unmerge_exact_(
+    at::Tensor& weight, const ExactMergeCodes& codes, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::unmerge_exact_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double)>();
+  op.call(weight, codes.codes, codes.exc_index, codes.exc_value, lora_A, lora_B, scale);
+}
+
 }  // namespace lora_ext::ops

@@ -10,6 +10,19 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
 
+  // Exact (bit-for-bit reversible) merge of a float32/bfloat16/float16 weight.
+  // merge_exact_codes reads the current weight and returns the side information
+  // unmerge_exact_ needs after merge_exact_: 2-bit codes per element (uint8,
+  // four per byte) and a sparse list (flat int64 indices, original values) of
+  // the rare elements the codes cannot express.
+  m.def(
+      "merge_exact_codes(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) "
+      "-> (Tensor codes, Tensor exc_index, Tensor exc_value)");
+  m.def("merge_exact_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
+  m.def(
+      "unmerge_exact_(Tensor(a!) weight, Tensor codes, Tensor exc_index, Tensor exc_value, Tensor lora_A, "
+      "Tensor lora_B, float scale) -> ()");
+
   // Pieces used by lora_linear's autograd formula. `seed` (int64 [1], or None
   // for no dropout) determines the dropout mask, which is regenerated from it
   // by every kernel that needs it, so no mask and no dropped copy of x is kept.

@@ -34,4 +34,22 @@ LORA_EXT_API void merge_(
 LORA_EXT_API void unmerge_(
     at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
+// Exact merge of a float32/bfloat16/float16 weight: call merge_exact_codes
+// (reads the current weight, returns the side information) and then
+// merge_exact_; unmerge_exact_ with that side information restores the
+// weight bit for bit.
+struct ExactMergeCodes {
+  at::Tensor codes;      // uint8 [ceil(numel / 4)], 2 bits per weight element
+  at::Tensor exc_index;  // int64 [n], flat indices the codes cannot express
+  at::Tensor exc_value;  // weight dtype [n], their original values
+};
+
+LORA_EXT_API ExactMergeCodes merge_exact_codes(
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+LORA_EXT_API void merge_exact_(
+    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+LORA_EXT_API void unmerge_exact_(
+    at::Tensor& weight, const ExactMergeCodes& codes, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scale);
+
 }  // namespace lora_ext::ops
