@@ -18,7 +18,8 @@ from torch import nn
 from .config import LoraConfig
 from .layer import LoraLayer
 from .registry import LAYER_TYPES, layer_type_for
-from .model import adapter_configs, inject_adapter, lora_layers
+from .model import adapter_configs, inject_adapter, lora_layers, saved_modules
+from .modules_to_save import ModulesToSave, find_modules_to_save
 from .targeting import candidate_modules, layer_r_alpha
 
 CONFIG_NAME = "adapter_config.json"
@@ -51,10 +52,22 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's file keys."""
     out = {}
+    config = adapter_configs(model).get(adapter_name)
     for path, layer in lora_layers(model):
         if layer.has_adapter(adapter_name):
             for suffix, w in zip(layer.file_suffixes, layer.adapter_weights(adapter_name)):
                 out[f"{PREFIX}{path}{suffix}"] = w.detach()
+            if config is not None and config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias.detach()
+    for path, wrapper in saved_modules(model):
+        if wrapper.has_adapter(adapter_name):
+            for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                out[f"{PREFIX}{path}.{pname}"] = p.detach()
+    if config is not None and config.bias == "all":
+        wrapped = [p for p, _ in saved_modules(model)]
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "lora_" not in name and not any(name.startswith(w + ".") for w in wrapped):
+                out[f"{PREFIX}{name}"] = p.detach()
     return out
 
 
@@ -66,8 +79,6 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     if adapter_name not in configs:
         raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
     config = configs[adapter_name]
-    if config.bias != "none":
-        raise NotImplementedError(f"lora_ext.save_adapter: saving bias={config.bias!r} adapters is not supported yet")
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     out_dir = _adapter_dir(path, adapter_name)
     os.makedirs(out_dir, exist_ok=True)
@@ -110,22 +121,68 @@ def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dic
     return config, tensors
 
 
+def _param_by_name(model: nn.Module, name: str):
+    """A parameter by its name in an injected (``...base_layer.bias``, ``...original_module.bias``)
+    or plain model."""
+    params = dict(model.named_parameters())
+    for candidate in (name, name.replace(".base_layer.", "."), name.replace(".original_module.", ".")):
+        if candidate in params:
+            return params[candidate]
+    return None
+
+
 def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter_name: str):
-    """Validate the file against the model; returns {module path: (A, B)}. Raises listing every problem."""
+    """Validate the file against the model. Returns ``(lora, saved, biases)``: {module path: (A, B)},
+    {module path: {param name: tensor}} for modules_to_save, {parameter name: tensor}. Raises a
+    ``ValueError`` listing every problem."""
     cands = candidate_modules(model)
+    save_paths = find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
     problems: list[str] = []
     found: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in save_paths}
+    biases: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if not key.startswith(PREFIX) or suffix is None:
-            problems.append(f"unexpected key {key!r}")
-            continue
-        path = key[len(PREFIX):-len(suffix)]
-        if path not in cands:
-            problems.append(f"unexpected key {key!r}: the model has no LoRA-capable module {path!r}")
-            continue
         if not t.is_floating_point():
             problems.append(f"{key!r} has dtype {t.dtype}, expected a floating dtype")
+            continue
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if name is not None and suffix is None:
+            owner = next((p for p in save_paths if name.startswith(p + ".")), None)
+            if owner is not None:
+                module = model.get_submodule(owner)
+                orig = module.original_module if isinstance(module, ModulesToSave) else module
+                pname = name[len(owner) + 1:]
+                if config.bias == "all" and pname.startswith("original_module."):
+                    # PEFT's bias="all" also saves the original module's biases under this name
+                    want = _param_by_name(model, name)
+                    if want is None or tuple(want.shape) != tuple(t.shape):
+                        problems.append(f"unexpected bias key {key!r}")
+                    else:
+                        biases[name] = t
+                    continue
+                if pname.startswith("modules_to_save."):  # PEFT's bias="all" duplicate of the copy's bias
+                    pname = pname[len("modules_to_save."):]
+                want = dict(orig.named_parameters()).get(pname)
+                if want is None or tuple(want.shape) != tuple(t.shape):
+                    problems.append(f"{key!r} does not match a parameter of the module to save {owner!r}"
+                                    + ("" if want is None else f" (expected shape {tuple(want.shape)})"))
+                else:
+                    saved[owner][pname] = t
+                continue
+            if config.bias != "none" and name.endswith("bias"):
+                want = _param_by_name(model, name)
+                if want is None or tuple(want.shape) != tuple(t.shape):
+                    problems.append(f"unexpected bias key {key!r}")
+                else:
+                    biases[name] = t
+                continue
+        if name is None or suffix is None:
+            problems.append(f"unexpected key {key!r}")
+            continue
+        path = name[:-len(suffix)]
+        if path not in cands:
+            problems.append(f"unexpected key {key!r}: the model has no LoRA-capable module {path!r}")
             continue
         cls = layer_type_for(cands[path])
         if suffix not in cls.file_suffixes:
@@ -133,6 +190,12 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
                             f"whose keys end in {cls.file_suffixes}")
             continue
         found.setdefault(path, {})[_SUFFIXES[suffix]] = t
+    for owner, params in saved.items():
+        module = model.get_submodule(owner)
+        orig = module.original_module if isinstance(module, ModulesToSave) else module
+        for pname, _ in orig.named_parameters():
+            if pname not in params:
+                problems.append(f"missing key {PREFIX}{owner}.{pname} (module to save)")
     plan = {}
     for path, ab in found.items():
         cls = layer_type_for(cands[path])
@@ -155,9 +218,11 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
             )
             continue
         plan[path] = (a, b)
+    if not plan and not problems:
+        problems.append("the file holds no LoRA weights")
     if problems:
         raise ValueError("lora_ext.load_adapter: the adapter does not fit the model:\n  " + "\n  ".join(problems))
-    return plan
+    return plan, saved, biases
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
@@ -172,7 +237,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     if adapter_name in adapter_configs(model):
         raise ValueError(f"lora_ext.load_adapter: adapter {adapter_name!r} already exists in the model")
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
-    plan = _plan(model, config, tensors, adapter_name)
+    plan, saved, biases = _plan(model, config, tensors, adapter_name)
     inject_adapter(model, config.replace(init_lora_weights=True), adapter_name, target_names=sorted(plan))
     adapter_configs(model)[adapter_name] = config
     with torch.no_grad():
@@ -180,9 +245,21 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
             wa, wb = model.get_submodule(p).adapter_weights(adapter_name)
             wa.copy_(a)
             wb.copy_(b)
+        for owner, params in saved.items():
+            copy_ = dict(model.get_submodule(owner).modules_to_save[adapter_name].named_parameters())
+            for pname, t in params.items():
+                copy_[pname].copy_(t)
+        for name, t in biases.items():
+            _param_by_name(model, name).copy_(t)
     if not is_trainable:
         for _, layer in lora_layers(model):
             if layer.has_adapter(adapter_name):
                 for w in layer.adapter_weights(adapter_name):
                     w.requires_grad_(False)
+        for _, wrapper in saved_modules(model):
+            if wrapper.has_adapter(adapter_name):
+                for p in wrapper.modules_to_save[adapter_name].parameters():
+                    p.requires_grad_(False)
+        for name in biases:
+            _param_by_name(model, name).requires_grad_(False)
     return model

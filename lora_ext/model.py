@@ -11,6 +11,7 @@ from torch import nn
 from .config import LoraConfig
 from .gpt2_conv1d import is_gpt2_conv1d
 from .layer import LoraLayer
+from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
 
@@ -21,6 +22,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(path, layer)`` for every LoRA layer of ``model``."""
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer):
+            yield name, m
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """``(path, wrapper)`` for every module kept whole per adapter (``modules_to_save``)."""
+    for name, m in model.named_modules():
+        if isinstance(m, ModulesToSave):
             yield name, m
 
 
@@ -58,6 +66,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         warnings.warn("lora_ext: target modules include GPT-2 Conv1D layers (weight stored [in, out]); "
                       "setting fan_in_fan_out=True", stacklevel=2)
         config = config.replace(fan_in_fan_out=True)
+    save_paths = []
+    if config.modules_to_save:
+        save_paths = find_modules_to_save(model, config.modules_to_save)
+        if not save_paths:
+            raise ValueError(f"lora_ext.inject_adapter: modules_to_save={config.modules_to_save!r} matches no module")
     for path in names:
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else _wrap(module, path)
@@ -66,6 +79,12 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
         if layer is not module:
             _set_submodule(model, path, layer)
+    for path in save_paths:
+        module = model.get_submodule(path)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(adapter_name)
+        if wrapper is not module:
+            _set_submodule(model, path, wrapper)
     configs = dict(configs)
     configs[adapter_name] = config
     object.__setattr__(model, CONFIGS_ATTR, configs)
@@ -96,6 +115,13 @@ def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "non
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        for p in wrapper.original_module.parameters():
+            p.requires_grad_(False)
+        for n in adapter_names:
+            if wrapper.has_adapter(n):
+                for p in wrapper.modules_to_save[n].parameters():
+                    p.requires_grad_(True)
 
 
 def _check_adapters(model: nn.Module, names: list[str], where: str) -> None:
@@ -113,6 +139,8 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
         if layer.merged:
             layer.unmerge()
         layer._active_adapters = present
+    for _, wrapper in saved_modules(model):
+        wrapper.set_adapter(names)
     bias = adapter_configs(model)[names[0]].bias
     _mark_trainable(model, names, bias)
 
@@ -123,6 +151,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, layer in lora_layers(model):
         if layer.has_adapter(adapter_name):
             layer.delete_adapter(adapter_name)
+    for path, wrapper in list(saved_modules(model)):
+        if wrapper.has_adapter(adapter_name):
+            wrapper.delete_adapter(adapter_name)
+        if not wrapper.modules_to_save:
+            _set_submodule(model, path, wrapper.unwrap(keep_adapter=False))
     configs = dict(adapter_configs(model))
     del configs[adapter_name]
     object.__setattr__(model, CONFIGS_ATTR, configs)
@@ -131,11 +164,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """``with disable_adapters(model): ...`` runs the plain base model (merged adapters are unmerged)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in saved_modules(model)]
     before = [layer.disable_adapters for layer in layers]
     try:
         for layer in layers:
-            if layer.merged:
+            if isinstance(layer, LoraLayer) and layer.merged:
                 layer.unmerge()
             layer.disable_adapters = True
         yield model
@@ -170,6 +203,8 @@ def _replace_layers(model: nn.Module, merge_first: bool) -> nn.Module:
         elif layer.merged:
             layer.unmerge()
         _set_submodule(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        _set_submodule(model, path, wrapper.unwrap(keep_adapter=merge_first))
     if hasattr(model, CONFIGS_ATTR):
         object.__delattr__(model, CONFIGS_ATTR)
     return model

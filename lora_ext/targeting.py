@@ -40,6 +40,9 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
+        if type(module).__name__ == "ModulesToSave":  # whole-module copies are not LoRA targets
+            skip.append(name + ".")
+            continue
         if isinstance(module, LoraLayer):
             out[name] = module
             skip.append(name + ".")
@@ -62,8 +65,6 @@ def _output_layer_name(model: nn.Module) -> Optional[str]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules ``config`` targets; raises when it targets none."""
     cands = candidate_modules(model)
-    if config.modules_to_save:
-        raise NotImplementedError("lora_ext: modules_to_save is not supported yet")
     if config.target_modules is None:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, or use 'all-linear'")
     if config.target_modules == "all-linear":
@@ -72,6 +73,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     else:
         names = [n for n in cands if matches(config.target_modules, n)]
     names = [n for n in names if not matches(config.exclude_modules, n)]
+    if config.modules_to_save:  # as PEFT: a module to save whole never also gets LoRA
+        saved = config.modules_to_save
+        names = [n for n in names if not any(n == m or n.endswith("." + m) or ("." + m + ".") in ("." + n + ".")
+                                             for m in saved)]
     if not names:
         raise ValueError(
             f"LoraConfig(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}) "

@@ -58,3 +58,39 @@ def test_gpt2_sets_fan_in_fan_out_with_a_warning():
     with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
         lora_ext.inject_adapter(model, LoraConfig(target_modules=["c_attn"]))
     assert lora_ext.model.adapter_configs(model)["default"].fan_in_fan_out
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_modules_to_save_and_bias_round_trip_both_ways(bias, tmp_path):
+    base = tiny_bert()
+    ids = llama_inputs()
+    targets, extra = ["query", "value"], dict(modules_to_save=["pooler.dense"], bias=bias)
+    # PEFT -> lora_ext
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_cfg(targets, extra))
+    train_steps(pm, ids)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, str(tmp_path / "peft"))
+    with torch.no_grad():
+        want = pm(input_ids=ids).pooler_output
+        torch.testing.assert_close(ours(input_ids=ids).pooler_output, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(ours, ids), run(pm, ids), atol=1e-5, rtol=1e-5)
+    # lora_ext -> PEFT
+    model = copy.deepcopy(base)
+    lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                              **extra))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("pooler.dense.modules_to_save.default" in n for n in trainable)
+    assert (bias != "none") == any(n.endswith("bias") and "pooler" not in n for n in trainable)
+    train_steps(model, ids)
+    lora_ext.save_adapter(model, str(tmp_path / "ours"))
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(input_ids=ids).pooler_output, model(input_ids=ids).pooler_output,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(pm2, ids), run(model, ids), atol=1e-5, rtol=1e-5)
+    with lora_ext.disable_adapters(model):
+        if bias == "none":  # trained biases live in the base model, as in PEFT
+            torch.testing.assert_close(run(model, ids), run(base, ids))
+    plain = lora_ext.unload(model)
+    assert not any(type(m).__name__ == "ModulesToSave" for m in plain.modules())

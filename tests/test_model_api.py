@@ -70,8 +70,8 @@ def test_target_forms_and_errors():
         lora_ext.inject_adapter(tiny_llama(), LoraConfig(target_modules=["nope"]))
     with pytest.raises(ValueError, match="already exists"):
         lora_ext.inject_adapter(m, LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(NotImplementedError, match="modules_to_save"):
-        lora_ext.inject_adapter(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="modules_to_save=.*matches no module"):
+        lora_ext.inject_adapter(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["nohead"]))
 
 
 def test_rank_and_alpha_patterns():
