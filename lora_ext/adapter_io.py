@@ -141,6 +141,14 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     found: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in save_paths}
     biases: dict[str, torch.Tensor] = {}
+
+    def take_bias(name: str, key: str, t: torch.Tensor) -> None:
+        want = _param_by_name(model, name)
+        if want is None or tuple(want.shape) != tuple(t.shape):
+            problems.append(f"unexpected bias key {key!r}")
+        else:
+            biases[name] = t
+
     for key, t in tensors.items():
         if not t.is_floating_point():
             problems.append(f"{key!r} has dtype {t.dtype}, expected a floating dtype")
@@ -154,12 +162,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
                 orig = module.original_module if isinstance(module, ModulesToSave) else module
                 pname = name[len(owner) + 1:]
                 if config.bias == "all" and pname.startswith("original_module."):
-                    # PEFT's bias="all" also saves the original module's biases under this name
-                    want = _param_by_name(model, name)
-                    if want is None or tuple(want.shape) != tuple(t.shape):
-                        problems.append(f"unexpected bias key {key!r}")
-                    else:
-                        biases[name] = t
+                    take_bias(name, key, t)  # PEFT's bias="all" also saves the original module's biases
                     continue
                 if pname.startswith("modules_to_save."):  # PEFT's bias="all" duplicate of the copy's bias
                     pname = pname[len("modules_to_save."):]
@@ -171,11 +174,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
                     saved[owner][pname] = t
                 continue
             if config.bias != "none" and name.endswith("bias"):
-                want = _param_by_name(model, name)
-                if want is None or tuple(want.shape) != tuple(t.shape):
-                    problems.append(f"unexpected bias key {key!r}")
-                else:
-                    biases[name] = t
+                take_bias(name, key, t)
                 continue
         if name is None or suffix is None:
             problems.append(f"unexpected key {key!r}")
