@@ -94,3 +94,28 @@ def test_modules_to_save_and_bias_round_trip_both_ways(bias, tmp_path):
             torch.testing.assert_close(run(model, ids), run(base, ids))
     plain = lora_ext.unload(model)
     assert not any(type(m).__name__ == "ModulesToSave" for m in plain.modules())
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_matches_peft(kind, tmp_path):
+    from models import LLAMA_TARGETS, tiny_llama
+
+    base = tiny_llama()
+    ids = llama_inputs()
+    r2 = 4 if kind == "linear" else 2
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                                   init_lora_weights=False), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=r2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, str(tmp_path / "a"), adapter_name="a")  # non-default names live in subfolders
+    lora_ext.load_adapter(ours, str(tmp_path / "b"), adapter_name="b")
+    pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type=kind)
+    lora_ext.add_weighted_adapter(ours, ["a", "b"], [0.7, -0.4], "mix", combination_type=kind)
+    pm.set_adapter("mix")
+    lora_ext.set_adapter(ours, "mix")
+    torch.testing.assert_close(run(ours, ids), run(pm, ids), atol=1e-4, rtol=1e-4)
+    assert lora_ext.model.adapter_configs(ours)["mix"].r == {"linear": 4, "cat": 6, "svd": 4}[kind]
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lora_ext.add_weighted_adapter(ours, ["zzz"], [1.0], "mix2")
