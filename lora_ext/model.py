@@ -78,12 +78,14 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
         if layer is not module:
+            layer.train(module.training)  # keep the model's train/eval mode
             _set_submodule(model, path, layer)
     for path in save_paths:
         module = model.get_submodule(path)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         if wrapper is not module:
+            wrapper.train(module.training)
             _set_submodule(model, path, wrapper)
     configs = dict(configs)
     configs[adapter_name] = config

@@ -51,6 +51,7 @@ def test_inject_targets_freezes_and_counts():
     names = [n for n, _ in lora_ext.lora_layers(model)]
     assert len(names) == 2 * 7 and all(n.split(".")[-1] in LLAMA_TARGETS for n in names)
     torch.testing.assert_close(logits(model, ids), ref)  # B = 0 at init
+    assert not any(m.training for m in model.modules())  # injected layers keep the model's eval mode
     trainable, total = lora_ext.trainable_parameters(model)
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
