@@ -16,7 +16,8 @@ SHAPES = [
     ((65,), 40, 70, 8),
     ((300,), 300, 257, 16),  # enough rows to span several internal chunks in half precision
 ]
-ADAPTER = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+ADAPTER = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                      (torch.float16, torch.bfloat16)]
 
 
 def _run(x, w, b, a, bb, scale, **kw):

@@ -64,10 +64,12 @@ void check_adapter(
   TORCH_CHECK(
       lora_B.scalar_type() == at_, "lora_ext::", op, ": expected lora_A and lora_B of the same dtype, got ",
       at_, " and ", lora_B.scalar_type());
+  // A half/bf16 base takes a float32 adapter (PEFT's default) or a half/bf16 one;
+  // the LoRA branch then accumulates in float32.
   TORCH_CHECK(
-      at_ == bt || (at_ == at::kFloat && is_half_like(bt)), "lora_ext::", op,
+      at_ == bt || (is_half_like(bt) && (at_ == at::kFloat || is_half_like(at_))), "lora_ext::", op,
       ": expected lora_A/lora_B of dtype ", bt, " (the ", base_name, "'s dtype)",
-      (is_half_like(bt) ? " or float32" : ""), ", got ", at_);
+      (is_half_like(bt) ? ", float32, bfloat16 or float16" : ""), ", got ", at_);
   TORCH_CHECK_VALUE(std::isfinite(scale), "lora_ext::", op, ": expected a finite scale, got ", scale);
 }
 
