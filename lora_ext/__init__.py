@@ -37,6 +37,11 @@ from .model import (
 
 __version__ = _C.build_info()["version"]
 
+import os as _os
+
+#: The folder to add to CMAKE_PREFIX_PATH for ``find_package(LoraExt)`` (like torch.utils.cmake_prefix_path).
+cmake_prefix_path: str = _os.path.join(_os.path.dirname(_C.__file__), "share", "cmake")
+
 
 def build_info() -> dict:
     """How the compiled library was built (version, torch version, CUDA, compiler, flags)."""
@@ -44,7 +49,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "LoraConfig", "LoraLayer", "LoraLinear", "ops", "build_info", "__version__",
+    "cmake_prefix_path", "LoraConfig", "LoraLayer", "LoraLinear", "ops", "build_info", "__version__",
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
     "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter",
