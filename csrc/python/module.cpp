@@ -2,6 +2,7 @@
 // static initialisers register every lora_ext op with the dispatcher. It holds
 // what is not an op (build information; later the C++ adapter reader).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <torch/extension.h>
 
@@ -27,4 +28,48 @@ PYBIND11_MODULE(_C, m) {
       },
       "How the compiled library was built: package version, torch version compiled against, "
       "whether CUDA kernels were compiled, compiler and flags.");
+
+  m.def(
+      "read_safetensors",
+      [](const std::string& path) {
+        auto f = lora_ext::read_safetensors(path);
+        py::dict d;
+        for (auto& [k, t] : f.tensors) d[py::str(k)] = t;
+        return d;
+      },
+      py::arg("path"),
+      "Read a .safetensors file with the C++ reader (validates everything; raises RuntimeError naming "
+      "the problem). Returns {name: tensor}.");
+  m.def(
+      "read_safetensors_metadata",
+      [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),
+      "The __metadata__ of a .safetensors file, read by the C++ reader.");
+  m.def(
+      "load_adapter_config",
+      [](const std::string& path) {
+        const auto c = lora_ext::load_adapter_config(path);
+        py::dict d;
+        d["r"] = c.r;
+        d["lora_alpha"] = c.lora_alpha;
+        d["use_rslora"] = c.use_rslora;
+        d["fan_in_fan_out"] = c.fan_in_fan_out;
+        d["rank_pattern"] = c.rank_pattern;
+        d["alpha_pattern"] = c.alpha_pattern;
+        if (c.target_modules_regex) {
+          d["target_modules"] = *c.target_modules_regex;
+        } else {
+          d["target_modules"] = c.target_modules;
+        }
+        d["modules_to_save"] = c.modules_to_save;
+        return d;
+      },
+      py::arg("path"),
+      "Read adapter_config.json (a file or its folder) with the C++ reader: the fields that decide what the "
+      "adapter computes.");
+  m.def(
+      "adapter_scaling",
+      [](const std::string& path, const std::string& module_path) {
+        return lora_ext::load_adapter_config(path).scaling_for(module_path);
+      },
+      py::arg("path"), py::arg("module_path"), "The C++ reader's scaling for one module path (PEFT's rules).");
 }

@@ -1,0 +1,100 @@
+#include <lora_ext/adapter.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+
+#include <lora_ext/safetensors.h>
+
+namespace lora_ext {
+
+namespace {
+
+template <typename V>
+const V* pattern_value(const std::map<std::string, V>& patterns, const std::string& key) {
+  for (const auto& [p, v] : patterns) {
+    if (std::regex_match(key, std::regex("(.*\\.)?(" + p + ")"))) return &v;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+int64_t AdapterConfig::rank_for(const std::string& module_path) const {
+  const auto* v = pattern_value(rank_pattern, module_path);
+  return v ? *v : r;
+}
+
+double AdapterConfig::alpha_for(const std::string& module_path) const {
+  const auto* v = pattern_value(alpha_pattern, module_path);
+  return v ? *v : lora_alpha;
+}
+
+double AdapterConfig::scaling_for(const std::string& module_path) const {
+  const double rank = static_cast<double>(rank_for(module_path));
+  const double alpha = alpha_for(module_path);
+  return use_rslora ? alpha / std::sqrt(rank) : alpha / rank;
+}
+
+AdapterConfig load_adapter_config(const std::string& path) {
+  namespace fs = std::filesystem;
+  const std::string file = fs::is_directory(path) ? (fs::path(path) / "adapter_config.json").string() : path;
+  const std::string where = "lora_ext::load_adapter_config: " + file + ": ";
+  std::ifstream in(file);
+  TORCH_CHECK(in.good(), where, "cannot open the file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  AdapterConfig c;
+  c.json = ss.str();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(c.json);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, where, "not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(j.is_object(), where, "expected a JSON object");
+  try {
+    if (j.contains("peft_type") && !j["peft_type"].is_null()) {
+      TORCH_CHECK(j["peft_type"] == "LORA", where, "expected peft_type \"LORA\", got ", j["peft_type"].dump());
+    }
+    for (const char* k : {"use_dora", "lora_bias", "use_qalora"}) {
+      TORCH_CHECK(!j.contains(k) || j[k].is_null() || j[k] == false, where, k,
+                  " is set: lora_ext does not implement it and would compute something else");
+    }
+    if (j.contains("r")) c.r = j["r"].get<int64_t>();
+    TORCH_CHECK(c.r >= 1, where, "expected r >= 1, got ", c.r);
+    if (j.contains("lora_alpha")) c.lora_alpha = j["lora_alpha"].get<double>();
+    if (j.contains("use_rslora") && !j["use_rslora"].is_null()) c.use_rslora = j["use_rslora"].get<bool>();
+    if (j.contains("fan_in_fan_out") && !j["fan_in_fan_out"].is_null()) c.fan_in_fan_out = j["fan_in_fan_out"].get<bool>();
+    if (j.contains("rank_pattern") && !j["rank_pattern"].is_null())
+      c.rank_pattern = j["rank_pattern"].get<std::map<std::string, int64_t>>();
+    if (j.contains("alpha_pattern") && !j["alpha_pattern"].is_null())
+      c.alpha_pattern = j["alpha_pattern"].get<std::map<std::string, double>>();
+    if (j.contains("target_modules") && !j["target_modules"].is_null()) {
+      if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
+      else c.target_modules = j["target_modules"].get<std::vector<std::string>>();
+    }
+    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
+      c.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, where, "a field has the wrong type: ", e.what());
+  }
+  return c;
+}
+
+Adapter load_adapter(const std::string& dir) {
+  namespace fs = std::filesystem;
+  Adapter a;
+  a.config = load_adapter_config(dir);
+  const auto st = fs::path(dir) / "adapter_model.safetensors";
+  TORCH_CHECK(fs::exists(st), "lora_ext::load_adapter: ", dir, ": no adapter_model.safetensors");
+  a.tensors = read_safetensors(st.string()).tensors;
+  return a;
+}
+
+}  // namespace lora_ext

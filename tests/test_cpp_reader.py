@@ -1,0 +1,137 @@
+"""The C++ safetensors / adapter_config.json readers (through lora_ext._C) against the Python
+safetensors library and PEFT, and on malformed files: clear errors, never a crash."""
+import json
+import os
+import struct
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora_ext
+from lora_ext import LoraConfig
+from models import LLAMA_TARGETS, tiny_llama
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def test_every_dtype_empty_tensors_and_metadata(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dt in enumerate(DTYPES):
+        t = torch.randn(3, 5, generator=g) * 10
+        tensors[f"t{i}"] = t.to(dt)
+    tensors["empty"] = torch.empty(0, 7)
+    tensors["scalar"] = torch.tensor(3.5)
+    tensors["big"] = torch.randn(300, 257, generator=g)
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path, metadata={"format": "pt", "note": "hello"})
+    ours = lora_ext._C.read_safetensors(path)
+    ref = load_file(path)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
+        # bitwise equality (NaN-safe, any dtype)
+        assert torch.equal(ours[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)), k
+    assert lora_ext._C.read_safetensors_metadata(path) == {"format": "pt", "note": "hello"}
+
+
+def _write(path, header, data=b"", length=None):
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h) if length is None else length) + h + data)
+    return str(path)
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+BAD = {
+    "tiny file": (None, "expected at least 8 bytes"),
+    "header length overflow": ((GOOD, bytes(16), 2**63), "header length"),
+    "header longer than file": ((GOOD, bytes(16), 10**6), "header length"),
+    "bad json": ((b"{not json", bytes(16)), "not valid JSON"),
+    "not an object": (([1, 2], b""), "JSON object"),
+    "unknown dtype": (({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "unknown dtype F33"),
+    "offsets out of range": (({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+                             "outside the data section"),
+    "reversed offsets": (({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}}, bytes(8)), "outside"),
+    "size mismatch": (({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)), "needs 12 bytes"),
+    "overflowing shape": (({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}}, bytes(16)),
+                          "overflowing"),
+    "negative dim": (({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "non-negative"),
+    "missing field": (({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)), "data_offsets"),
+    "overlap": (({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlap"),
+    "bad metadata": (({"__metadata__": {"x": 1}}, b""), "__metadata__"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_files_raise_clear_errors(tmp_path, case):
+    spec, match = BAD[case]
+    path = str(tmp_path / "bad.safetensors")
+    if spec is None:
+        with open(path, "wb") as f:
+            f.write(b"\x01\x02")
+    else:
+        _write(path, *spec)
+    with pytest.raises(RuntimeError, match=f"lora_ext::read_safetensors: .*bad.safetensors: .*{match}"):
+        lora_ext._C.read_safetensors(path)
+
+
+def test_truncated_real_file(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    save_file({"a": torch.randn(100)}, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10])
+    with pytest.raises(RuntimeError, match="outside the data section"):
+        lora_ext._C.read_safetensors(path)
+    with pytest.raises(RuntimeError, match="cannot open"):
+        lora_ext._C.read_safetensors(str(tmp_path / "missing.safetensors"))
+
+
+def test_adapter_config_reader_matches_python_and_peft(tmp_path):
+    model = tiny_llama()
+    pm = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
+        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}, modules_to_save=["lm_head"]))
+    pm.save_pretrained(str(tmp_path))
+    c = lora_ext._C.load_adapter_config(str(tmp_path))
+    assert c["r"] == 4 and c["lora_alpha"] == 16 and c["use_rslora"] and not c["fan_in_fan_out"]
+    assert c["rank_pattern"] == {"v_proj": 2} and c["alpha_pattern"] == {r"layers\.1\.mlp\.down_proj": 3.0}
+    assert sorted(c["target_modules"]) == sorted(LLAMA_TARGETS) and c["modules_to_save"] == ["lm_head"]
+    # per-module scaling exactly as PEFT computed it
+    for name, m in pm.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            path = name.replace("base_model.model.", "", 1)
+            assert lora_ext._C.adapter_scaling(str(tmp_path), path) == pytest.approx(m.scaling["default"], rel=1e-12)
+    # the tensors the C++ reader sees are PEFT's
+    st = os.path.join(tmp_path, "adapter_model.safetensors")
+    ref = load_file(st)
+    ours = lora_ext._C.read_safetensors(st)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{", "not valid JSON"),
+    ('{"peft_type": "LORA", "use_dora": true}', "use_dora"),
+    ('{"peft_type": "LORA", "r": "eight"}', "wrong type"),
+    ('{"peft_type": "IA3"}', "peft_type"),
+    ('{"r": 0}', "r >= 1"),
+])
+def test_adapter_config_errors(tmp_path, content, match):
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(RuntimeError, match=f"lora_ext::load_adapter_config: .*{match}"):
+        lora_ext._C.load_adapter_config(str(tmp_path))
+
+
+def test_reads_lora_ext_saved_adapter(tmp_path):
+    model = tiny_llama()
+    lora_ext.inject_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora_ext.save_adapter(model, str(tmp_path))
+    c = lora_ext._C.load_adapter_config(str(tmp_path))
+    assert c["r"] == 2 and c["target_modules"] == ["q_proj"]
+    t = lora_ext._C.read_safetensors(os.path.join(tmp_path, "adapter_model.safetensors"))
+    a, _ = model.get_submodule("model.layers.0.self_attn.q_proj").adapter_weights("default")
+    assert torch.equal(t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], a.detach())
