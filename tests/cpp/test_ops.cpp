@@ -2,6 +2,9 @@
 // checks them against plain ATen float64 computations. Prints "ALL OK" and
 // exits 0 on success; prints the failed check and exits 1 otherwise.
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <string>
 
@@ -85,6 +88,36 @@ int main() {
     threw = std::string(e.what()).find("lora_ext::lora_linear: expected lora_A") != std::string::npos;
   }
   check(threw, "mismatched lora_A throws c10::Error naming the op");
+
+  // native safetensors reader: a valid file, then a truncated one
+  {
+    const std::string header = R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"__metadata__":{"k":"v"}})";
+    const float vals[4] = {1.f, 2.f, 3.f, 4.f};
+    const auto path = (std::filesystem::temp_directory_path() / "lora_ext_cpp_test.safetensors").string();
+    auto write = [&](size_t data_bytes) {
+      std::ofstream f(path, std::ios::binary);
+      const uint64_t n = header.size();
+      unsigned char len[8];
+      for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+      f.write(reinterpret_cast<const char*>(len), 8);
+      f.write(header.data(), static_cast<std::streamsize>(n));
+      f.write(reinterpret_cast<const char*>(vals), static_cast<std::streamsize>(data_bytes));
+    };
+    write(16);
+    const auto file = lora_ext::read_safetensors(path);
+    const auto& w = file.tensors.at("w");
+    check(w.sizes() == at::IntArrayRef({2, 2}) && w[1][0].item<float>() == 3.f && file.metadata.at("k") == "v",
+          "read_safetensors reads a valid file");
+    write(12);
+    bool threw_trunc = false;
+    try {
+      lora_ext::read_safetensors(path);
+    } catch (const c10::Error& e) {
+      threw_trunc = std::string(e.what()).find("outside the data section") != std::string::npos;
+    }
+    check(threw_trunc, "a truncated file throws c10::Error with a clear message");
+    std::filesystem::remove(path);
+  }
 
   const auto info = lora_ext::build_info();
   check(!info.version.empty() && !info.torch_version.empty(), "build_info");
