@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <torch/extension.h>
+#include <torch/script.h>
 
 #include <lora_ext/lora_ext.h>
 
@@ -66,6 +67,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("path"),
       "Read adapter_config.json (a file or its folder) with the C++ reader: the fields that decide what the "
       "adapter computes.");
+  m.def(
+      "merge_adapter_into_script_file",
+      [](const std::string& model_in, const std::string& adapter_dir, const std::string& model_out, double weight,
+         bool unmerge_after) {
+        auto module = torch::jit::load(model_in);
+        const auto adapter = lora_ext::load_adapter(adapter_dir);
+        lora_ext::merge_adapter(module, adapter, weight);
+        if (unmerge_after) lora_ext::unmerge_adapter(module, adapter, weight);
+        module.save(model_out);
+      },
+      py::arg("model_in"), py::arg("adapter_dir"), py::arg("model_out"), py::arg("weight") = 1.0,
+      py::arg("unmerge_after") = false,
+      "Test hook for the C++ API: load a TorchScript file, lora_ext::merge_adapter the adapter folder into it "
+      "(optionally unmerge again), save it.");
   m.def(
       "adapter_scaling",
       [](const std::string& path, const std::string& module_path) {

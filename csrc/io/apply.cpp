@@ -1,0 +1,137 @@
+#include <lora_ext/apply.h>
+
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <lora_ext/ops.h>
+
+namespace lora_ext {
+
+namespace {
+
+const std::string kPrefix = "base_model.model.";
+const std::vector<std::pair<std::string, std::string>> kPairs = {
+    {".lora_A.weight", ".lora_B.weight"}, {".lora_embedding_A", ".lora_embedding_B"}};
+
+struct Update {
+  at::Tensor target;  // [out, in] view of the parameter
+  at::Tensor A, B;
+  double scale;
+};
+
+// Validates every adapter key against the parameters; returns the updates.
+std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight,
+                         const char* op) {
+  std::vector<Update> out;
+  std::vector<std::string> problems;
+  std::map<std::string, bool> used;
+  for (const auto& [key, t] : adapter.tensors) used[key] = false;
+  for (const auto& [key, t] : adapter.tensors) {
+    for (const auto& [sa, sb] : kPairs) {
+      if (key.size() <= kPrefix.size() + sa.size() || key.compare(0, kPrefix.size(), kPrefix) != 0 ||
+          key.compare(key.size() - sa.size(), sa.size(), sa) != 0) {
+        continue;
+      }
+      const std::string path = key.substr(kPrefix.size(), key.size() - kPrefix.size() - sa.size());
+      const std::string bkey = kPrefix + path + sb;
+      used[key] = true;
+      auto bit = adapter.tensors.find(bkey);
+      if (bit == adapter.tensors.end()) {
+        problems.push_back("missing key " + bkey);
+        continue;
+      }
+      used[bkey] = true;
+      auto pit = params.find(path + ".weight");
+      if (pit == params.end()) {
+        problems.push_back("key " + key + " matches no parameter " + path + ".weight");
+        continue;
+      }
+      const at::Tensor& W = pit->second;
+      const at::Tensor& A = t;
+      const at::Tensor& B = bit->second;
+      const bool embedding = sa == ".lora_embedding_A";
+      at::Tensor target;
+      if (embedding) {
+        target = W.dim() == 2 ? W.t() : W;  // [num, dim] -> [dim, num]
+      } else if (W.dim() == 2 && adapter.config.fan_in_fan_out) {
+        target = W.t();  // GPT-2 Conv1D stores [in, out]
+      } else {
+        target = W.dim() >= 2 ? W.view({W.size(0), -1}) : W;
+      }
+      const at::Tensor A2 = A.dim() >= 2 ? A.reshape({A.size(0), -1}) : A;
+      const at::Tensor B2 = B.dim() >= 2 ? B.reshape({B.size(0), B.size(1)}) : B;
+      if (target.dim() != 2 || A2.dim() != 2 || B2.dim() != 2 || A2.size(1) != target.size(1) ||
+          B2.size(0) != target.size(0) || A2.size(0) != B2.size(1)) {
+        std::ostringstream ss;
+        ss << "shape mismatch at " << path << ": parameter " << W.sizes() << ", A " << A.sizes() << ", B "
+           << B.sizes();
+        problems.push_back(ss.str());
+        continue;
+      }
+      out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * adapter.config.scaling_for(path)});
+    }
+  }
+  for (const auto& [key, u] : used) {
+    if (!u) problems.push_back("unexpected key " + key);
+  }
+  if (!problems.empty()) {
+    std::string msg;
+    for (const auto& p : problems) msg += "\n  " + p;
+    TORCH_CHECK(false, "lora_ext::", op, ": the adapter does not fit the module (nothing was changed):", msg);
+  }
+  return out;
+}
+
+void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight, bool merge,
+           const char* op) {
+  auto updates = plan(std::move(params), adapter, weight, op);
+  torch::NoGradGuard no_grad;
+  for (auto& u : updates) {
+    // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
+    const auto wt = u.target.scalar_type();
+    const bool half = wt == at::kHalf || wt == at::kBFloat16;
+    at::Tensor A = half ? u.A.to(at::kFloat) : u.A.to(wt);
+    at::Tensor B = half ? u.B.to(at::kFloat) : u.B.to(wt);
+    if (merge) {
+      ops::merge_(u.target, A, B, u.scale);
+    } else {
+      ops::unmerge_(u.target, A, B, u.scale);
+    }
+  }
+}
+
+std::map<std::string, at::Tensor> params_of(torch::jit::Module& m) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : m.named_parameters(/*recurse=*/true)) out.emplace(p.name, p.value);
+  for (const auto& b : m.named_buffers(/*recurse=*/true)) out.emplace(b.name, b.value);
+  return out;
+}
+
+std::map<std::string, at::Tensor> params_of(torch::nn::Module& m) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : m.named_parameters(/*recurse=*/true)) out.emplace(p.key(), p.value());
+  return out;
+}
+
+}  // namespace
+
+void merge_adapter(torch::jit::Module& module, const Adapter& adapter, double weight) {
+  apply(params_of(module), adapter, weight, true, "merge_adapter");
+}
+void unmerge_adapter(torch::jit::Module& module, const Adapter& adapter, double weight) {
+  apply(params_of(module), adapter, weight, false, "unmerge_adapter");
+}
+void merge_adapter(torch::nn::Module& module, const Adapter& adapter, double weight) {
+  apply(params_of(module), adapter, weight, true, "merge_adapter");
+}
+void unmerge_adapter(torch::nn::Module& module, const Adapter& adapter, double weight) {
+  apply(params_of(module), adapter, weight, false, "unmerge_adapter");
+}
+
+}  // namespace lora_ext

@@ -1,0 +1,77 @@
+"""lora_ext::merge_adapter / unmerge_adapter (C++, by parameter names) on a TorchScript model,
+through a test hook in lora_ext._C: same weights and outputs as the Python merge_and_unload."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+from lora_ext import LoraConfig
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.l1 = nn.Linear(16, 32)
+        self.l2 = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.l2(torch.relu(self.l1(self.emb(ids))))
+
+
+def _setup(tmp_path):
+    torch.manual_seed(0)
+    base = Net().eval()
+    model = copy.deepcopy(base)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "l1", "l2"], use_rslora=True,
+                     rank_pattern={"l2": 2}, alpha_pattern={"l1": 3}, init_lora_weights=False)
+    lora_ext.inject_adapter(model, cfg)
+    lora_ext.save_adapter(model, str(tmp_path / "adapter"))
+    scripted = str(tmp_path / "base.pt")
+    torch.jit.script(base).save(scripted)
+    return base, model, scripted
+
+
+def test_cpp_merge_matches_python(tmp_path):
+    base, model, scripted = _setup(tmp_path)
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        want = model(ids)
+    out = str(tmp_path / "merged.pt")
+    lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
+    merged = torch.jit.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), want, atol=1e-5, rtol=1e-5)
+    py_merged = lora_ext.merge_and_unload(copy.deepcopy(model)).state_dict()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, py_merged[k], atol=1e-6, rtol=1e-6)
+    # merge then unmerge in C++ gives the base weights back
+    back = str(tmp_path / "back.pt")
+    lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), back, unmerge_after=True)
+    for k, v in torch.jit.load(back).state_dict().items():
+        torch.testing.assert_close(v, base.state_dict()[k], atol=1e-6, rtol=1e-6)
+
+
+def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
+    _, _, scripted = _setup(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    st = tmp_path / "adapter" / "adapter_model.safetensors"
+    t = load_file(str(st))
+    t["base_model.model.nothing.lora_A.weight"] = torch.zeros(4, 16)
+    t["base_model.model.nothing.lora_B.weight"] = torch.zeros(8, 4)
+    save_file(t, str(st))
+    out = str(tmp_path / "never.pt")
+    with pytest.raises(RuntimeError, match="(?s)lora_ext::merge_adapter: .*nothing was changed.*matches no parameter nothing.weight"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
+    assert not os.path.exists(out)
+    t = load_file(str(st))
+    del t["base_model.model.nothing.lora_A.weight"], t["base_model.model.nothing.lora_B.weight"]
+    t["base_model.model.l1.lora_A.weight"] = torch.zeros(4, 15)
+    save_file(t, str(st))
+    with pytest.raises(RuntimeError, match="(?s)lora_ext::merge_adapter: .*shape mismatch at l1"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
