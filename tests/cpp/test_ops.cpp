@@ -119,6 +119,33 @@ int main() {
     std::filesystem::remove(path);
   }
 
+  // lora_ext::nn::LoraLinear: adapters by name, switchable, trainable
+  {
+    lora_ext::nn::LoraLinear layer(w.clone(), b.clone());
+    layer->add_adapter("one", A.clone(), B.clone(), s);
+    layer->add_adapter("two", A.clone() * 2, B.clone(), 0.5);
+    check(layer->active_adapter() == std::optional<std::string>("one"), "first adapter is active");
+    check(close(layer->forward(x), y, 1e-12), "nn::LoraLinear forward == ops::lora_linear");
+    layer->set_adapter("two");
+    check(close(layer->forward(x), lora_ext::ops::lora_linear(x, w, b, A * 2, B, 0.5), 1e-12), "set_adapter");
+    layer->set_adapter(std::nullopt);
+    check(close(layer->forward(x), at::linear(x, w, b), 1e-12), "no adapter: the base linear");
+    layer->set_adapter("one");
+    layer->forward(x).sum().backward();
+    const auto params = layer->named_parameters();
+    check(params["lora_A_one"].grad().defined() && !params["weight"].grad().defined(),
+          "training reaches the adapter, not the frozen weight");
+    bool threw_nn = false;
+    try {
+      layer->add_adapter("bad", A.narrow(1, 0, 3), B, s);
+    } catch (const c10::Error& e) {
+      threw_nn = std::string(e.what()).find("lora_ext::lora_linear: expected lora_A") != std::string::npos;
+    }
+    check(threw_nn, "nn::LoraLinear refuses a mismatched adapter");
+    layer->delete_adapter("two");
+    check(layer->adapters() == std::vector<std::string>{"one"}, "delete_adapter");
+  }
+
   const auto info = lora_ext::build_info();
   check(!info.version.empty() && !info.torch_version.empty(), "build_info");
 

@@ -3,5 +3,6 @@
 #include <lora_ext/adapter.h>
 #include <lora_ext/apply.h>
 #include <lora_ext/build_info.h>
+#include <lora_ext/nn.h>
 #include <lora_ext/ops.h>
 #include <lora_ext/safetensors.h>
