@@ -16,13 +16,6 @@ def make_mlp(d_in=64, d_hidden=256, d_out=16):
                          nn.Linear(d_hidden, d_out))
 
 
-def inject_lora(model: nn.Sequential, r: int, alpha: float, dropout: float) -> None:
-    """Replace every nn.Linear of the Sequential by a LoraLinear wrapping it (no copy)."""
-    for i, m in enumerate(model):
-        if isinstance(m, nn.Linear):
-            model[i] = lora_ext.LoraLinear(m, r=r, lora_alpha=alpha, lora_dropout=dropout)
-
-
 def main():
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -37,9 +30,10 @@ def main():
     with torch.no_grad():
         target_val = model(x_val) + x_val @ shift.T
 
-    inject_lora(model, r=8, alpha=16, dropout=0.05)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # every nn.Linear becomes a LoraLinear wrapping it (no copy); everything else is frozen
+    lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                       target_modules="all-linear"))
+    trainable, total = lora_ext.trainable_parameters(model)
 
     def val_loss():
         model.eval()
@@ -64,9 +58,7 @@ def main():
     with torch.no_grad():
         y_unmerged = model(x_val)
         t0 = time.perf_counter()
-        for m in model:
-            if isinstance(m, lora_ext.LoraLinear):
-                m.merge()
+        lora_ext.merge(model)
         merge_ms = (time.perf_counter() - t0) * 1e3
         y_merged = model(x_val)
     max_diff = (y_merged - y_unmerged).abs().max().item()

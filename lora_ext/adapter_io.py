@@ -121,10 +121,9 @@ def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dic
     return config, tensors
 
 
-def _param_by_name(model: nn.Module, name: str):
-    """A parameter by its name in an injected (``...base_layer.bias``, ``...original_module.bias``)
-    or plain model."""
-    params = dict(model.named_parameters())
+def _param_by_name(params: dict[str, torch.Tensor], name: str):
+    """A parameter (from ``dict(model.named_parameters())``) by its name in an injected
+    (``...base_layer.bias``, ``...original_module.bias``) or plain model."""
     for candidate in (name, name.replace(".base_layer.", "."), name.replace(".original_module.", ".")):
         if candidate in params:
             return params[candidate]
@@ -141,9 +140,10 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     found: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in save_paths}
     biases: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
 
     def take_bias(name: str, key: str, t: torch.Tensor) -> None:
-        want = _param_by_name(model, name)
+        want = _param_by_name(params, name)
         if want is None or tuple(want.shape) != tuple(t.shape):
             problems.append(f"unexpected bias key {key!r}")
         else:
@@ -244,12 +244,13 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
             wa, wb = model.get_submodule(p).adapter_weights(adapter_name)
             wa.copy_(a)
             wb.copy_(b)
-        for owner, params in saved.items():
+        for owner, owned in saved.items():
             copy_ = dict(model.get_submodule(owner).modules_to_save[adapter_name].named_parameters())
-            for pname, t in params.items():
+            for pname, t in owned.items():
                 copy_[pname].copy_(t)
+        params = dict(model.named_parameters())
         for name, t in biases.items():
-            _param_by_name(model, name).copy_(t)
+            _param_by_name(params, name).copy_(t)
     if not is_trainable:
         for _, layer in lora_layers(model):
             if layer.has_adapter(adapter_name):
@@ -260,5 +261,5 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
                 for p in wrapper.modules_to_save[adapter_name].parameters():
                     p.requires_grad_(False)
         for name in biases:
-            _param_by_name(model, name).requires_grad_(False)
+            _param_by_name(params, name).requires_grad_(False)
     return model

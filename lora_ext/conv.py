@@ -42,14 +42,11 @@ class LoraConv(LoraLayer):
         return w.view(w.shape[0], -1), a.view(a.shape[0], -1), b.view(b.shape[0], b.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        names = self._adapters_for_forward()
         y = self.base_layer(x)
-        if self.disable_adapters or self.merged:
-            return y
         conv = F.conv1d if isinstance(self.base_layer, nn.Conv1d) else F.conv2d
         base = self.base_layer
-        for name in self._active_adapters:
+        for name in names:
             a, b = self.adapter_weights(name)
             xd = F.dropout(x, self.lora_dropout[name], self.training).to(a.dtype)
             h = conv(xd, a, None, base.stride, base.padding)

@@ -51,12 +51,8 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
         y = self.base_layer(x)
-        if self.disable_adapters or self.merged:
-            return y
-        for name in self._active_adapters:
+        for name in self._adapters_for_forward():
             a, b = self.adapter_weights(name)
             y = y + ((self._embed(x, a.t()) @ b.t()) * self.scaling[name]).to(y.dtype)
         return y

@@ -34,7 +34,3 @@ class LoraGPT2Conv1D(LoraLinear):
 
     def _base_weight(self) -> torch.Tensor:
         return self.base_layer.weight.t()  # [out, in] view
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight

@@ -214,6 +214,15 @@ class LoraLayer(nn.Module):
         if not self._active_adapters and self.adapter_names:
             self._active_adapters = [self.adapter_names[0]]
 
+    def _adapters_for_forward(self) -> list[str]:
+        """The adapters whose terms forward adds to the base output: none when adapters are
+        disabled (merged ones are unmerged first) or merged into the weight."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        return [] if self.merged else list(self._active_adapters)
+
     # -- merging --------------------------------------------------------------------------
     @property
     def merged(self) -> bool:

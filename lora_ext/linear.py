@@ -50,13 +50,10 @@ class LoraLinear(LoraLayer):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        names = self._adapters_for_forward()
+        if not names:
             return self.base_layer(x)
-        if self.merged or not self._active_adapters:
-            return self.base_layer(x)
-        first, *rest = self._active_adapters
+        first, *rest = names
         a, b = self.adapter_weights(first)
         y = ops.lora_linear(
             x,

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import LoraLayer
+from .modules_to_save import ModulesToSave
 from .registry import is_linear_like, layer_type_for
 
 
@@ -40,7 +41,7 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
-        if type(module).__name__ == "ModulesToSave":  # whole-module copies are not LoRA targets
+        if isinstance(module, ModulesToSave):  # whole-module copies are not LoRA targets
             skip.append(name + ".")
             continue
         if isinstance(module, LoraLayer):
