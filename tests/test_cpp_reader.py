@@ -38,6 +38,52 @@ def test_every_dtype_empty_tensors_and_metadata(tmp_path):
     assert lora_ext._C.read_safetensors_metadata(path) == {"format": "pt", "note": "hello"}
 
 
+def test_cpp_writer_round_trips_with_safetensors_library(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": (torch.randn(4, 3, generator=g) * 10).to(dt) for i, dt in enumerate(DTYPES)}
+    tensors["empty"] = torch.empty(0, 7)
+    tensors["scalar"] = torch.tensor(-2.25, dtype=torch.float64)
+    tensors["strided"] = torch.randn(6, 8, generator=g)[::2, 1::3]  # non-contiguous view
+    tensors["big"] = torch.randn(300, 257, generator=g, dtype=torch.bfloat16)
+    path = str(tmp_path / "out.safetensors")
+    lora_ext._C.write_safetensors(path, tensors, {"format": "pt", "who": "c++"})
+    ref = load_file(path)  # the safetensors library accepts the file ...
+    ours = lora_ext._C.read_safetensors(path)  # ... and so does our reader
+    assert ref.keys() == ours.keys() == tensors.keys()
+    for k, t in tensors.items():
+        for got in (ref[k], ours[k]):
+            assert got.dtype == t.dtype and got.shape == t.shape, k
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), k
+    assert lora_ext._C.read_safetensors_metadata(path) == {"format": "pt", "who": "c++"}
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    assert n % 8 == 0
+    # overwriting is atomic: no temporary file is left behind
+    lora_ext._C.write_safetensors(path, {"x": torch.ones(2)})
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+    assert load_file(path).keys() == {"x"}
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"c": torch.ones(2, dtype=torch.complex64)}, "unsupported dtype"),
+    ({"": torch.ones(2)}, "non-empty tensor name"),
+    ({"__metadata__": torch.ones(2)}, "non-empty tensor name"),
+    ({"s": torch.ones(2).to_sparse()}, "dense"),
+])
+def test_cpp_writer_rejects_bad_input_and_keeps_existing_file(tmp_path, tensors, match):
+    path = str(tmp_path / "keep.safetensors")
+    save_file({"old": torch.arange(3.0)}, path)
+    with pytest.raises(RuntimeError, match=match):
+        lora_ext._C.write_safetensors(path, tensors)
+    assert torch.equal(load_file(path)["old"], torch.arange(3.0))
+    assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+def test_cpp_writer_unwritable_folder(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot open"):
+        lora_ext._C.write_safetensors(str(tmp_path / "missing" / "x.safetensors"), {"x": torch.ones(1)})
+
+
 def _write(path, header, data=b"", length=None):
     h = header if isinstance(header, bytes) else json.dumps(header).encode()
     with open(path, "wb") as f:

@@ -4,7 +4,9 @@
 #include <bit>
 #include <map>
 #include <optional>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <vector>
@@ -28,6 +30,17 @@ std::optional<at::ScalarType> dtype_of(const std::string& s) {
       {"U8", at::kByte},    {"BOOL", at::kBool}, {"F8_E4M3", at::kFloat8_e4m3fn}, {"F8_E5M2", at::kFloat8_e5m2},
   };
   auto it = m.find(s);
+  if (it == m.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<std::string> name_of(at::ScalarType t) {
+  static const std::map<at::ScalarType, std::string> m = {
+      {at::kDouble, "F64"}, {at::kFloat, "F32"}, {at::kHalf, "F16"}, {at::kBFloat16, "BF16"},
+      {at::kLong, "I64"},   {at::kInt, "I32"},   {at::kShort, "I16"}, {at::kChar, "I8"},
+      {at::kByte, "U8"},    {at::kBool, "BOOL"}, {at::kFloat8_e4m3fn, "F8_E4M3"}, {at::kFloat8_e5m2, "F8_E5M2"},
+  };
+  auto it = m.find(t);
   if (it == m.end()) return std::nullopt;
   return it->second;
 }
@@ -136,6 +149,57 @@ SafetensorsFile read_safetensors(const std::string& path) {
     out.tensors.emplace(e.name, std::move(t));
   }
   return out;
+}
+
+void write_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const std::string where = "lora_ext::write_safetensors: " + path + ": ";
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK(!name.empty() && name != "__metadata__", where, "expected a non-empty tensor name other than "
+                "__metadata__, got \"", name, "\"");
+    TORCH_CHECK(t.defined(), where, "tensor \"", name, "\" is undefined");
+    const auto dt = name_of(t.scalar_type());
+    TORCH_CHECK(dt.has_value(), where, "tensor \"", name, "\": unsupported dtype ", t.scalar_type(),
+                " (expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2)");
+    TORCH_CHECK(t.layout() == at::kStrided && !t.is_complex(), where, "tensor \"", name,
+                "\": expected a dense (strided) tensor, got layout ", t.layout());
+    const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+    header[name] = {{"dtype", *dt}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // the safetensors library pads the header to 8 bytes with spaces
+  const std::filesystem::path target(path);
+  const std::filesystem::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    TORCH_CHECK(f.good(), where, "cannot open ", tmp.string(), " for writing");
+    unsigned char len_bytes[8];
+    uint64_t n = h.size();
+    for (int i = 0; i < 8; ++i, n >>= 8) len_bytes[i] = static_cast<unsigned char>(n & 0xff);
+    f.write(reinterpret_cast<const char*>(len_bytes), 8);
+    f.write(h.data(), static_cast<std::streamsize>(h.size()));
+    for (const auto& [name, t] : tensors) {
+      if (t.numel() == 0) continue;
+      const at::Tensor c = t.detach().to(at::kCPU).contiguous();
+      f.write(static_cast<const char*>(c.const_data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
+    }
+    f.flush();
+    if (!f.good()) {
+      f.close();
+      std::remove(tmp.c_str());
+      TORCH_CHECK(false, where, "writing ", tmp.string(), " failed");
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, target, ec);
+  if (ec) {
+    std::remove(tmp.c_str());
+    TORCH_CHECK(false, where, "could not rename ", tmp.string(), " to the target: ", ec.message());
+  }
 }
 
 }  // namespace lora_ext

@@ -42,6 +42,16 @@ PYBIND11_MODULE(_C, m) {
       "Read a .safetensors file with the C++ reader (validates everything; raises RuntimeError naming "
       "the problem). Returns {name: tensor}.");
   m.def(
+      "write_safetensors",
+      [](const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+         const std::map<std::string, std::string>& metadata) {
+        py::gil_scoped_release nogil;
+        lora_ext::write_safetensors(path, tensors, metadata);
+      },
+      py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
+      "Write {name: tensor} (and string metadata) as a .safetensors file with the C++ writer "
+      "(atomic: temporary file + rename).");
+  m.def(
       "read_safetensors_metadata",
       [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),
       "The __metadata__ of a .safetensors file, read by the C++ reader.");

@@ -23,4 +23,14 @@ struct SafetensorsFile {
 // whose message names the file and the problem.
 LORA_EXT_API SafetensorsFile read_safetensors(const std::string& path);
 
+// Writes tensors (any device, layout or strides; copied to contiguous CPU
+// memory one at a time) and optional metadata as a .safetensors file that the
+// safetensors library and read_safetensors read back. Tensors are laid out in
+// name order, 8-byte aligned header as the safetensors library writes it. The
+// file is written to a temporary name in the same folder and renamed over
+// `path`, so an existing file is never left half-written. Throws c10::Error on
+// an unsupported dtype, an empty name, or an I/O failure.
+LORA_EXT_API void write_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                                    const std::map<std::string, std::string>& metadata = {});
+
 }  // namespace lora_ext
