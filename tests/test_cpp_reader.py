@@ -159,8 +159,32 @@ def test_adapter_config_reader_matches_python_and_peft(tmp_path):
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
+@pytest.mark.parametrize("q_first", [True, False])
+def test_overlapping_patterns_first_in_file_order_wins_like_peft(tmp_path, q_first):
+    # both patterns match layers.0's q_proj (and layers.1's v_proj); PEFT takes the first in the
+    # order of the loaded file (PEFT itself writes sorted keys; hand-written files may not be)
+    rank = [("q_proj", 2), (r"layers\.0\.self_attn\.q_proj", 6)]
+    alpha = [("v_proj", 3), (r"layers\.1\.self_attn\.v_proj", 9)]
+    if not q_first:
+        rank, alpha = rank[::-1], alpha[::-1]
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+           "rank_pattern": dict(rank), "alpha_pattern": dict(alpha)}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    c = lora_ext._C.load_adapter_config(str(tmp_path))
+    assert list(c["rank_pattern"]) == [k for k, _ in rank] and list(c["alpha_pattern"]) == [k for k, _ in alpha]
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig.from_pretrained(str(tmp_path)))
+    seen = set()
+    for name, m in pm.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            path = name.replace("base_model.model.", "", 1)
+            seen.add(lora_ext._C.adapter_scaling(str(tmp_path), path))
+            assert lora_ext._C.adapter_scaling(str(tmp_path), path) == pytest.approx(m.scaling["default"], rel=1e-12)
+    assert len(seen) == (2 if q_first else 4)  # the order decides: 4.0, 0.75 vs. 8/6, 4.0, 0.75, 2.25
+
+
 @pytest.mark.parametrize("content,match", [
     ("{", "not valid JSON"),
+    ('{"rank_pattern": [1]}', "wrong type"),
     ('{"peft_type": "LORA", "use_dora": true}', "use_dora"),
     ('{"peft_type": "LORA", "r": "eight"}', "wrong type"),
     ('{"peft_type": "IA3"}', "peft_type"),

@@ -16,11 +16,20 @@ namespace lora_ext {
 namespace {
 
 template <typename V>
-const V* pattern_value(const std::map<std::string, V>& patterns, const std::string& key) {
+const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns, const std::string& key) {
   for (const auto& [p, v] : patterns) {
     if (std::regex_match(key, std::regex("(.*\\.)?(" + p + ")"))) return &v;
   }
   return nullptr;
+}
+
+template <typename V>
+std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj) {
+  if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected a pattern object, got " +
+                                                                        std::string(obj.type_name()), &obj);
+  std::vector<std::pair<std::string, V>> out;
+  for (auto it = obj.begin(); it != obj.end(); ++it) out.emplace_back(it.key(), it.value().template get<V>());
+  return out;
 }
 
 }  // namespace
@@ -51,10 +60,10 @@ AdapterConfig load_adapter_config(const std::string& path) {
   ss << in.rdbuf();
   AdapterConfig c;
   c.json = ss.str();
-  nlohmann::json j;
+  nlohmann::ordered_json j;  // keeps the patterns' order, which decides which one applies
   try {
-    j = nlohmann::json::parse(c.json);
-  } catch (const nlohmann::json::exception& e) {
+    j = nlohmann::ordered_json::parse(c.json);
+  } catch (const nlohmann::ordered_json::exception& e) {
     TORCH_CHECK(false, where, "not valid JSON: ", e.what());
   }
   TORCH_CHECK(j.is_object(), where, "expected a JSON object");
@@ -72,9 +81,9 @@ AdapterConfig load_adapter_config(const std::string& path) {
     if (j.contains("use_rslora") && !j["use_rslora"].is_null()) c.use_rslora = j["use_rslora"].get<bool>();
     if (j.contains("fan_in_fan_out") && !j["fan_in_fan_out"].is_null()) c.fan_in_fan_out = j["fan_in_fan_out"].get<bool>();
     if (j.contains("rank_pattern") && !j["rank_pattern"].is_null())
-      c.rank_pattern = j["rank_pattern"].get<std::map<std::string, int64_t>>();
+      c.rank_pattern = pattern_items<int64_t>(j["rank_pattern"]);
     if (j.contains("alpha_pattern") && !j["alpha_pattern"].is_null())
-      c.alpha_pattern = j["alpha_pattern"].get<std::map<std::string, double>>();
+      c.alpha_pattern = pattern_items<double>(j["alpha_pattern"]);
     if (j.contains("target_modules") && !j["target_modules"].is_null()) {
       if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
       else c.target_modules = j["target_modules"].get<std::vector<std::string>>();

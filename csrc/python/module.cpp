@@ -64,8 +64,11 @@ PYBIND11_MODULE(_C, m) {
         d["lora_alpha"] = c.lora_alpha;
         d["use_rslora"] = c.use_rslora;
         d["fan_in_fan_out"] = c.fan_in_fan_out;
-        d["rank_pattern"] = c.rank_pattern;
-        d["alpha_pattern"] = c.alpha_pattern;
+        py::dict rp, ap;  // in the file's order
+        for (const auto& [k, v] : c.rank_pattern) rp[py::str(k)] = v;
+        for (const auto& [k, v] : c.alpha_pattern) ap[py::str(k)] = v;
+        d["rank_pattern"] = rp;
+        d["alpha_pattern"] = ap;
         if (c.target_modules_regex) {
           d["target_modules"] = *c.target_modules_regex;
         } else {

@@ -3,6 +3,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -17,8 +18,9 @@ struct LORA_EXT_API AdapterConfig {
   double lora_alpha = 8;
   bool use_rslora = false;
   bool fan_in_fan_out = false;
-  std::map<std::string, int64_t> rank_pattern;   // regex -> r
-  std::map<std::string, double> alpha_pattern;   // regex -> alpha
+  // regex -> r / alpha, in the file's order: like PEFT, the first pattern that matches wins
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
   std::vector<std::string> target_modules;       // names (exact or ".suffix" match) ...
   std::optional<std::string> target_modules_regex;  // ... or one regex (re.fullmatch)
   std::vector<std::string> modules_to_save;
