@@ -75,3 +75,14 @@ def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
     save_file(t, str(st))
     with pytest.raises(RuntimeError, match="(?s)lora_ext::merge_adapter: .*shape mismatch at l1"):
         lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
+    # a lone A without its B, and a key that is no LoRA weight: both listed, nothing changed
+    t = load_file(str(st))
+    del t["base_model.model.l1.lora_A.weight"]
+    t["base_model.model.l1.bias"] = torch.zeros(8)
+    save_file(t, str(st))
+    with pytest.raises(RuntimeError, match="(?s)^lora_ext::merge_adapter: .*nothing was changed") as e:
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
+    msg = str(e.value)
+    assert "missing key base_model.model.l1.lora_A.weight" in msg and "unexpected key base_model.model.l1.bias" in msg
+    assert "frame #" not in msg  # no C++ backtrace in the Python error
+    assert not os.path.exists(out)

@@ -106,4 +106,40 @@ Adapter load_adapter(const std::string& dir) {
   return a;
 }
 
+std::vector<AdapterModule> adapter_modules(const Adapter& adapter, bool ignore_other_keys) {
+  static const std::string kPrefix = "base_model.model.";
+  static const std::pair<std::string, std::string> kPairs[] = {{".lora_A.weight", ".lora_B.weight"},
+                                                               {".lora_embedding_A", ".lora_embedding_B"}};
+  auto ends_with = [](const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  std::vector<AdapterModule> out;
+  std::vector<std::string> problems;
+  for (const auto& [key, t] : adapter.tensors) {
+    bool lora = false;
+    for (const auto& [sa, sb] : kPairs) {
+      const bool is_a = ends_with(key, sa), is_b = ends_with(key, sb);
+      if (!is_a && !is_b) continue;
+      const std::string& suffix = is_a ? sa : sb;
+      if (key.size() <= kPrefix.size() + suffix.size() || key.compare(0, kPrefix.size(), kPrefix) != 0) continue;
+      lora = true;
+      const std::string path = key.substr(kPrefix.size(), key.size() - kPrefix.size() - suffix.size());
+      const std::string partner = kPrefix + path + (is_a ? sb : sa);
+      auto it = adapter.tensors.find(partner);
+      if (it == adapter.tensors.end()) {
+        problems.push_back("missing key " + partner + " (the partner of " + key + ")");
+      } else if (is_a) {
+        out.push_back({path, t, it->second, adapter.config.scaling_for(path), sa == ".lora_embedding_A"});
+      }
+    }
+    if (!lora && !ignore_other_keys) problems.push_back("unexpected key " + key + " (not a LoRA A/B weight)");
+  }
+  if (!problems.empty()) {
+    std::string msg;
+    for (const auto& p : problems) msg += "\n  " + p;
+    TORCH_CHECK(false, "lora_ext::adapter_modules: the adapter's keys do not pair up:", msg);
+  }
+  return out;
+}
+
 }  // namespace lora_ext

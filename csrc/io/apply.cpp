@@ -15,10 +15,6 @@ namespace lora_ext {
 
 namespace {
 
-const std::string kPrefix = "base_model.model.";
-const std::vector<std::pair<std::string, std::string>> kPairs = {
-    {".lora_A.weight", ".lora_B.weight"}, {".lora_embedding_A", ".lora_embedding_B"}};
-
 struct Update {
   at::Tensor target;  // [out, in] view of the parameter
   at::Tensor A, B;
@@ -30,55 +26,40 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
                          const char* op) {
   std::vector<Update> out;
   std::vector<std::string> problems;
-  std::map<std::string, bool> used;
-  for (const auto& [key, t] : adapter.tensors) used[key] = false;
-  for (const auto& [key, t] : adapter.tensors) {
-    for (const auto& [sa, sb] : kPairs) {
-      if (key.size() <= kPrefix.size() + sa.size() || key.compare(0, kPrefix.size(), kPrefix) != 0 ||
-          key.compare(key.size() - sa.size(), sa.size(), sa) != 0) {
-        continue;
-      }
-      const std::string path = key.substr(kPrefix.size(), key.size() - kPrefix.size() - sa.size());
-      const std::string bkey = kPrefix + path + sb;
-      used[key] = true;
-      auto bit = adapter.tensors.find(bkey);
-      if (bit == adapter.tensors.end()) {
-        problems.push_back("missing key " + bkey);
-        continue;
-      }
-      used[bkey] = true;
-      auto pit = params.find(path + ".weight");
-      if (pit == params.end()) {
-        problems.push_back("key " + key + " matches no parameter " + path + ".weight");
-        continue;
-      }
-      const at::Tensor& W = pit->second;
-      const at::Tensor& A = t;
-      const at::Tensor& B = bit->second;
-      const bool embedding = sa == ".lora_embedding_A";
-      at::Tensor target;
-      if (embedding) {
-        target = W.dim() == 2 ? W.t() : W;  // [num, dim] -> [dim, num]
-      } else if (W.dim() == 2 && adapter.config.fan_in_fan_out) {
-        target = W.t();  // GPT-2 Conv1D stores [in, out]
-      } else {
-        target = W.dim() >= 2 ? W.view({W.size(0), -1}) : W;
-      }
-      const at::Tensor A2 = A.dim() >= 2 ? A.reshape({A.size(0), -1}) : A;
-      const at::Tensor B2 = B.dim() >= 2 ? B.reshape({B.size(0), B.size(1)}) : B;
-      if (target.dim() != 2 || A2.dim() != 2 || B2.dim() != 2 || A2.size(1) != target.size(1) ||
-          B2.size(0) != target.size(0) || A2.size(0) != B2.size(1)) {
-        std::ostringstream ss;
-        ss << "shape mismatch at " << path << ": parameter " << W.sizes() << ", A " << A.sizes() << ", B "
-           << B.sizes();
-        problems.push_back(ss.str());
-        continue;
-      }
-      out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * adapter.config.scaling_for(path)});
-    }
+  std::vector<AdapterModule> modules;
+  try {
+    modules = adapter_modules(adapter);
+  } catch (const c10::Error& e) {
+    problems.push_back(e.what_without_backtrace());
   }
-  for (const auto& [key, u] : used) {
-    if (!u) problems.push_back("unexpected key " + key);
+  for (const auto& m : modules) {
+    auto pit = params.find(m.path + ".weight");
+    if (pit == params.end()) {
+      problems.push_back("module " + m.path + " matches no parameter " + m.path + ".weight");
+      continue;
+    }
+    const at::Tensor& W = pit->second;
+    const at::Tensor& A = m.lora_A;
+    const at::Tensor& B = m.lora_B;
+    at::Tensor target;
+    if (m.embedding) {
+      target = W.dim() == 2 ? W.t() : W;  // [num, dim] -> [dim, num]
+    } else if (W.dim() == 2 && adapter.config.fan_in_fan_out) {
+      target = W.t();  // GPT-2 Conv1D stores [in, out]
+    } else {
+      target = W.dim() >= 2 ? W.view({W.size(0), -1}) : W;
+    }
+    const at::Tensor A2 = A.dim() >= 2 ? A.reshape({A.size(0), -1}) : A;
+    const at::Tensor B2 = B.dim() >= 2 ? B.reshape({B.size(0), B.size(1)}) : B;
+    if (target.dim() != 2 || A2.dim() != 2 || B2.dim() != 2 || A2.size(1) != target.size(1) ||
+        B2.size(0) != target.size(0) || A2.size(0) != B2.size(1)) {
+      std::ostringstream ss;
+      ss << "shape mismatch at " << m.path << ": parameter " << W.sizes() << ", A " << A.sizes() << ", B "
+         << B.sizes();
+      problems.push_back(ss.str());
+      continue;
+    }
+    out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * m.scaling});
   }
   if (!problems.empty()) {
     std::string msg;

@@ -46,4 +46,20 @@ struct LORA_EXT_API Adapter {
 // Reads an adapter folder: adapter_config.json and adapter_model.safetensors.
 LORA_EXT_API Adapter load_adapter(const std::string& dir);
 
+// One module an adapter targets: PEFT's base_model.model.<path>.lora_A.weight and .lora_B.weight
+// (embeddings: .lora_embedding_A / .lora_embedding_B, stored [r, num] and [dim, r]) with PEFT's
+// scaling for <path>. For programs that attach adapters to their own layers (lora_ext::nn::LoraLinear).
+struct LORA_EXT_API AdapterModule {
+  std::string path;      // module path in the base model, e.g. "blocks.0.attn.q_proj"
+  at::Tensor lora_A;     // as stored: [r, in] (convolutions: [r, in, kh, kw])
+  at::Tensor lora_B;     // [out, r] (convolutions: [out, r, 1, 1])
+  double scaling;        // config.scaling_for(path)
+  bool embedding;
+};
+
+// Pairs every A with its B, in key order. Throws c10::Error listing every key without its partner
+// and every key that is not a LoRA weight (modules_to_save copies, biases) unless
+// `ignore_other_keys`; nothing else is checked here (shapes are checked where the pair is used).
+LORA_EXT_API std::vector<AdapterModule> adapter_modules(const Adapter& adapter, bool ignore_other_keys = false);
+
 }  // namespace lora_ext
