@@ -54,6 +54,9 @@ AdapterConfig load_adapter_config(const std::string& path) {
   namespace fs = std::filesystem;
   const std::string file = fs::is_directory(path) ? (fs::path(path) / "adapter_config.json").string() : path;
   const std::string where = "lora_ext::load_adapter_config: " + file + ": ";
+  TORCH_CHECK(fs::exists(file), "lora_ext::load_adapter_config: expected an adapter folder containing "
+              "adapter_config.json (or the file itself), got ", path, fs::exists(path) ? " (no adapter_config.json in it)"
+              : " (no such file or folder)");
   std::ifstream in(file);
   TORCH_CHECK(in.good(), where, "cannot open the file");
   std::stringstream ss;
