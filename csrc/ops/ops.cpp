@@ -31,6 +31,35 @@ at::Tensor lora_linear(
   return op.call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_group_rows(const at::Tensor& adapter_ids, int64_t n_adapters) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::lora_group_rows", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return op.call(adapter_ids, n_adapters);
+}
+
+at::Tensor lora_linear_multi(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    const at::Tensor& scales,
+    const at::Tensor& adapter_ids,
+    double dropout_p,
+    bool training,
+    const std::optional<at::Tensor>& group_order,
+    const std::optional<at::Tensor>& group_offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::lora_linear_multi", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op.call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, training, group_order,
+                 group_offsets);
+}
+
 void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   static auto op = merge_handle("lora_ext::merge_");
   op.call(weight, lora_A, lora_B, scale);

@@ -39,4 +39,29 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "_lora_linear_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor grad_h, "
       "float dropout_p, Tensor? seed) -> Tensor");
+
+  // Multi-adapter batches: row i of x uses adapter adapter_ids[i] of a stack
+  // (lora_A [n, r_max, in], lora_B [n, out, r_max], scales [n]); -1 = base only.
+  // lora_group_rows sorts the rows by adapter once per batch (stable counting
+  // sort): adapter a's rows are order[offsets[a] : offsets[a + 1]], the base
+  // rows order[offsets[n] : offsets[n + 1]] (offsets has n + 2 entries, the last
+  // is N). Every layer of a model can reuse it (group_order/group_offsets).
+  m.def("lora_group_rows(Tensor adapter_ids, int n_adapters) -> (Tensor order, Tensor offsets)");
+  m.def(
+      "lora_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scales, "
+      "Tensor adapter_ids, float dropout_p=0., bool training=False, Tensor? group_order=None, "
+      "Tensor? group_offsets=None) -> Tensor");
+  // Autograd pieces, as for lora_linear; h is [N, r_max] in row order (fp32 for
+  // half/bf16 adapters), zero on base rows. The forward checks that the
+  // grouping matches adapter_ids; the backward pieces take it as given.
+  m.def(
+      "_lora_linear_multi_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor scales, Tensor adapter_ids, Tensor order, Tensor offsets, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_lora_linear_multi_backward_lora(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scales, "
+      "Tensor order, Tensor offsets, Tensor h, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_lora_linear_multi_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor grad_h, "
+      "Tensor order, Tensor offsets, float dropout_p, Tensor? seed) -> Tensor");
 }

@@ -6,6 +6,7 @@
 // Notation (PEFT's): x [..., in], weight [out, in], bias [out] or none,
 // lora_A [r, in], lora_B [out, r], scale = alpha / r (rsLoRA: alpha / sqrt(r)).
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -25,6 +26,29 @@ LORA_EXT_API at::Tensor lora_linear(
     double scale,
     double dropout_p = 0.0,
     bool training = false);
+
+// Row grouping for multi-adapter batches: adapter_ids [N] (int32/int64, -1 =
+// base only) -> order [N] (row indices, adapter 0's rows first, base rows last,
+// stable) and offsets [n_adapters + 2] (adapter a's rows: order[offsets[a] :
+// offsets[a + 1]]). Compute once per batch, pass to every layer.
+LORA_EXT_API std::tuple<at::Tensor, at::Tensor> lora_group_rows(const at::Tensor& adapter_ids, int64_t n_adapters);
+
+// Row i: y_i = x_i W^T + bias + scales[a] * (dropout(x_i) A[a]^T) B[a]^T with
+// a = adapter_ids[i] (-1: base only). lora_A [n, r_max, in], lora_B [n, out,
+// r_max] (zero-padded for smaller ranks), scales float32 [n]. group_order /
+// group_offsets: lora_group_rows(adapter_ids, n), computed here when absent.
+LORA_EXT_API at::Tensor lora_linear_multi(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    const at::Tensor& scales,
+    const at::Tensor& adapter_ids,
+    double dropout_p = 0.0,
+    bool training = false,
+    const std::optional<at::Tensor>& group_order = std::nullopt,
+    const std::optional<at::Tensor>& group_offsets = std::nullopt);
 
 // weight += scale * lora_B @ lora_A, in place, without a weight-sized temporary.
 LORA_EXT_API void merge_(

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
 
 namespace lora_ext::autograd {
 
@@ -59,10 +60,6 @@ const auto& lora_linear_op() {
   return op;
 }
 
-bool requires_grad(const optional<Tensor>& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
-
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static Tensor forward(
@@ -76,19 +73,14 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       double dropout_p,
       bool training) {
     const double p = training ? dropout_p : 0.0;
-    optional<Tensor> seed;
-    if (p > 0.0) {
-      // A factory op (not a C++-side draw) so that traced graphs draw a fresh
-      // seed on every call; reproducible under torch.manual_seed.
-      seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
-    }
+    const optional<Tensor> seed = detail::draw_dropout_seed(p);
     auto [y, h] = forward_op().call(x, weight, bias, lora_A, lora_B, scale, p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, h, seed.value_or(Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
     ctx->saved_data["grad_x"] = x.requires_grad();
     ctx->saved_data["grad_w"] = weight.requires_grad();
-    ctx->saved_data["grad_b"] = requires_grad(bias);
+    ctx->saved_data["grad_b"] = detail::requires_grad(bias);
     ctx->saved_data["grad_ab"] = lora_A.requires_grad() || lora_B.requires_grad();
     return y;
   }
@@ -136,7 +128,7 @@ Tensor lora_linear_autograd(
     double dropout_p,
     bool training) {
   const bool any_grad = at::GradMode::is_enabled() &&
-      (x.requires_grad() || weight.requires_grad() || requires_grad(bias) || lora_A.requires_grad() ||
+      (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) || lora_A.requires_grad() ||
        lora_B.requires_grad());
   if (!any_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;

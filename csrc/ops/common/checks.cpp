@@ -79,17 +79,14 @@ at::ScalarType lora_acc_dtype(at::ScalarType adapter_dtype) {
   return is_half_like(adapter_dtype) ? at::kFloat : adapter_dtype;
 }
 
-void check_lora_linear_args(
+namespace {
+
+// x [..., in], weight [out, in], bias [out] | None: dtypes and devices.
+void check_base_args(
     const char* op,
     const at::Tensor& x,
     const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    double dropout_p) {
-  TORCH_CHECK(x.defined() && weight.defined() && lora_A.defined() && lora_B.defined(),
-              "lora_ext::", op, ": expected defined tensors for x, weight, lora_A and lora_B");
+    const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(
       x.dim() >= 1, "lora_ext::", op, ": expected x of shape [..., in] with at least 1 dim, got a 0-dim tensor");
   check_dims(op, "weight", weight, 2, "[out, in]");
@@ -115,9 +112,120 @@ void check_lora_linear_args(
         bias->scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected bias of dtype ", x.scalar_type(),
         " (x's dtype), got ", bias->scalar_type());
   }
-  check_adapter(op, "x/weight", x, in, out, lora_A, lora_B, scale);
+}
+
+void check_dropout_p(const char* op, double dropout_p) {
   TORCH_CHECK_VALUE(
       dropout_p >= 0.0 && dropout_p < 1.0, "lora_ext::", op, ": expected 0 <= dropout_p < 1, got ", dropout_p);
+}
+
+}  // namespace
+
+void check_lora_linear_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p) {
+  TORCH_CHECK(x.defined() && weight.defined() && lora_A.defined() && lora_B.defined(),
+              "lora_ext::", op, ": expected defined tensors for x, weight, lora_A and lora_B");
+  check_base_args(op, x, weight, bias);
+  check_adapter(op, "x/weight", x, weight.sym_size(1), weight.sym_size(0), lora_A, lora_B, scale);
+  check_dropout_p(op, dropout_p);
+}
+
+void check_lora_linear_multi_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    const at::Tensor& scales,
+    const at::Tensor& adapter_ids,
+    double dropout_p,
+    const std::optional<at::Tensor>& group_order,
+    const std::optional<at::Tensor>& group_offsets) {
+  TORCH_CHECK(x.defined() && weight.defined() && lora_A.defined() && lora_B.defined() && scales.defined() &&
+                  adapter_ids.defined(),
+              "lora_ext::", op, ": expected defined tensors for x, weight, lora_A, lora_B, scales and adapter_ids");
+  check_base_args(op, x, weight, bias);
+  const auto& in = weight.sym_size(1);
+  const auto& out = weight.sym_size(0);
+  check_dims(op, "lora_A", lora_A, 3, "[n_adapters, r_max, in]");
+  check_dims(op, "lora_B", lora_B, 3, "[n_adapters, out, r_max]");
+  check_same_device(op, "lora_A", lora_A, x);
+  check_same_device(op, "lora_B", lora_B, x);
+  const auto& n = lora_A.sym_size(0);
+  const auto& r = lora_A.sym_size(1);
+  TORCH_CHECK_VALUE(
+      r.sym_ge(1).expect_true(__FILE__, __LINE__), "lora_ext::", op,
+      ": expected r_max >= 1 (lora_A of shape [n_adapters, r_max, in]), got lora_A of shape ", lora_A.sym_sizes());
+  TORCH_SYM_CHECK(
+      lora_A.sym_size(2).sym_eq(in), "lora_ext::", op, ": expected lora_A of shape [n_adapters, r_max, in] with in = ",
+      in, ", got ", lora_A.sym_sizes());
+  TORCH_SYM_CHECK(
+      lora_B.sym_size(0).sym_eq(n).sym_and(lora_B.sym_size(1).sym_eq(out)).sym_and(lora_B.sym_size(2).sym_eq(r)), "lora_ext::",
+      op, ": expected lora_B of shape [n_adapters, out, r_max] = [", n, ", ", out, ", ", r, "] (from lora_A ",
+      lora_A.sym_sizes(), " and weight ", weight.sym_sizes(), "), got ", lora_B.sym_sizes());
+  const auto bt = x.scalar_type(), at_ = lora_A.scalar_type();
+  TORCH_CHECK(
+      lora_B.scalar_type() == at_, "lora_ext::", op, ": expected lora_A and lora_B of the same dtype, got ", at_,
+      " and ", lora_B.scalar_type());
+  TORCH_CHECK(
+      at_ == bt || (is_half_like(bt) && (at_ == at::kFloat || is_half_like(at_))), "lora_ext::", op,
+      ": expected lora_A/lora_B of dtype ", bt, " (x's dtype)", (is_half_like(bt) ? ", float32, bfloat16 or float16" : ""),
+      ", got ", at_);
+  check_dims(op, "scales", scales, 1, "[n_adapters]");
+  check_same_device(op, "scales", scales, x);
+  TORCH_CHECK(
+      scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kDouble, "lora_ext::", op,
+      ": expected scales of dtype float32 (or float64), got ", scales.scalar_type());
+  TORCH_SYM_CHECK(
+      scales.sym_size(0).sym_eq(n), "lora_ext::", op, ": expected scales of shape [n_adapters] = [", n, "], got ",
+      scales.sym_sizes());
+  check_dims(op, "adapter_ids", adapter_ids, 1, "[N]");
+  check_same_device(op, "adapter_ids", adapter_ids, x);
+  TORCH_CHECK(
+      adapter_ids.scalar_type() == at::kInt || adapter_ids.scalar_type() == at::kLong, "lora_ext::", op,
+      ": expected adapter_ids of dtype int32 or int64, got ", adapter_ids.scalar_type());
+  c10::SymInt rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows = rows * x.sym_size(i);
+  TORCH_SYM_CHECK(
+      adapter_ids.sym_size(0).sym_eq(rows), "lora_ext::", op, ": expected adapter_ids of shape [N] with N = ", rows,
+      " (the rows of x of shape ", x.sym_sizes(), "), got ", adapter_ids.sym_sizes());
+  const bool has_order = group_order.has_value() && group_order->defined();
+  const bool has_offsets = group_offsets.has_value() && group_offsets->defined();
+  TORCH_CHECK(
+      has_order == has_offsets, "lora_ext::", op,
+      ": expected group_order and group_offsets together (both from lora_group_rows) or neither, got ",
+      (has_order ? "group_order only" : "group_offsets only"));
+  if (has_order) {
+    check_grouping(op, *group_order, *group_offsets, rows, n);
+    check_same_device(op, "group_order", *group_order, x);
+    check_same_device(op, "group_offsets", *group_offsets, x);
+  }
+  check_dropout_p(op, dropout_p);
+}
+
+void check_grouping(
+    const char* op, const at::Tensor& order, const at::Tensor& offsets, const c10::SymInt& rows,
+    const c10::SymInt& n_adapters) {
+  check_dims(op, "group_order", order, 1, "[N]");
+  check_dims(op, "group_offsets", offsets, 1, "[n_adapters + 2]");
+  TORCH_CHECK(
+      order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "lora_ext::", op,
+      ": expected group_order and group_offsets of dtype int64 (from lora_group_rows), got ", order.scalar_type(),
+      " and ", offsets.scalar_type());
+  TORCH_SYM_CHECK(
+      order.sym_size(0).sym_eq(rows), "lora_ext::", op, ": expected group_order of shape [N] with N = ", rows,
+      ", got ", order.sym_sizes());
+  TORCH_SYM_CHECK(
+      offsets.sym_size(0).sym_eq(n_adapters + 2), "lora_ext::", op,
+      ": expected group_offsets of shape [n_adapters + 2] = [", n_adapters + 2, "], got ", offsets.sym_sizes());
 }
 
 void check_merge_args(

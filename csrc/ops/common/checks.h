@@ -21,6 +21,29 @@ void check_lora_linear_args(
     double scale,
     double dropout_p);
 
+// lora_linear_multi: x [..., in], weight [out, in], bias [out] | None, lora_A
+// [n, r_max, in], lora_B [n, out, r_max], scales float [n], adapter_ids
+// int32/int64 [N] with N = x's rows, and group_order int64 [N] / group_offsets
+// int64 [n + 2] given together or not at all. Shapes, dtypes and devices only:
+// the values of adapter_ids are checked where they are read.
+void check_lora_linear_multi_args(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    const at::Tensor& scales,
+    const at::Tensor& adapter_ids,
+    double dropout_p,
+    const std::optional<at::Tensor>& group_order,
+    const std::optional<at::Tensor>& group_offsets);
+
+// group_order int64 [rows], group_offsets int64 [n_adapters + 2] (shapes only).
+void check_grouping(
+    const char* op, const at::Tensor& order, const at::Tensor& offsets, const c10::SymInt& rows,
+    const c10::SymInt& n_adapters);
+
 // Checks weight [out, in], lora_A [r, in], lora_B [out, r], dtypes, finite scale.
 void check_merge_args(
     const char* op,

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
 #include "ops/cpu/chunking.h"
 #include "ops/cpu/dropout_cpu.h"
 #include "ops/cpu/skinny_gemm.h"
@@ -57,12 +58,6 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& w_, const optional<detail::Dropo
 
 namespace {
 
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> v(sizes.begin(), sizes.end());
-  v.back() = last;
-  return v;
-}
-
 std::tuple<Tensor, Tensor> forward_impl(
     const Tensor& x,
     const Tensor& weight,
@@ -76,7 +71,7 @@ std::tuple<Tensor, Tensor> forward_impl(
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const Tensor x2d = x.reshape({-1, in});
   const int64_t N = x2d.size(0);
-  const auto out_shape = with_last(x.sizes(), out);
+  const auto out_shape = detail::with_last(x.sizes(), out);
   if (N == 0) {
     return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
@@ -128,11 +123,8 @@ Tensor lora_linear_cpu(
     double dropout_p,
     bool training) {
   detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  optional<Tensor> seed;
   const double p = training ? dropout_p : 0.0;
-  if (p > 0.0) {
-    seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
-  }
+  const optional<Tensor> seed = detail::draw_dropout_seed(p);
   return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scale, p, seed));
 }
 
@@ -243,7 +235,7 @@ Tensor lora_linear_backward_input_cpu(
   TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
               "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
               grad_h.sizes(), " ", grad_h.scalar_type());
-  const auto shape = with_last(grad_y.sizes(), in);
+  const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);

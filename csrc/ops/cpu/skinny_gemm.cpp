@@ -22,10 +22,10 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
-// NB rows of X against KB rows of W: NB*KB accumulators stay in registers.
+// NB rows X[0..NB) against KB rows of W: NB*KB accumulators stay in registers.
 template <int NB, int KB>
 __attribute__((target("avx2,fma"))) void rowdot_block(
-    const float* X, int64_t ldx, const float* W, int64_t K, float* out, int64_t ldo) {
+    const float* const* X, const float* W, int64_t K, float* out, int64_t ldo) {
   __m256 acc[NB][KB];
 #pragma GCC unroll 4
   for (int a = 0; a < NB; ++a)
@@ -38,7 +38,7 @@ __attribute__((target("avx2,fma"))) void rowdot_block(
     for (int b = 0; b < KB; ++b) w[b] = _mm256_loadu_ps(W + b * K + j);
 #pragma GCC unroll 4
     for (int a = 0; a < NB; ++a) {
-      const __m256 x = _mm256_loadu_ps(X + a * ldx + j);
+      const __m256 x = _mm256_loadu_ps(X[a] + j);
 #pragma GCC unroll 4
       for (int b = 0; b < KB; ++b) acc[a][b] = _mm256_fmadd_ps(x, w[b], acc[a][b]);
     }
@@ -48,7 +48,7 @@ __attribute__((target("avx2,fma"))) void rowdot_block(
 #pragma GCC unroll 4
     for (int b = 0; b < KB; ++b) {
       float s = hsum(acc[a][b]);
-      for (int64_t j = K8; j < K; ++j) s += X[a * ldx + j] * W[b * K + j];
+      for (int64_t j = K8; j < K; ++j) s += X[a][j] * W[b * K + j];
       out[a * ldo + b] = s;
     }
   }
@@ -56,18 +56,64 @@ __attribute__((target("avx2,fma"))) void rowdot_block(
 
 template <int NB>
 __attribute__((target("avx2,fma"))) void rowdot_rows(
-    const float* X, int64_t ldx, const float* W, int64_t K, int64_t R, float* out, int64_t ldo) {
+    const float* const* X, const float* W, int64_t K, int64_t R, float* out, int64_t ldo) {
   int64_t k0 = 0;
-  for (; k0 + 4 <= R; k0 += 4) rowdot_block<NB, 4>(X, ldx, W + k0 * K, K, out + k0, ldo);
+  for (; k0 + 4 <= R; k0 += 4) rowdot_block<NB, 4>(X, W + k0 * K, K, out + k0, ldo);
   switch (R - k0) {
-    case 3: rowdot_block<NB, 3>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
-    case 2: rowdot_block<NB, 2>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
-    case 1: rowdot_block<NB, 1>(X, ldx, W + k0 * K, K, out + k0, ldo); break;
+    case 3: rowdot_block<NB, 3>(X, W + k0 * K, K, out + k0, ldo); break;
+    case 2: rowdot_block<NB, 2>(X, W + k0 * K, K, out + k0, ldo); break;
+    case 1: rowdot_block<NB, 1>(X, W + k0 * K, K, out + k0, ldo); break;
     default: break;
   }
 }
 
+// MB output rows: y[m][o] = bias[o] + sum_k hs[m][k] * Wt[k][o], 8 columns at a time.
+template <int MB>
+__attribute__((target("avx2,fma"))) void expand_block(
+    const float* hs, int64_t R, const float* Wt, int64_t out, const float* bias, float* const* y) {
+  const int64_t O8 = out & ~int64_t(7);
+  for (int64_t o = 0; o < O8; o += 8) {
+    __m256 acc[MB];
+    const __m256 b0 = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[m] = b0;
+    for (int64_t k = 0; k < R; ++k) {
+      const __m256 w = _mm256_loadu_ps(Wt + k * out + o);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(hs + m * R + k), w, acc[m]);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(y[m] + o, acc[m]);
+  }
+  for (int64_t o = O8; o < out; ++o) {
+    for (int m = 0; m < MB; ++m) {
+      float v = bias ? bias[o] : 0.f;
+      for (int64_t k = 0; k < R; ++k) v += hs[m * R + k] * Wt[k * out + o];
+      y[m][o] = v;
+    }
+  }
+}
+
 }  // namespace
+
+bool has_avx2_fma() { return cpu_has_avx2_fma(); }
+
+void rowdot_ptrs(const float* const* rows, int64_t nrows, const float* W, int64_t K, int64_t R, float* out,
+                 int64_t ldo) {
+  TORCH_INTERNAL_ASSERT(cpu_has_avx2_fma());
+  int64_t m = 0;
+  for (; m + 3 <= nrows; m += 3) rowdot_rows<3>(rows + m, W, K, R, out + m * ldo, ldo);
+  if (nrows - m == 2) rowdot_rows<2>(rows + m, W, K, R, out + m * ldo, ldo);
+  if (nrows - m == 1) rowdot_rows<1>(rows + m, W, K, R, out + m * ldo, ldo);
+}
+
+void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, const float* bias,
+                 float* const* yrows) {
+  TORCH_INTERNAL_ASSERT(cpu_has_avx2_fma());
+  int64_t m = 0;
+  for (; m + 4 <= nrows; m += 4) expand_block<4>(hs + m * R, R, Wt, out, bias, yrows + m);
+  for (; m < nrows; ++m) expand_block<1>(hs + m * R, R, Wt, out, bias, yrows + m);
+}
 
 bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W) {
   if (!cpu_has_avx2_fma()) return false;
@@ -86,11 +132,11 @@ bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W) {
   at::parallel_for(0, nblocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * 3, nb = std::min<int64_t>(3, N - n);
-      const float* xr = xp + n * ldx;
+      const float* xr[3] = {xp + n * ldx, xp + (n + 1) * ldx, xp + (n + 2) * ldx};
       float* orow = op + n * R;
-      if (nb == 3) rowdot_rows<3>(xr, ldx, wp, K, R, orow, R);
-      else if (nb == 2) rowdot_rows<2>(xr, ldx, wp, K, R, orow, R);
-      else rowdot_rows<1>(xr, ldx, wp, K, R, orow, R);
+      if (nb == 3) rowdot_rows<3>(xr, wp, K, R, orow, R);
+      else if (nb == 2) rowdot_rows<2>(xr, wp, K, R, orow, R);
+      else rowdot_rows<1>(xr, wp, K, R, orow, R);
     }
   });
   return true;

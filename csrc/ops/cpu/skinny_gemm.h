@@ -12,4 +12,16 @@ namespace lora_ext::cpu {
 // stride), W contiguous, out contiguous [N, R] (written, not accumulated).
 bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W);
 
+// Whether the CPU has AVX2 and FMA (the kernels below require it).
+bool has_avx2_fma();
+
+// Serial kernels on raw row pointers, for callers that gather rows (multi-adapter
+// batches) and parallelise themselves. float32; W [R, K] and Wt [R, out] contiguous.
+// out[m * ldo + k] = dot(rows[m][0..K), W[k]) for m < nrows, k < R.
+void rowdot_ptrs(const float* const* rows, int64_t nrows, const float* W, int64_t K, int64_t R, float* out,
+                 int64_t ldo);
+// yrows[m][o] = (bias ? bias[o] : 0) + sum_k hs[m * R + k] * Wt[k * out + o], written (not accumulated).
+void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, const float* bias,
+                 float* const* yrows);
+
 }  // namespace lora_ext::cpu

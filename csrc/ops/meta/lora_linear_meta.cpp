@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
 
 namespace lora_ext::meta {
 
@@ -13,23 +14,11 @@ using std::optional;
 
 namespace {
 
-c10::SymDimVector with_last(c10::SymIntArrayRef sizes, const c10::SymInt& last) {
-  c10::SymDimVector v(sizes.begin(), sizes.end());
-  v.back() = last;
-  return v;
-}
-
-c10::SymInt leading_numel(c10::SymIntArrayRef sizes) {
-  c10::SymInt n = 1;
-  for (size_t i = 0; i + 1 < sizes.size(); ++i) n = n * sizes[i];
-  return n;
-}
-
 Tensor lora_linear_meta(
     const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
     const Tensor& lora_B, double scale, double dropout_p, bool training) {
   detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  return at::empty_symint(with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
+  return at::empty_symint(detail::with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
 }
 
 std::tuple<Tensor, Tensor> lora_linear_forward_meta(
@@ -38,8 +27,8 @@ std::tuple<Tensor, Tensor> lora_linear_forward_meta(
   detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   detail::check_seed("_lora_linear_forward", seed, dropout_p);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  Tensor y = at::empty_symint(with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
-  Tensor h = at::empty_symint({leading_numel(x.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc));
+  Tensor y = at::empty_symint(detail::with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
+  Tensor h = at::empty_symint({detail::leading_numel(x.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc));
   return {y, h};
 }
 
@@ -50,14 +39,14 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_meta(
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   return {at::empty_symint(lora_A.sym_sizes(), lora_A.options()),
           at::empty_symint(lora_B.sym_sizes(), lora_B.options()),
-          at::empty_symint({leading_numel(grad_y.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc))};
+          at::empty_symint({detail::leading_numel(grad_y.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc))};
 }
 
 Tensor lora_linear_backward_input_meta(
     const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, double dropout_p,
     const optional<Tensor>& seed) {
   detail::check_seed("_lora_linear_backward_input", seed, dropout_p);
-  return at::empty_symint(with_last(grad_y.sym_sizes(), weight.sym_size(1)), grad_y.options());
+  return at::empty_symint(detail::with_last(grad_y.sym_sizes(), weight.sym_size(1)), grad_y.options());
 }
 
 }  // namespace

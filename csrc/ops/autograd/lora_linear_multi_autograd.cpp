@@ -1,0 +1,120 @@
+// Autograd formula of lora_linear_multi, in C++ (libtorch programs can train
+// several adapters at once). Saves x, h [N, r_max], the grouping and an 8-byte
+// dropout seed, as lora_linear does; each adapter's A and B receive gradients
+// from its own rows only. scales and adapter_ids are not differentiable.
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
+
+namespace lora_ext::autograd {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using GroupSig = std::tuple<Tensor, Tensor>(const Tensor&, int64_t);
+using MultiSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, double, bool, const optional<Tensor>&, const optional<Tensor>&);
+using ForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&,
+                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                              const Tensor&, double, const optional<Tensor>&);
+using BackwardLoraSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, const Tensor&, double,
+                                                           const optional<Tensor>&);
+using BackwardInputSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, double, const optional<Tensor>&);
+
+class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMultiFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+      const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids,
+      const Tensor& order, const Tensor& offsets, double dropout_p, bool training) {
+    static auto fwd = handle<ForwardSig>("lora_ext::_lora_linear_multi_forward");
+    const double p = training ? dropout_p : 0.0;
+    const optional<Tensor> seed = detail::draw_dropout_seed(p);
+    auto [y, h] = fwd.call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, p, seed);
+    ctx->save_for_backward({x, weight, lora_A, lora_B, scales, order, offsets, h, seed.value_or(Tensor())});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["grad_x"] = x.requires_grad();
+    ctx->saved_data["grad_w"] = weight.requires_grad();
+    ctx->saved_data["grad_b"] = detail::requires_grad(bias);
+    ctx->saved_data["grad_ab"] = lora_A.requires_grad() || lora_B.requires_grad();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto bl = handle<BackwardLoraSig>("lora_ext::_lora_linear_multi_backward_lora");
+    static auto bi = handle<BackwardInputSig>("lora_ext::_lora_linear_multi_backward_input");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &scales = saved[4],
+                 &order = saved[5], &offsets = saved[6], &h = saved[7];
+    const optional<Tensor> seed = saved[8].defined() ? optional<Tensor>(saved[8]) : std::nullopt;
+    const double p = ctx->saved_data["p"].toDouble();
+    const Tensor& g = grad_outputs[0];
+    Tensor grad_x, grad_w, grad_b, grad_A, grad_B;
+    if (g.defined()) {
+      const bool need_x = ctx->saved_data["grad_x"].toBool();
+      if (need_x || ctx->saved_data["grad_ab"].toBool()) {
+        Tensor grad_h;
+        std::tie(grad_A, grad_B, grad_h) = bl.call(g, x, lora_A, lora_B, scales, order, offsets, h, p, seed);
+        if (need_x) grad_x = bi.call(g, weight, lora_A, grad_h, order, offsets, p, seed);
+      }
+      const Tensor g2d = g.reshape({-1, g.size(-1)});
+      if (ctx->saved_data["grad_w"].toBool()) grad_w = at::mm(g2d.t(), x.reshape({-1, x.size(-1)}));
+      if (ctx->saved_data["grad_b"].toBool()) grad_b = g2d.sum(0);
+    }
+    return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor lora_linear_multi_autograd(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
+    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) || lora_A.requires_grad() ||
+       lora_B.requires_grad());
+  if (!any_grad) {
+    static auto op = handle<MultiSig>("lora_ext::lora_linear_multi");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, training, group_order,
+                   group_offsets);
+  }
+  detail::check_lora_linear_multi_args("lora_linear_multi", x, weight, bias, lora_A, lora_B, scales, adapter_ids,
+                                       dropout_p, group_order, group_offsets);
+  Tensor order, offsets;
+  if (group_order.has_value() && group_order->defined()) {
+    order = *group_order;
+    offsets = *group_offsets;
+  } else {
+    static auto group = handle<GroupSig>("lora_ext::lora_group_rows");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(order, offsets) = group.call(adapter_ids, lora_A.size(0));
+  }
+  return LoraLinearMultiFunction::apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets,
+                                        dropout_p, training);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, Autograd, m) {
+  m.impl("lora_linear_multi", &lora_linear_multi_autograd);
+}
+
+}  // namespace lora_ext::autograd

@@ -1,0 +1,43 @@
+#pragma once
+// Small helpers shared by the kernels of every op (header-only).
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace lora_ext::detail {
+
+// sizes with the last dim replaced: x [..., in] -> y [..., out]
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+inline c10::SymDimVector with_last(c10::SymIntArrayRef sizes, const c10::SymInt& last) {
+  c10::SymDimVector v(sizes.begin(), sizes.end());
+  v.back() = last;
+  return v;
+}
+
+// product of all dims but the last: the rows of x [..., in]
+inline c10::SymInt leading_numel(c10::SymIntArrayRef sizes) {
+  c10::SymInt n = 1;
+  for (size_t i = 0; i + 1 < sizes.size(); ++i) n = n * sizes[i];
+  return n;
+}
+
+// The 8-byte dropout seed, or nullopt without dropout. A factory op (not a
+// C++-side draw) so that traced graphs draw a fresh seed on every call;
+// reproducible under torch.manual_seed.
+inline std::optional<at::Tensor> draw_dropout_seed(double p) {
+  if (p <= 0.0) return std::nullopt;
+  return at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
+}
+
+inline bool requires_grad(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+}  // namespace lora_ext::detail

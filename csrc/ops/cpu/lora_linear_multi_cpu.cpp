@@ -1,0 +1,398 @@
+// CPU kernels of the multi-adapter ops: lora_group_rows, lora_linear_multi and
+// the pieces of its autograd formula.
+//
+// Rows are processed adapter by adapter through the grouping (order, offsets),
+// so each adapter's A and B are read once per group of rows and stay in cache,
+// and x is never gathered into a sorted copy as a whole. float32 without
+// dropout (inference) runs one fused serial kernel per block of rows, blocks in
+// parallel: h = A[a] x_row (AVX2 dot products over row pointers), then
+// y_row = bias + s_a * B[a] h (AVX2), and the base GEMM accumulates into y
+// (beta = 1) as in lora_linear. Other dtypes, dropout and the backward use ATen
+// per group on bounded row chunks. Precision is lora_linear's: the LoRA branch
+// and h [N, r_max] are float32 for half/bf16 adapters.
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
+#include "ops/cpu/chunking.h"
+#include "ops/cpu/dropout_cpu.h"
+#include "ops/cpu/skinny_gemm.h"
+
+namespace lora_ext::cpu {
+
+using at::Tensor;
+using std::optional;
+
+namespace {
+
+// A validated grouping, read on the host.
+struct Groups {
+  Tensor order_t;                // int64 [N], contiguous
+  const int64_t* order;
+  std::vector<int64_t> offsets;  // n + 2 entries
+  int64_t n;
+
+  int64_t begin(int64_t a) const { return offsets[a]; }
+  int64_t count(int64_t a) const { return offsets[a + 1] - offsets[a]; }
+  Tensor rows(int64_t a, int64_t start, int64_t len) const { return order_t.narrow(0, offsets[a] + start, len); }
+};
+
+std::tuple<Tensor, Tensor> group_rows_cpu(const Tensor& ids, int64_t n) {
+  const char* op = "lora_group_rows";
+  TORCH_CHECK(ids.dim() == 1, "lora_ext::", op, ": expected adapter_ids of shape [N], got ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "lora_ext::", op,
+              ": expected adapter_ids of dtype int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(n >= 0, "lora_ext::", op, ": expected n_adapters >= 0, got ", n);
+  const int64_t N = ids.size(0);
+  const Tensor idc = ids.contiguous();
+  std::vector<int64_t> slot(N);
+  std::vector<int64_t> counts(n + 1, 0);
+  AT_DISPATCH_INDEX_TYPES(idc.scalar_type(), "lora_group_rows", [&] {
+    const index_t* p = idc.const_data_ptr<index_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t v = p[i];
+      TORCH_CHECK_INDEX(v >= -1 && v < n, "lora_ext::", op, ": expected adapter ids in [-1, ", n,
+                        ") (-1 = base only; n_adapters = ", n, "), got adapter_ids[", i, "] = ", v);
+      slot[i] = v < 0 ? n : v;
+      ++counts[slot[i]];
+    }
+  });
+  Tensor offsets = at::empty({n + 2}, ids.options().dtype(at::kLong));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t a = 0; a <= n; ++a) off[a + 1] = off[a] + counts[a];
+  Tensor order = at::empty({N}, ids.options().dtype(at::kLong));
+  int64_t* ord = order.data_ptr<int64_t>();
+  std::vector<int64_t> pos(off, off + n + 1);
+  for (int64_t i = 0; i < N; ++i) ord[pos[slot[i]]++] = i;  // stable: rows keep their order within a group
+  return {order, offsets};
+}
+
+// Checks that (order, offsets) is the grouping of adapter_ids: O(N).
+Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
+  const int64_t N = ids.size(0);
+  Groups g;
+  g.n = n;
+  g.order_t = order.contiguous();
+  g.order = g.order_t.const_data_ptr<int64_t>();
+  const Tensor offc = offsets.contiguous();
+  g.offsets.assign(offc.const_data_ptr<int64_t>(), offc.const_data_ptr<int64_t>() + n + 2);
+  const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
+  TORCH_CHECK_VALUE(g.offsets[0] == 0 && g.offsets[n + 1] == N, "lora_ext::", op, ": expected group_offsets[0] == 0 "
+                    "and group_offsets[-1] == N = ", N, ", got ", g.offsets[0], " and ", g.offsets[n + 1], hint);
+  for (int64_t a = 0; a <= n; ++a) {
+    TORCH_CHECK_VALUE(g.offsets[a] <= g.offsets[a + 1], "lora_ext::", op,
+                      ": expected non-decreasing group_offsets, got group_offsets[", a, "] = ", g.offsets[a],
+                      " > group_offsets[", a + 1, "] = ", g.offsets[a + 1], hint);
+  }
+  std::vector<char> seen(N, 0);
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "lora_linear_multi", [&] {
+    const Tensor idc = ids.contiguous();
+    const index_t* p = idc.const_data_ptr<index_t>();
+    for (int64_t a = 0; a <= n; ++a) {
+      const int64_t want = a < n ? a : -1;
+      for (int64_t k = g.offsets[a]; k < g.offsets[a + 1]; ++k) {
+        const int64_t row = g.order[k];
+        TORCH_CHECK_VALUE(row >= 0 && row < N && !seen[row], "lora_ext::", op,
+                          ": expected group_order to be a permutation of 0..N-1, got group_order[", k, "] = ", row, hint);
+        seen[row] = 1;
+        TORCH_CHECK_VALUE(p[row] == want, "lora_ext::", op, ": group_order[", k, "] = ", row, " is in the group of ",
+                          (a < n ? "adapter " + std::to_string(a) : std::string("the base rows")),
+                          " but adapter_ids[", row, "] = ", int64_t(p[row]), hint);
+      }
+    }
+  });
+  return g;
+}
+
+// As read_groups, for the backward pieces: the grouping was validated in forward.
+Groups trusted_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
+  Groups g;
+  g.n = n;
+  g.order_t = order.contiguous();
+  g.order = g.order_t.const_data_ptr<int64_t>();
+  const Tensor offc = offsets.contiguous();
+  g.offsets.assign(offc.const_data_ptr<int64_t>(), offc.const_data_ptr<int64_t>() + n + 2);
+  return g;
+}
+
+std::vector<double> read_scales(const Tensor& scales) {
+  const Tensor s = scales.to(at::kDouble).contiguous();
+  std::vector<double> v(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
+  for (size_t a = 0; a < v.size(); ++a) {
+    TORCH_CHECK_VALUE(std::isfinite(v[a]), "lora_ext::lora_linear_multi: expected finite scales, got scales[", a,
+                      "] = ", v[a]);
+  }
+  return v;
+}
+
+// Rows `idx` of x2d (any dtype) in the acc dtype, dropped out by their own row index.
+Tensor rows_acc(const Tensor& x2d, const Tensor& idx, at::ScalarType acc,
+                const optional<detail::DropoutParams>& drop) {
+  if (!drop) return x2d.index_select(0, idx).to(acc);
+  Tensor buf = at::empty({idx.numel(), x2d.size(1)}, x2d.options().dtype(acc));
+  const int64_t* rows = idx.const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < idx.numel(); ++m) {
+    Tensor dst = buf.narrow(0, m, 1);
+    dropout_rows(dst, x2d.narrow(0, rows[m], 1), rows[m], *drop);
+  }
+  return buf;
+}
+
+// The float32 inference kernel: fills h (row order) and y = bias + s_a h B[a]^T
+// for every row (bias or 0 on base rows). Bt: [n, r, out] contiguous.
+void fused_forward_f32(Tensor& y, Tensor& h, const Tensor& x2d, const optional<Tensor>& bias, const Tensor& A,
+                       const Tensor& Bt, const std::vector<double>& scales, const Groups& g) {
+  constexpr int64_t kBlock = 8;
+  const int64_t in = x2d.size(1), out = y.size(1), r = A.size(1), n = g.n;
+  struct Block { int64_t a, start, len; };
+  std::vector<Block> blocks;
+  for (int64_t a = 0; a <= n; ++a) {
+    for (int64_t s = 0; s < g.count(a); s += kBlock) blocks.push_back({a, g.begin(a) + s, std::min(kBlock, g.count(a) - s)});
+  }
+  const float* xp = x2d.const_data_ptr<float>();
+  const int64_t ldx = x2d.stride(0);
+  const float* Ap = A.const_data_ptr<float>();
+  const float* Btp = Bt.const_data_ptr<float>();
+  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  // grain: enough blocks to cover ~1M multiply-adds per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, kBlock * r * (in + out)));
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), grain, [&](int64_t b0, int64_t b1) {
+    const float* xr[kBlock];
+    float* yr[kBlock];
+    float hs[kBlock * 256];  // r <= 256
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block& blk = blocks[b];
+      for (int64_t m = 0; m < blk.len; ++m) {
+        const int64_t row = g.order[blk.start + m];
+        xr[m] = xp + row * ldx;
+        yr[m] = yp + row * out;
+      }
+      if (blk.a == n) {  // base rows: y = bias (or 0), h stays 0
+        for (int64_t m = 0; m < blk.len; ++m) {
+          if (bp) std::copy(bp, bp + out, yr[m]);
+          else std::fill(yr[m], yr[m] + out, 0.f);
+        }
+        continue;
+      }
+      rowdot_ptrs(xr, blk.len, Ap + blk.a * r * in, in, r, hs, r);
+      const float s = static_cast<float>(scales[blk.a]);
+      for (int64_t m = 0; m < blk.len; ++m) {
+        float* hrow = hp + g.order[blk.start + m] * r;
+        for (int64_t k = 0; k < r; ++k) {
+          hrow[k] = hs[m * r + k];
+          hs[m * r + k] *= s;
+        }
+      }
+      expand_ptrs(hs, blk.len, Btp + blk.a * r * out, r, out, bp, yr);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> multi_forward_impl(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_, const Tensor& lora_A, const Tensor& lora_B,
+    const std::vector<double>& scales, const Groups& g, double dropout_p, const optional<Tensor>& seed) {
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(1), n = lora_A.size(0);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = x2d.size(0);
+  const auto out_shape = detail::with_last(x.sizes(), out);
+  Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
+  if (N == 0) return {at::empty(out_shape, x.options()), h};
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const optional<Tensor> bias = bias_.has_value() && bias_->defined() ? bias_ : std::nullopt;
+  const Tensor A_acc = lora_A.to(acc).contiguous();
+  Tensor y = at::empty({N, out}, x.options());
+
+  const bool fast = x.scalar_type() == at::kFloat && acc == at::kFloat && !drop && has_avx2_fma() &&
+                    x2d.stride(1) == 1 && r <= 256 && in >= 8;
+  if (fast) {
+    // lora_B given as the transpose of a contiguous [n, r, out] stack (the module's layout) is used as is
+    const Tensor Bt = lora_B.transpose(1, 2).to(acc).contiguous();
+    const optional<Tensor> bias_c = bias ? optional<Tensor>(bias->contiguous()) : std::nullopt;
+    fused_forward_f32(y, h, x2d, bias_c, A_acc, Bt, scales, g);
+    y.addmm_(x2d, weight.t());
+    return {y.view(out_shape), h};
+  }
+
+  // h = dropout(x) A[a]^T per group, in bounded row chunks
+  const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+      const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+      h.index_copy_(0, idx, at::mm(rows_acc(x2d, idx, acc, drop), A_acc[a].t()));
+    }
+  }
+  const Tensor B_acc = lora_B.to(acc);
+  if (x.scalar_type() == acc) {
+    // y = bias + s_a h B[a]^T first, then the base GEMM accumulates into y
+    if (bias) y.copy_(bias->expand({N, out}));
+    else y.zero_();
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+        y.index_add_(0, idx, at::mm(h.index_select(0, idx), B_acc[a].t()), scales[a]);
+      }
+    }
+    y.addmm_(x2d, weight.t());
+  } else {
+    // half/bf16 output: the float32 branch is added to the base rows and rounded once
+    y = bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+        Tensor v = y.index_select(0, idx).to(acc);
+        v.addmm_(h.index_select(0, idx), B_acc[a].t(), 1, scales[a]);
+        y.index_copy_(0, idx, v.to(x.scalar_type()));
+      }
+    }
+  }
+  return {y.view(out_shape), h};
+}
+
+Tensor lora_linear_multi_cpu(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
+    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+  const char* op = "lora_linear_multi";
+  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
+                                       group_order, group_offsets);
+  const int64_t n = lora_A.size(0);
+  Tensor order, offsets;
+  if (group_order.has_value() && group_order->defined()) {
+    order = *group_order;
+    offsets = *group_offsets;
+  } else {
+    std::tie(order, offsets) = group_rows_cpu(adapter_ids, n);
+  }
+  const Groups g = read_groups(op, adapter_ids, order, offsets, n);
+  const double p = training ? dropout_p : 0.0;
+  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(scales), g, p, detail::draw_dropout_seed(p)));
+}
+
+std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets, double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_forward";
+  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
+                                       offsets);
+  detail::check_seed(op, seed, dropout_p);
+  const Groups g = read_groups(op, adapter_ids, order, offsets, lora_A.size(0));
+  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(scales), g, dropout_p, seed);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
+    const Tensor& grad_y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales,
+    const Tensor& order, const Tensor& offsets, const Tensor& h, double dropout_p, const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_backward_lora";
+  detail::check_seed(op, seed, dropout_p);
+  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
+              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
+  detail::check_grouping(op, order, offsets, N, n);
+  Tensor gA = at::zeros({n, r, in}, lora_A.options().dtype(acc));
+  Tensor gB = at::zeros({n, out, r}, lora_A.options().dtype(acc));
+  Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
+  if (N > 0) {
+    const Groups g = trusted_groups(order, offsets, n);
+    const auto sc = read_scales(scales);
+    const auto drop = dropout_from_seed(seed, dropout_p);
+    const Tensor B_acc = lora_B.to(acc);
+    const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+        const Tensor G = g2d.index_select(0, idx).to(acc);          // [c, out]
+        gB[a].addmm_(G.t(), h.index_select(0, idx), 1, sc[a]);       // s G^T H
+        const Tensor GH = at::mm(G, B_acc[a]).mul_(sc[a]);          // [c, r]
+        gh.index_copy_(0, idx, GH);
+        gA[a].addmm_(GH.t(), rows_acc(x2d, idx, acc, drop));         // GH^T dropout(X)
+      }
+    }
+  }
+  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+}
+
+Tensor lora_linear_multi_backward_input_cpu(
+    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, const Tensor& order,
+    const Tensor& offsets, double dropout_p, const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_backward_input";
+  detail::check_seed(op, seed, dropout_p);
+  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
+              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
+              grad_h.sizes(), " ", grad_h.scalar_type());
+  detail::check_grouping(op, order, offsets, N, n);
+  const auto shape = detail::with_last(grad_y.sizes(), in);
+  if (N == 0) return at::empty(shape, grad_y.options());
+  const Groups g = trusted_groups(order, offsets, n);
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc);
+  const int64_t rows_per_chunk = chunk_rows(in, acc);
+  // per group: T = mask/(1-p) * (grad_h A[a]) [c, in], in acc
+  auto lora_rows = [&](int64_t a, const Tensor& idx) {
+    Tensor T = at::mm(grad_h.index_select(0, idx), A_acc[a]);
+    if (drop) {
+      const int64_t* rows = idx.const_data_ptr<int64_t>();
+      for (int64_t m = 0; m < idx.numel(); ++m) {
+        Tensor t = T.narrow(0, m, 1);
+        dropout_rows(t, t, rows[m], *drop);
+      }
+    }
+    return T;
+  };
+  Tensor gx;
+  if (grad_y.scalar_type() == acc) {
+    gx = at::zeros({N, in}, grad_y.options());
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+        gx.index_copy_(0, idx, lora_rows(a, idx));
+      }
+    }
+    gx.addmm_(g2d, weight);
+  } else {
+    gx = at::mm(g2d, weight);
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
+        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
+        Tensor v = gx.index_select(0, idx).to(acc).add_(lora_rows(a, idx));
+        gx.index_copy_(0, idx, v.to(grad_y.scalar_type()));
+      }
+    }
+  }
+  return gx.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_group_rows", &group_rows_cpu);
+  m.impl("lora_linear_multi", &lora_linear_multi_cpu);
+  m.impl("_lora_linear_multi_forward", &lora_linear_multi_forward_cpu);
+  m.impl("_lora_linear_multi_backward_lora", &lora_linear_multi_backward_lora_cpu);
+  m.impl("_lora_linear_multi_backward_input", &lora_linear_multi_backward_input_cpu);
+}
+
+}  // namespace lora_ext::cpu
