@@ -19,6 +19,7 @@ from . import ops
 from .adapter_io import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .layer import LoraLayer
+from .multi import BASE, AdapterBatch, adapter_batch
 from .linear import LoraLinear
 from .weighted import add_weighted_adapter
 from .model import (
@@ -52,5 +53,5 @@ __all__ = [
     "cmake_prefix_path", "LoraConfig", "LoraLayer", "LoraLinear", "ops", "build_info", "__version__",
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
-    "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter",
+    "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter", "adapter_batch", "AdapterBatch", "BASE",
 ]

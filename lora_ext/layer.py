@@ -82,6 +82,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._exact_codes: dict[str, tuple] = {}  # adapter -> (ExactMergeCodes, adapter versions)
         self.disable_adapters: bool = False
+        self._adapter_batch = None  # set by lora_ext.adapter_batch (per-row adapters)
+        self._stack_cache = None  # stacked adapters for per-row batches (lora_ext/multi.py)
         if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 

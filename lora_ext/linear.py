@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from .layer import LoraLayer
+from .multi import multi_forward
 
 
 class LoraLinear(LoraLayer):
@@ -50,6 +51,8 @@ class LoraLinear(LoraLayer):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._adapter_batch is not None and not self.disable_adapters:
+            return multi_forward(self, x, self._adapter_batch)  # one adapter per row (adapter_batch)
         names = self._adapters_for_forward()
         if not names:
             return self.base_layer(x)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["lora_linear", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
+__all__ = ["lora_linear", "lora_group_rows", "lora_linear_multi", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
 
 
 def lora_linear(
@@ -52,6 +52,55 @@ def lora_linear(
     """
     return torch.ops.lora_ext.lora_linear.default(
         x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), bool(training)
+    )
+
+
+def lora_group_rows(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, Tensor]:
+    """Group batch rows by adapter once per batch (stable counting sort).
+
+    ``adapter_ids`` int32/int64 ``[N]`` with values in ``[-1, n_adapters)`` (-1: base only).
+    Returns ``(order, offsets)``: ``order`` int64 ``[N]`` lists the rows of adapter 0, then
+    adapter 1, ..., then the base rows; adapter ``a``'s rows are
+    ``order[offsets[a]:offsets[a + 1]]`` (``offsets`` int64 ``[n_adapters + 2]``, last = N).
+    """
+    order, offsets = torch.ops.lora_ext.lora_group_rows.default(adapter_ids, int(n_adapters))
+    return order, offsets
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scales: Tensor,
+    adapter_ids: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    group_order: Optional[Tensor] = None,
+    group_offsets: Optional[Tensor] = None,
+) -> Tensor:
+    """Row ``i``: ``y_i = x_i W^T + bias + scales[a] * (dropout(x_i) A[a]^T) B[a]^T``, ``a = adapter_ids[i]``.
+
+    Args:
+        x: ``[..., in]``; its rows (all leading dims flattened) are the rows of ``adapter_ids``.
+        weight, bias: as for :func:`lora_linear`.
+        lora_A: ``[n_adapters, r_max, in]``; adapters of smaller rank zero-padded.
+        lora_B: ``[n_adapters, out, r_max]``. Any strides; the transposed view of a contiguous
+            ``[n_adapters, r_max, out]`` stack is read without a copy.
+        scales: float32 ``[n_adapters]``, alpha / r per adapter.
+        adapter_ids: int32/int64 ``[N]``, -1 for base-only rows.
+        dropout_p, training: dropout on the LoRA branch's input, as for :func:`lora_linear`.
+        group_order, group_offsets: :func:`lora_group_rows` of ``adapter_ids`` (computed here when
+            omitted; pass them to share one grouping across the layers of a model).
+
+    Gradients reach ``x``, ``lora_A``/``lora_B`` (each adapter only from its own rows) and
+    ``weight``/``bias`` when they require grad; ``scales`` and ids are not differentiable. The
+    ``[N, r_max]`` intermediate is float32 for half/bf16 adapters.
+    """
+    return torch.ops.lora_ext.lora_linear_multi.default(
+        x, weight, bias, lora_A, lora_B, scales, adapter_ids, float(dropout_p), bool(training), group_order,
+        group_offsets,
     )
 
 
