@@ -4,10 +4,9 @@
 // Rows are processed adapter by adapter through the grouping (order, offsets),
 // so each adapter's A and B are read once per group of rows and stay in cache,
 // and x is never gathered into a sorted copy as a whole. float32 without
-// dropout (inference) runs one fused serial kernel per block of rows, blocks in
-// parallel: h = A[a] x_row (AVX2 dot products over row pointers), then
-// y_row = bias + s_a * B[a] h (AVX2), and the base GEMM accumulates into y
-// (beta = 1) as in lora_linear. Other dtypes, dropout and the backward use ATen
+// dropout (inference) runs the base GEMM, then one fused serial kernel per block
+// of rows, blocks in parallel: h = A[a] x_row (AVX2 dot products over row
+// pointers), then y_row += s_a * B[a] h (AVX2), in place. Other dtypes, dropout and the backward use ATen
 // per group on bounded row chunks. Precision is lora_linear's: the LoRA branch
 // and h [N, r_max] are float32 for half/bf16 adapters.
 #include <limits>
@@ -122,6 +121,24 @@ Groups trusted_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
   return g;
 }
 
+struct Run {
+  int64_t start, len, a;  // rows start .. start + len - 1 all use adapter a (-1: base)
+};
+
+// Maximal runs of consecutive rows (in row order) that use the same adapter.
+std::vector<Run> row_runs(const Groups& g, int64_t N) {
+  std::vector<int64_t> adapter(N);
+  for (int64_t a = 0; a <= g.n; ++a) {
+    for (int64_t k = g.offsets[a]; k < g.offsets[a + 1]; ++k) adapter[g.order[k]] = a < g.n ? a : -1;
+  }
+  std::vector<Run> runs;
+  for (int64_t i = 0; i < N; ++i) {
+    if (!runs.empty() && runs.back().a == adapter[i]) ++runs.back().len;
+    else runs.push_back({i, 1, adapter[i]});
+  }
+  return runs;
+}
+
 std::vector<double> read_scales(const Tensor& scales) {
   const Tensor s = scales.to(at::kDouble).contiguous();
   std::vector<double> v(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
@@ -145,22 +162,23 @@ Tensor rows_acc(const Tensor& x2d, const Tensor& idx, at::ScalarType acc,
   return buf;
 }
 
-// The float32 inference kernel: fills h (row order) and y = bias + s_a h B[a]^T
-// for every row (bias or 0 on base rows). Bt: [n, r, out] contiguous.
-void fused_forward_f32(Tensor& y, Tensor& h, const Tensor& x2d, const optional<Tensor>& bias, const Tensor& A,
-                       const Tensor& Bt, const std::vector<double>& scales, const Groups& g) {
+// The float32 inference kernel: for every adapter row, h[row] = A[a] x[row]
+// (row order) and, with `expand`, y[row] += s_a B[a] h[row]. Base rows are left
+// alone (h stays 0). Bt: [n, r, out] contiguous. Rows of one adapter go
+// in blocks of kBlock so A[a] and B[a] stay in cache; blocks run in parallel.
+void fused_lora_f32(Tensor& y, Tensor& h, const Tensor& x2d, const Tensor& A, const Tensor& Bt,
+                    const std::vector<double>& scales, const Groups& g, bool expand) {
   constexpr int64_t kBlock = 8;
   const int64_t in = x2d.size(1), out = y.size(1), r = A.size(1), n = g.n;
   struct Block { int64_t a, start, len; };
   std::vector<Block> blocks;
-  for (int64_t a = 0; a <= n; ++a) {
+  for (int64_t a = 0; a < n; ++a) {
     for (int64_t s = 0; s < g.count(a); s += kBlock) blocks.push_back({a, g.begin(a) + s, std::min(kBlock, g.count(a) - s)});
   }
   const float* xp = x2d.const_data_ptr<float>();
   const int64_t ldx = x2d.stride(0);
   const float* Ap = A.const_data_ptr<float>();
   const float* Btp = Bt.const_data_ptr<float>();
-  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   // grain: enough blocks to cover ~1M multiply-adds per task
@@ -176,14 +194,11 @@ void fused_forward_f32(Tensor& y, Tensor& h, const Tensor& x2d, const optional<T
         xr[m] = xp + row * ldx;
         yr[m] = yp + row * out;
       }
-      if (blk.a == n) {  // base rows: y = bias (or 0), h stays 0
-        for (int64_t m = 0; m < blk.len; ++m) {
-          if (bp) std::copy(bp, bp + out, yr[m]);
-          else std::fill(yr[m], yr[m] + out, 0.f);
-        }
+      rowdot_ptrs(xr, blk.len, Ap + blk.a * r * in, in, r, hs, r);
+      if (!expand) {
+        for (int64_t m = 0; m < blk.len; ++m) std::copy(hs + m * r, hs + (m + 1) * r, hp + g.order[blk.start + m] * r);
         continue;
       }
-      rowdot_ptrs(xr, blk.len, Ap + blk.a * r * in, in, r, hs, r);
       const float s = static_cast<float>(scales[blk.a]);
       for (int64_t m = 0; m < blk.len; ++m) {
         float* hrow = hp + g.order[blk.start + m] * r;
@@ -192,7 +207,7 @@ void fused_forward_f32(Tensor& y, Tensor& h, const Tensor& x2d, const optional<T
           hs[m * r + k] *= s;
         }
       }
-      expand_ptrs(hs, blk.len, Btp + blk.a * r * out, r, out, bp, yr);
+      expand_ptrs(hs, blk.len, Btp + blk.a * r * out, r, out, yr);
     }
   });
 }
@@ -217,9 +232,31 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   if (fast) {
     // lora_B given as the transpose of a contiguous [n, r, out] stack (the module's layout) is used as is
     const Tensor Bt = lora_B.transpose(1, 2).to(acc).contiguous();
-    const optional<Tensor> bias_c = bias ? optional<Tensor>(bias->contiguous()) : std::nullopt;
-    fused_forward_f32(y, h, x2d, bias_c, A_acc, Bt, scales, g);
-    y.addmm_(x2d, weight.t());
+    const auto runs = row_runs(g, N);
+    if (N * out >= (int64_t(1) << 22) && static_cast<int64_t>(runs.size()) * 8 <= N) {
+      // Large outputs in long runs of one adapter (prefill): y = bias + s_a h B[a]^T run by run
+      // through BLAS, which writes y's fresh pages once, then the base GEMM accumulates into y
+      // (beta = 1), as lora_linear does.
+      fused_lora_f32(y, h, x2d, A_acc, Bt, scales, g, /*expand=*/false);
+      for (const auto& [start, len, a] : runs) {
+        Tensor yv = y.narrow(0, start, len);
+        if (a < 0) {
+          if (bias) yv.copy_(bias->expand({len, out}));
+          else yv.zero_();
+        } else if (bias) {
+          at::addmm_out(yv, *bias, h.narrow(0, start, len), Bt[a], 1, scales[a]);
+        } else {
+          at::addmm_out(yv, yv, h.narrow(0, start, len), Bt[a], 0, scales[a]);
+        }
+      }
+      y.addmm_(x2d, weight.t());
+    } else {
+      // Small outputs or short runs (decode): the base GEMM first, then the LoRA rows are added
+      // in place by the fused kernel (y is small enough to stay in cache).
+      if (bias) at::addmm_out(y, *bias, x2d, weight.t());
+      else at::mm_out(y, x2d, weight.t());
+      fused_lora_f32(y, h, x2d, A_acc, Bt, scales, g, /*expand=*/true);
+    }
     return {y.view(out_shape), h};
   }
 

@@ -34,7 +34,7 @@ __attribute__((target("avx2,fma"))) void rowdot_block(
   const int64_t K8 = K & ~int64_t(7);
   for (int64_t j = 0; j < K8; j += 8) {
     __m256 w[KB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int b = 0; b < KB; ++b) w[b] = _mm256_loadu_ps(W + b * K + j);
 #pragma GCC unroll 4
     for (int a = 0; a < NB; ++a) {
@@ -58,6 +58,9 @@ template <int NB>
 __attribute__((target("avx2,fma"))) void rowdot_rows(
     const float* const* X, const float* W, int64_t K, int64_t R, float* out, int64_t ldo) {
   int64_t k0 = 0;
+  if constexpr (NB == 1) {  // one row: 8 accumulator chains instead of 4 (FMA latency)
+    for (; k0 + 8 <= R; k0 += 8) rowdot_block<1, 8>(X, W + k0 * K, K, out + k0, ldo);
+  }
   for (; k0 + 4 <= R; k0 += 4) rowdot_block<NB, 4>(X, W + k0 * K, K, out + k0, ldo);
   switch (R - k0) {
     case 3: rowdot_block<NB, 3>(X, W + k0 * K, K, out + k0, ldo); break;
@@ -67,27 +70,45 @@ __attribute__((target("avx2,fma"))) void rowdot_rows(
   }
 }
 
-// MB output rows: y[m][o] = bias[o] + sum_k hs[m][k] * Wt[k][o], 8 columns at a time.
-template <int MB>
-__attribute__((target("avx2,fma"))) void expand_block(
-    const float* hs, int64_t R, const float* Wt, int64_t out, const float* bias, float* const* y) {
-  const int64_t O8 = out & ~int64_t(7);
-  for (int64_t o = 0; o < O8; o += 8) {
-    __m256 acc[MB];
-    const __m256 b0 = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+// MB output rows, OV x 8 columns at a time from column o0 while they fit:
+// y[m][o] += sum_k hs[m][k] * Wt[k][o]; MB * OV independent accumulator chains.
+// Returns the first column not done.
+template <int MB, int OV>
+__attribute__((target("avx2,fma"))) int64_t expand_cols(
+    const float* hs, int64_t R, const float* Wt, int64_t out, float* const* y, int64_t o0) {
+  int64_t o = o0;
+  for (; o + 8 * OV <= out; o += 8 * OV) {
+    __m256 acc[MB][OV];
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) acc[m] = b0;
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < OV; ++v) acc[m][v] = _mm256_loadu_ps(y[m] + o + 8 * v);
     for (int64_t k = 0; k < R; ++k) {
-      const __m256 w = _mm256_loadu_ps(Wt + k * out + o);
+      __m256 w[OV];
 #pragma GCC unroll 4
-      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(hs + m * R + k), w, acc[m]);
+      for (int v = 0; v < OV; ++v) w[v] = _mm256_loadu_ps(Wt + k * out + o + 8 * v);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const __m256 hk = _mm256_broadcast_ss(hs + m * R + k);
+#pragma GCC unroll 4
+        for (int v = 0; v < OV; ++v) acc[m][v] = _mm256_fmadd_ps(hk, w[v], acc[m][v]);
+      }
     }
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(y[m] + o, acc[m]);
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < OV; ++v) _mm256_storeu_ps(y[m] + o + 8 * v, acc[m][v]);
   }
-  for (int64_t o = O8; o < out; ++o) {
+  return o;
+}
+
+template <int MB, int OV>
+void expand_rows(const float* hs, int64_t R, const float* Wt, int64_t out, float* const* y) {
+  int64_t o = expand_cols<MB, OV>(hs, R, Wt, out, y, 0);
+  o = expand_cols<MB, 1>(hs, R, Wt, out, y, o);
+  for (; o < out; ++o) {
     for (int m = 0; m < MB; ++m) {
-      float v = bias ? bias[o] : 0.f;
+      float v = y[m][o];
       for (int64_t k = 0; k < R; ++k) v += hs[m * R + k] * Wt[k * out + o];
       y[m][o] = v;
     }
@@ -107,12 +128,17 @@ void rowdot_ptrs(const float* const* rows, int64_t nrows, const float* W, int64_
   if (nrows - m == 1) rowdot_rows<1>(rows + m, W, K, R, out + m * ldo, ldo);
 }
 
-void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, const float* bias,
-                 float* const* yrows) {
+void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, float* const* yrows) {
   TORCH_INTERNAL_ASSERT(cpu_has_avx2_fma());
+  // 8 accumulator chains per step whatever the row count (FMA latency x throughput)
   int64_t m = 0;
-  for (; m + 4 <= nrows; m += 4) expand_block<4>(hs + m * R, R, Wt, out, bias, yrows + m);
-  for (; m < nrows; ++m) expand_block<1>(hs + m * R, R, Wt, out, bias, yrows + m);
+  for (; m + 4 <= nrows; m += 4) expand_rows<4, 2>(hs + m * R, R, Wt, out, yrows + m);
+  switch (nrows - m) {
+    case 3: expand_rows<3, 2>(hs + m * R, R, Wt, out, yrows + m); break;
+    case 2: expand_rows<2, 4>(hs + m * R, R, Wt, out, yrows + m); break;
+    case 1: expand_rows<1, 4>(hs + m * R, R, Wt, out, yrows + m); break;
+    default: break;
+  }
 }
 
 bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W) {

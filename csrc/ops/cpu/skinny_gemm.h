@@ -20,8 +20,7 @@ bool has_avx2_fma();
 // out[m * ldo + k] = dot(rows[m][0..K), W[k]) for m < nrows, k < R.
 void rowdot_ptrs(const float* const* rows, int64_t nrows, const float* W, int64_t K, int64_t R, float* out,
                  int64_t ldo);
-// yrows[m][o] = (bias ? bias[o] : 0) + sum_k hs[m * R + k] * Wt[k * out + o], written (not accumulated).
-void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, const float* bias,
-                 float* const* yrows);
+// yrows[m][o] += sum_k hs[m * R + k] * Wt[k * out + o] (accumulated into the rows).
+void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int64_t out, float* const* yrows);
 
 }  // namespace lora_ext::cpu
