@@ -308,3 +308,22 @@ def test_bad_grouping_is_refused():
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets[:-1])
     with pytest.raises(ValueError, match="group_offsets"):
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets.flip(0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["runs", "scattered"])
+def test_large_outputs_take_the_run_and_fused_paths(bias, layout):
+    # N * out >= 2^22 with long same-adapter runs takes the BLAS run path; scattered ids the fused one
+    N, i, o, ranks = 1024, 24, 4096, [16, 3, 7, 16]
+    x, w, b, A, B, s, _ = make_multi((N,), i, o, ranks, torch.float32, torch.float32, bias=bias)
+    g = torch.Generator().manual_seed(3)
+    if layout == "runs":
+        ids = torch.randint(-1, 4, (N // 16,), generator=g).repeat_interleave(16)
+    else:
+        ids = torch.randint(-1, 4, (N,), generator=g)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    for a in range(4):
+        m = ids == a
+        want[m] += float(s[a]) * (x[m].double() @ A[a].double().T) @ B[a].double().T
+    for Bv in (B, B.transpose(1, 2).contiguous().transpose(1, 2)):
+        torch.testing.assert_close(multi(x, w, b, A, Bv, s, ids).double(), want, atol=2e-5, rtol=2e-5)
