@@ -1,0 +1,411 @@
+// CUDA kernels of the multi-adapter ops: lora_group_rows, lora_linear_multi and
+// the pieces of its autograd formula (same schemas and results as the CPU file).
+//
+// Rows are visited in grouped order (order[pos], adapter of pos from offsets),
+// so consecutive thread blocks work on the same adapter and its A/B stay in
+// L2. Three generic kernels, any in/out size, any rank, fp32 accumulation for
+// half/bf16 (fp64 for fp64), the [N, r_max] intermediate in the accumulation
+// dtype:
+//   shrink: out[row, k] = s * sum_j mask(x)[row, j] * W[a, k, j]     (h = x A^T; grad_h = s g B)
+//   expand: y[row, d]  += mask(s * sum_k h[row, k] * W[a, d, k])     (y += s h B^T; grad_x += mask(grad_h A))
+//   outer:  G[a, d, k]  = s * sum_{rows of a} mask(g)[row, d] * h[row, k]   (grad_B, grad_A)
+// The dense base products go through ATen (cuBLAS). Host and device meet in the
+// plain parameter structs below; every launch uses the input's device, the
+// current stream and a launch check; empty inputs return early.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+#include "ops/common/dropout_rng.h"
+#include "ops/common/op_utils.h"
+
+namespace lora_ext::cuda_multi {
+
+using at::Tensor;
+using std::optional;
+
+constexpr int kThreads = 256;
+constexpr int kRankChunk = 8;  // ranks per block in shrink / outer
+
+// ---------------------------------------------------------------- parameter structs
+struct Grouping {
+  const int64_t* order;       // [N] position -> row
+  const int32_t* pos_adapter; // [N] position -> adapter (n: base row)
+  const int64_t* offsets;     // [n + 2]
+  int64_t n;
+};
+
+template <typename T, typename acc_t>
+struct ShrinkParams {
+  const T* x;  // [N, K] by row
+  int64_t x_s0, x_s1;
+  const acc_t* w;  // [n, R, K]
+  int64_t w_s0, w_s1, w_s2;
+  const acc_t* scales;  // [n] or nullptr
+  acc_t* out;           // [N, R] contiguous, by row
+  int64_t K, R;
+  bool dropout;
+  detail::DropoutParams drop;  // mask on x element row * K + j
+};
+
+template <typename T, typename acc_t>
+struct ExpandParams {
+  const acc_t* h;  // [N, R] contiguous, by row
+  const acc_t* w;  // [n, D, R]
+  int64_t w_s0, w_s1, w_s2;
+  const acc_t* scales;  // [n] or nullptr
+  T* y;                 // [N, D] by row, accumulated into
+  int64_t y_s0, y_s1;
+  int64_t D, R;
+  bool dropout;
+  detail::DropoutParams drop;  // mask on output element row * D + d
+};
+
+template <typename T, typename acc_t>
+struct OuterParams {
+  const T* g;  // [N, D] by row
+  int64_t g_s0, g_s1;
+  const acc_t* h;  // [N, R] contiguous
+  const acc_t* scales;  // [n] or nullptr
+  acc_t* out;           // [n, D, R] contiguous
+  int64_t D, R;
+  bool dropout;
+  detail::DropoutParams drop;  // mask on g element row * D + d
+};
+
+// ---------------------------------------------------------------- kernels
+template <typename acc_t>
+__device__ acc_t keep_scale(const detail::DropoutParams& d, uint64_t e) {
+  return detail::dropout_keep(d, e) ? static_cast<acc_t>(d.scale_d) : acc_t(0);
+}
+
+template <typename T, typename acc_t>
+__global__ void multi_shrink_kernel(ShrinkParams<T, acc_t> p, Grouping g) {
+  const int64_t pos = blockIdx.x;
+  const int64_t a = g.pos_adapter[pos];
+  if (a >= g.n) return;  // base row: stays 0
+  const int64_t row = g.order[pos];
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kRankChunk;
+  const int kc = static_cast<int>(p.R - k0 < kRankChunk ? p.R - k0 : kRankChunk);
+  acc_t acc[kRankChunk];
+#pragma unroll
+  for (int c = 0; c < kRankChunk; ++c) acc[c] = acc_t(0);
+  const T* xr = p.x + row * p.x_s0;
+  const acc_t* wa = p.w + a * p.w_s0 + k0 * p.w_s1;
+  for (int64_t j = threadIdx.x; j < p.K; j += blockDim.x) {
+    acc_t v = static_cast<acc_t>(xr[j * p.x_s1]);
+    if (p.dropout) v *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.K + j);
+#pragma unroll
+    for (int c = 0; c < kRankChunk; ++c) {
+      if (c < kc) acc[c] += v * wa[c * p.w_s1 + j * p.w_s2];
+    }
+  }
+  __shared__ acc_t red[kRankChunk][kThreads];
+#pragma unroll
+  for (int c = 0; c < kRankChunk; ++c) red[c][threadIdx.x] = acc[c];
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+#pragma unroll
+      for (int c = 0; c < kRankChunk; ++c) red[c][threadIdx.x] += red[c][threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < kc) {
+    const acc_t s = p.scales ? p.scales[a] : acc_t(1);
+    p.out[row * p.R + k0 + threadIdx.x] = red[threadIdx.x][0] * s;
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void multi_expand_kernel(ExpandParams<T, acc_t> p, Grouping g) {
+  extern __shared__ unsigned char smem[];
+  acc_t* hs = reinterpret_cast<acc_t*>(smem);
+  const int64_t pos = blockIdx.x;
+  const int64_t a = g.pos_adapter[pos];
+  if (a >= g.n) return;  // base row: nothing to add
+  const int64_t row = g.order[pos];
+  for (int64_t k = threadIdx.x; k < p.R; k += blockDim.x) hs[k] = p.h[row * p.R + k];
+  __syncthreads();
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (d >= p.D) return;
+  const acc_t* wa = p.w + a * p.w_s0 + d * p.w_s1;
+  acc_t acc = 0;
+  for (int64_t k = 0; k < p.R; ++k) acc += hs[k] * wa[k * p.w_s2];
+  if (p.scales) acc *= p.scales[a];
+  if (p.dropout) acc *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.D + d);
+  T* out = p.y + row * p.y_s0 + d * p.y_s1;
+  *out = static_cast<T>(static_cast<acc_t>(*out) + acc);
+}
+
+template <typename T, typename acc_t>
+__global__ void multi_outer_kernel(OuterParams<T, acc_t> p, Grouping g) {
+  const int64_t a = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kRankChunk;
+  const int kc = static_cast<int>(p.R - k0 < kRankChunk ? p.R - k0 : kRankChunk);
+  if (d >= p.D) return;
+  acc_t acc[kRankChunk];
+#pragma unroll
+  for (int c = 0; c < kRankChunk; ++c) acc[c] = acc_t(0);
+  for (int64_t q = g.offsets[a]; q < g.offsets[a + 1]; ++q) {
+    const int64_t row = g.order[q];
+    acc_t v = static_cast<acc_t>(p.g[row * p.g_s0 + d * p.g_s1]);
+    if (p.dropout) v *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.D + d);
+    const acc_t* hr = p.h + row * p.R + k0;
+#pragma unroll
+    for (int c = 0; c < kRankChunk; ++c) {
+      if (c < kc) acc[c] += v * hr[c];
+    }
+  }
+  const acc_t s = p.scales ? p.scales[a] : acc_t(1);
+  acc_t* o = p.out + (a * p.D + d) * p.R + k0;
+  for (int c = 0; c < kc; ++c) o[c] = acc[c] * s;
+}
+
+// ---------------------------------------------------------------- host helpers
+struct DeviceGroups {
+  Tensor order, pos_adapter, offsets;
+  Grouping view(int64_t n) const {
+    return {order.const_data_ptr<int64_t>(), pos_adapter.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
+            n};
+  }
+};
+
+DeviceGroups device_groups(const Tensor& order, const Tensor& offsets, int64_t N, int64_t n) {
+  DeviceGroups g;
+  g.order = order.contiguous();
+  g.offsets = offsets.contiguous();
+  const Tensor counts = g.offsets.narrow(0, 1, n + 1) - g.offsets.narrow(0, 0, n + 1);
+  g.pos_adapter = at::repeat_interleave(at::arange(n + 1, order.options().dtype(at::kInt)), counts, 0, N);
+  return g;
+}
+
+std::optional<detail::DropoutParams> dropout_of(const optional<Tensor>& seed, double p) {
+  if (!(seed.has_value() && seed->defined()) || p <= 0.0) return std::nullopt;
+  return detail::make_dropout_params(seed->item<int64_t>(), p);  // the seed lives on the host
+}
+
+template <typename T, typename acc_t>
+void shrink(Tensor& out, const Tensor& x2d, const Tensor& w, int64_t ws0, int64_t ws1, int64_t ws2,
+            const optional<Tensor>& scales, const std::optional<detail::DropoutParams>& drop, const DeviceGroups& g,
+            int64_t n) {
+  const int64_t N = x2d.size(0), R = out.size(1);
+  if (N == 0 || R == 0) return;
+  ShrinkParams<T, acc_t> p{x2d.const_data_ptr<T>(), x2d.stride(0), x2d.stride(1), w.const_data_ptr<acc_t>(), ws0, ws1,
+                           ws2, scales ? scales->const_data_ptr<acc_t>() : nullptr, out.data_ptr<acc_t>(),
+                           x2d.size(1), R, drop.has_value(), drop.value_or(detail::DropoutParams{})};
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((R + kRankChunk - 1) / kRankChunk));
+  multi_shrink_kernel<T, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename acc_t>
+void expand(Tensor& y2d, const Tensor& h, const Tensor& w, int64_t ws0, int64_t ws1, int64_t ws2,
+            const optional<Tensor>& scales, const std::optional<detail::DropoutParams>& drop, const DeviceGroups& g,
+            int64_t n) {
+  const int64_t N = y2d.size(0), D = y2d.size(1), R = h.size(1);
+  if (N == 0 || D == 0) return;
+  ExpandParams<T, acc_t> p{h.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), ws0, ws1, ws2,
+                           scales ? scales->const_data_ptr<acc_t>() : nullptr, y2d.data_ptr<T>(), y2d.stride(0),
+                           y2d.stride(1), D, R, drop.has_value(), drop.value_or(detail::DropoutParams{})};
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((D + kThreads - 1) / kThreads));
+  multi_expand_kernel<T, acc_t><<<grid, kThreads, R * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename acc_t>
+Tensor outer(const Tensor& g2d, const Tensor& h, const optional<Tensor>& scales,
+             const std::optional<detail::DropoutParams>& drop, const DeviceGroups& g, int64_t n) {
+  const int64_t D = g2d.size(1), R = h.size(1);
+  Tensor out = at::zeros({n, D, R}, h.options());
+  if (n == 0 || D == 0 || g2d.size(0) == 0) return out;
+  OuterParams<T, acc_t> p{g2d.const_data_ptr<T>(), g2d.stride(0), g2d.stride(1), h.const_data_ptr<acc_t>(),
+                          scales ? scales->const_data_ptr<acc_t>() : nullptr, out.data_ptr<acc_t>(), D, R,
+                          drop.has_value(), drop.value_or(detail::DropoutParams{})};
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((D + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((R + kRankChunk - 1) / kRankChunk));
+  multi_outer_kernel<T, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---------------------------------------------------------------- ops
+std::tuple<Tensor, Tensor> group_rows_cuda(const Tensor& ids, int64_t n) {
+  const char* op = "lora_group_rows";
+  TORCH_CHECK(ids.dim() == 1, "lora_ext::", op, ": expected adapter_ids of shape [N], got ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "lora_ext::", op,
+              ": expected adapter_ids of dtype int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(n >= 0, "lora_ext::", op, ": expected n_adapters >= 0, got ", n);
+  c10::cuda::CUDAGuard guard(ids.device());
+  const Tensor ids64 = ids.to(at::kLong);
+  if (ids.numel() > 0) {
+    const auto lo = ids64.min().item<int64_t>(), hi = ids64.max().item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= -1 && hi < n, "lora_ext::", op, ": expected adapter ids in [-1, ", n,
+                      ") (-1 = base only; n_adapters = ", n, "), got values in [", lo, ", ", hi, "]");
+  }
+  const Tensor slot = at::where(ids64 < 0, at::full_like(ids64, n), ids64);
+  const Tensor order = std::get<1>(at::sort(slot, /*stable=*/true, 0, false));
+  const Tensor counts = at::bincount(slot, {}, n + 1);
+  const Tensor offsets = at::cat({at::zeros({1}, counts.options()), at::cumsum(counts, 0)});
+  return {order, offsets};
+}
+
+// Checks (on the device, a few syncs) that (order, offsets) is the grouping of adapter_ids.
+void check_groups(const char* op, const Tensor& ids, const DeviceGroups& g, int64_t N, int64_t n) {
+  const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
+  const Tensor off = g.offsets;
+  TORCH_CHECK_VALUE(off[0].item<int64_t>() == 0 && off[n + 1].item<int64_t>() == N &&
+                        (off.narrow(0, 1, n + 1) >= off.narrow(0, 0, n + 1)).all().item<bool>(),
+                    "lora_ext::", op, ": expected non-decreasing group_offsets from 0 to N = ", N, hint);
+  if (N == 0) return;
+  TORCH_CHECK_VALUE((g.order >= 0).logical_and(g.order < N).all().item<bool>() &&
+                        at::bincount(g.order, {}, N).eq(1).all().item<bool>(),
+                    "lora_ext::", op, ": expected group_order to be a permutation of 0..N-1", hint);
+  const Tensor ids64 = ids.to(at::kLong);
+  const Tensor slot = at::where(ids64 < 0, at::full_like(ids64, n), ids64);
+  TORCH_CHECK_VALUE(slot.index_select(0, g.order).eq(g.pos_adapter.to(at::kLong)).all().item<bool>(), "lora_ext::",
+                    op, ": group_order / group_offsets do not match adapter_ids", hint);
+}
+
+std::tuple<Tensor, Tensor> multi_forward_impl(
+    const char* op, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets,
+    double dropout_p, const optional<Tensor>& seed) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = x2d.size(0);
+  Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
+  const auto out_shape = detail::with_last(x.sizes(), out);
+  const DeviceGroups g = device_groups(order, offsets, N, n);
+  check_groups(op, adapter_ids, g, N, n);
+  if (N == 0) return {at::empty(out_shape, x.options()), h};
+  TORCH_CHECK_VALUE(at::isfinite(scales).all().item<bool>(), "lora_ext::", op, ": expected finite scales");
+  const bool has_bias = bias_.has_value() && bias_->defined();
+  Tensor y = has_bias ? at::addmm(*bias_, x2d, weight.t()) : at::mm(x2d, weight.t());
+  const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
+  const optional<Tensor> s = scales.to(acc).contiguous();
+  const auto drop = dropout_of(seed, dropout_p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_multi_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    shrink<scalar_t, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
+    expand<scalar_t, acc_t>(y, h, B, B.stride(0), B.stride(1), B.stride(2), s, std::nullopt, g, n);
+  });
+  return {y.view(out_shape), h};
+}
+
+Tensor lora_linear_multi_cuda(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
+    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+  const char* op = "lora_linear_multi";
+  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
+                                       group_order, group_offsets);
+  Tensor order, offsets;
+  if (group_order.has_value() && group_order->defined()) {
+    order = *group_order;
+    offsets = *group_offsets;
+  } else {
+    std::tie(order, offsets) = group_rows_cuda(adapter_ids, lora_A.size(0));
+  }
+  const double p = training ? dropout_p : 0.0;
+  return std::get<0>(multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, p,
+                                        detail::draw_dropout_seed(p)));
+}
+
+std::tuple<Tensor, Tensor> lora_linear_multi_forward_cuda(
+    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets, double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_forward";
+  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
+                                       offsets);
+  detail::check_seed(op, seed, dropout_p);
+  return multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p, seed);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
+    const Tensor& grad_y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales,
+    const Tensor& order, const Tensor& offsets, const Tensor& h, double dropout_p, const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_backward_lora";
+  detail::check_seed(op, seed, dropout_p);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
+              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected grad_y of dtype ",
+              x.scalar_type(), ", got ", grad_y.scalar_type());
+  detail::check_grouping(op, order, offsets, N, n);
+  const DeviceGroups g = device_groups(order, offsets, N, n);
+  const Tensor B = lora_B.to(acc);
+  const optional<Tensor> s = scales.to(acc).contiguous();
+  const auto drop = dropout_of(seed, dropout_p);
+  const Tensor hc = h.contiguous();
+  Tensor gh = at::zeros({N, r}, h.options());
+  Tensor gA, gB;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_multi_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // grad_h[row, k] = s_a sum_o g[row, o] B[a, o, k]: B read as [n, r, out]
+    shrink<scalar_t, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
+    gB = outer<scalar_t, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
+    gA = outer<scalar_t, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
+  });
+  return {gA.contiguous().to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+}
+
+Tensor lora_linear_multi_backward_input_cuda(
+    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, const Tensor& order,
+    const Tensor& offsets, double dropout_p, const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_multi_backward_input";
+  detail::check_seed(op, seed, dropout_p);
+  c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
+              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
+              grad_h.sizes(), " ", grad_h.scalar_type());
+  detail::check_grouping(op, order, offsets, N, n);
+  const auto shape = detail::with_last(grad_y.sizes(), in);
+  if (N == 0) return at::empty(shape, grad_y.options());
+  const DeviceGroups g = device_groups(order, offsets, N, n);
+  Tensor gx = at::mm(g2d, weight);
+  const Tensor A = lora_A.to(acc);
+  const Tensor ghc = grad_h.contiguous();
+  const auto drop = dropout_of(seed, dropout_p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "lora_linear_multi_bwd_in_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // grad_x[row, j] += mask(sum_k grad_h[row, k] A[a, k, j]): A read as [n, in, r]
+    expand<scalar_t, acc_t>(gx, ghc, A, A.stride(0), A.stride(2), A.stride(1), std::nullopt, drop, g, n);
+  });
+  return gx.view(shape);
+}
+
+}  // namespace lora_ext::cuda_multi
+
+namespace lora_ext {
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("lora_group_rows", &cuda_multi::group_rows_cuda);
+  m.impl("lora_linear_multi", &cuda_multi::lora_linear_multi_cuda);
+  m.impl("_lora_linear_multi_forward", &cuda_multi::lora_linear_multi_forward_cuda);
+  m.impl("_lora_linear_multi_backward_lora", &cuda_multi::lora_linear_multi_backward_lora_cuda);
+  m.impl("_lora_linear_multi_backward_input", &cuda_multi::lora_linear_multi_backward_input_cuda);
+}
+}  // namespace lora_ext

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One command for a machine with a GPU (torch, cmake, ninja, pybind11, scikit-build-core installed; no
+# internet needed): build lora_ext for this GPU, run the CUDA tests, then the GPU benchmark table.
+#
+#   bash scripts/gpu_check.sh            # uses `python3`; PYTHON=/path/to/python to choose
+#
+# Finishes in a few minutes (the build is most of it). Prints the table benchmarks/RESULTS.md keeps.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+ARCH="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
+echo "[gpu-check] building for TORCH_CUDA_ARCH_LIST=$ARCH" >&2
+start=$(date +%s)
+TORCH_CUDA_ARCH_LIST="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/gpu-{wheel_tag} "$ROOT"
+echo "[gpu-check] built in $(( $(date +%s) - start )) s" >&2
+"$PY" -P -c "import lora_ext; info = lora_ext.build_info(); assert info['with_cuda'], info; print(info)"
+echo "[gpu-check] CUDA tests" >&2
+"$PY" -P -m pytest tests/test_cuda.py -q -x -p no:cacheprovider || { echo "[gpu-check] CUDA tests FAILED" >&2; FAILED=1; }
+echo "[gpu-check] benchmark" >&2
+"$PY" -P benchmarks/bench_gpu.py "$@"
+exit "${FAILED:-0}"

@@ -1,0 +1,80 @@
+"""lora_linear_multi / lora_group_rows on CUDA against the CPU kernels and the float64 reference
+(skipped without a CUDA device; scripts/gpu_check.sh runs them on a GPU machine)."""
+import pytest
+import torch
+
+from reference import GRAD_TOL, TOL
+from test_lora_linear_multi_op import make_multi, ref_multi
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+multi = torch.ops.lora_ext.lora_linear_multi
+group = torch.ops.lora_ext.lora_group_rows
+DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+          (torch.float16, torch.float16)]
+SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 4097, 17, [1]), ((0,), 16, 12, [4, 2]),
+          ((64,), 64, 300, [128, 8, 1]), ((20,), 9, 33, [16, 1, 3, 7])]
+
+
+def cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype,adtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_reference(dtype, adtype, shape):
+    lead, i, o, ranks = shape
+    args = make_multi(lead, i, o, ranks, dtype, adtype)
+    y = multi(*cuda(*args))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref_multi(*args, ranks), atol=atol, rtol=rtol)
+    order, offsets = group(args[-1].cuda(), len(ranks))
+    o_cpu, off_cpu = group(args[-1], len(ranks))
+    assert torch.equal(order.cpu(), o_cpu) and torch.equal(offsets.cpu(), off_cpu)
+
+
+@pytest.mark.parametrize("dtype,adtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_pieces_match_cpu_kernels_with_the_same_seed(dtype, adtype, p):
+    x, w, b, A, B, s, ids = make_multi((6, 11), 40, 24, [3, 1, 4], dtype, adtype)
+    Bn = B.transpose(1, 2).contiguous().transpose(1, 2)  # the module's layout
+    order, offsets = group(ids, 3)
+    seed = torch.tensor([1234567], dtype=torch.long) if p > 0 else None  # a host tensor, as autograd makes it
+    ref = torch.ops.lora_ext._lora_linear_multi_forward(x, w, b, A, Bn, s, ids, order, offsets, p, seed)
+    got = torch.ops.lora_ext._lora_linear_multi_forward(*cuda(x, w, b, A, Bn, s, ids, order, offsets), p, seed)
+    atol, rtol = GRAD_TOL[dtype]
+    for a_, b_ in zip(got, ref):
+        torch.testing.assert_close(a_.cpu().double(), b_.double(), atol=atol, rtol=rtol)
+    g = torch.randn_like(ref[0])
+    ref_l = torch.ops.lora_ext._lora_linear_multi_backward_lora(g, x, A, Bn, s, order, offsets, ref[1], p, seed)
+    got_l = torch.ops.lora_ext._lora_linear_multi_backward_lora(*cuda(g, x, A, Bn, s, order, offsets, ref[1]), p, seed)
+    for a_, b_ in zip(got_l, ref_l):
+        torch.testing.assert_close(a_.cpu().double(), b_.double(), atol=atol, rtol=rtol)
+    ref_i = torch.ops.lora_ext._lora_linear_multi_backward_input(g, w, A, ref_l[2], order, offsets, p, seed)
+    got_i = torch.ops.lora_ext._lora_linear_multi_backward_input(*cuda(g, w, A, ref_l[2], order, offsets), p, seed)
+    torch.testing.assert_close(got_i.cpu().double(), ref_i.double(), atol=atol, rtol=rtol)
+
+
+def test_gradients_gradcheck_and_opcheck_float64():
+    x, w, b, A, B, s, ids = cuda(*make_multi((3, 4), 7, 5, [3, 2], torch.float64, torch.float64))
+    for t in (x, w, b, A, B):
+        t.requires_grad_(True)
+
+    def fn(x, w, b, A, B):
+        torch.manual_seed(1234)
+        return multi(x, w, b, A, B, s, ids, 0.25, True)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, A, B))
+    torch.library.opcheck(multi.default, (x, w, b, A, B, s, ids, 0.0, False, None, None))
+    torch.library.opcheck(group.default, (ids, 2))
+
+
+def test_bad_ids_and_compile():
+    x, w, b, A, B, s, ids = cuda(*make_multi((10,), 8, 6, [2, 2, 2], torch.float32, torch.float32))
+    with pytest.raises(IndexError, match=r"lora_ext::lora_group_rows: expected adapter ids in \[-1, 3\)"):
+        multi(x, w, b, A, B, s, ids + 5)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, ids: multi(x, w, b, A, B, s, ids), fullgraph=True)
+    for seed in range(2):
+        ids = torch.randint(-1, 3, (10,), generator=torch.Generator().manual_seed(seed)).cuda()
+        torch.testing.assert_close(f(x, ids), multi(x, w, b, A, B, s, ids), atol=1e-5, rtol=1e-5)
