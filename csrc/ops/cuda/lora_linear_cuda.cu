@@ -75,6 +75,7 @@ std::tuple<Tensor, Tensor> forward_impl(
     double scale,
     double dropout_p,
     const optional<Tensor>& seed) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const Tensor x2d = x.reshape({-1, in});
@@ -83,7 +84,6 @@ std::tuple<Tensor, Tensor> forward_impl(
   if (N == 0) {
     return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
   const bool has_bias = bias.has_value() && bias->defined();
@@ -161,6 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
     const optional<Tensor>& seed) {
   const char* op = "_lora_linear_backward_lora";
   detail::check_seed(op, seed, dropout_p);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t in = lora_A.size(1), out = lora_B.size(0), r = lora_A.size(0);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
@@ -174,7 +175,6 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
   if (N == 0) {
     return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const c10::cuda::CUDAGuard guard(grad_y.device());
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor B_acc = lora_B.to(acc);
 
@@ -226,6 +226,7 @@ Tensor lora_linear_backward_input_cuda(
     const optional<Tensor>& seed) {
   const char* op = "_lora_linear_backward_input";
   detail::check_seed(op, seed, dropout_p);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
               "], got ", grad_y.sizes());
@@ -237,7 +238,6 @@ Tensor lora_linear_backward_input_cuda(
               grad_h.sizes(), " ", grad_h.scalar_type());
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
-  const c10::cuda::CUDAGuard guard(grad_y.device());
   const auto drop = dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);
 
