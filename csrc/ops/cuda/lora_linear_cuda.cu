@@ -1,0 +1,277 @@
+// CUDA kernels of lora_linear and of the pieces its autograd formula uses:
+// the same semantics, outputs and validation as ops/cpu/lora_linear_cpu.cpp.
+//
+// The GEMMs run through ATen (cuBLAS). The output is built without
+// output-sized temporaries: y = bias + scale * h B^T first, then the base GEMM
+// accumulates into it (beta = 1). For a half/bfloat16 x (float32 LoRA branch)
+// the float32 low-rank term is computed in bounded row chunks and added into
+// the half/bf16 base product with one rounding (add_scaled_ kernel).
+// Dropout: h = dropout(x) A^T comes from a kernel that masks x while reading it
+// (dropout_cuda.cu); the backward regenerates the same mask from the seed,
+// which is the mask the CPU kernels draw for that seed.
+#include <algorithm>
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops/common/checks.h"
+#include "ops/common/dropout_rng.h"
+#include "ops/common/op_utils.h"
+#include "ops/cuda/dropout_cuda.h"
+
+namespace lora_ext::cuda {
+
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// Upper bound on the bytes of one temporary row-chunk buffer (conversions of
+// half/bf16 operands to float32, masked chunks of x, float32 low-rank terms).
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+
+int64_t chunk_rows(int64_t cols, at::ScalarType t) {
+  const int64_t row_bytes = std::max<int64_t>(1, cols) * static_cast<int64_t>(c10::elementSize(t));
+  return std::max<int64_t>(1, kChunkBytes / row_bytes);
+}
+
+// The seed is a one-element int64 tensor on the CPU (drawn by at::randint), so
+// reading it does not synchronise with the device.
+optional<detail::DropoutParams> dropout_from_seed(const optional<Tensor>& seed, double dropout_p) {
+  if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
+  return detail::make_dropout_params(seed->item<int64_t>(), dropout_p);
+}
+
+// a2d [N, k] (any float dtype) @ w [m, k]^T -> [N, m] in w's dtype (float32 /
+// float64). With dropout the masking shrink kernel; a2d in w's dtype: one
+// GEMM; otherwise rows converted in bounded chunks, one GEMM per chunk.
+Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
+  const auto acc = w.scalar_type();
+  const int64_t N = a2d.size(0), k = a2d.size(1);
+  if (drop) return dropout_shrink(a2d, w, drop);
+  if (a2d.scalar_type() == acc) return at::mm(a2d, w.t());
+  Tensor out = at::empty({N, w.size(0)}, w.options());
+  if (N == 0) return out;
+  const int64_t rows = std::min(N, chunk_rows(k, acc));
+  Tensor buf = at::empty({rows, k}, w.options());
+  for (int64_t s = 0; s < N; s += rows) {
+    const int64_t n = std::min(rows, N - s);
+    Tensor bv = buf.narrow(0, 0, n);
+    bv.copy_(a2d.narrow(0, s, n));
+    Tensor ov = out.narrow(0, s, n);
+    at::mm_out(ov, bv, w.t());
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> forward_impl(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = x2d.size(0);
+  const auto out_shape = detail::with_last(x.sizes(), out);
+  if (N == 0) {
+    return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
+  }
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
+  const bool has_bias = bias.has_value() && bias->defined();
+
+  // h = dropout(x) A^T, [N, r]: the only extra buffer.
+  Tensor h = mm_rows(x2d, A_acc, drop);
+
+  Tensor y = at::empty({N, out}, x.options());
+  if (x.scalar_type() == acc) {
+    // y = bias + scale * h B^T first, then the base GEMM accumulates into y.
+    if (has_bias) {
+      at::addmm_out(y, *bias, h, B_acc.t(), /*beta=*/1, /*alpha=*/scale);
+    } else {
+      at::addmm_out(y, y, h, B_acc.t(), /*beta=*/0, /*alpha=*/scale);
+    }
+    y.addmm_(x2d, weight.t());
+  } else {
+    // Half/bf16 output with a float32 branch: scale * h B^T in float32 row
+    // chunks, each rounded once into y.
+    if (has_bias) {
+      at::addmm_out(y, *bias, x2d, weight.t());
+    } else {
+      at::mm_out(y, x2d, weight.t());
+    }
+    const int64_t rows = std::min(N, chunk_rows(out, acc));
+    Tensor buf = at::empty({rows, out}, A_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      at::mm_out(bv, h.narrow(0, s, n), B_acc.t());
+      Tensor yv = y.narrow(0, s, n);
+      add_scaled_(yv, bv, scale);
+    }
+  }
+  return {y.view(out_shape), h};
+}
+
+Tensor lora_linear_cuda(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    bool training) {
+  detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  const double p = training ? dropout_p : 0.0;
+  const optional<Tensor> seed = detail::draw_dropout_seed(p);
+  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scale, p, seed));
+}
+
+std::tuple<Tensor, Tensor> lora_linear_forward_cuda(
+    const Tensor& x,
+    const Tensor& weight,
+    const optional<Tensor>& bias,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  detail::check_seed("_lora_linear_forward", seed, dropout_p);
+  return forward_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
+    const Tensor& grad_y,
+    const Tensor& x,
+    const Tensor& lora_A,
+    const Tensor& lora_B,
+    const Tensor& h,
+    double scale,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_backward_lora";
+  detail::check_seed(op, seed, dropout_p);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t in = lora_A.size(1), out = lora_B.size(0), r = lora_A.size(0);
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor x2d = x.reshape({-1, in});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
+              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
+  if (N == 0) {
+    return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
+  }
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor B_acc = lora_B.to(acc);
+
+  // grad_B = scale * grad_y^T h and grad_h = scale * grad_y B: one pass over
+  // grad_y (converted in row chunks when it is not in the accumulation dtype).
+  Tensor gB = at::empty({out, r}, B_acc.options());
+  Tensor gh = at::empty({N, r}, B_acc.options());
+  if (g2d.scalar_type() == acc) {
+    at::addmm_out(gB, gB, g2d.t(), h, /*beta=*/0, /*alpha=*/scale);
+    at::addmm_out(gh, gh, g2d, B_acc, /*beta=*/0, /*alpha=*/scale);
+  } else {
+    gB.zero_();
+    const int64_t rows = std::min(N, chunk_rows(out, acc));
+    Tensor buf = at::empty({rows, out}, B_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      bv.copy_(g2d.narrow(0, s, n));
+      gB.addmm_(bv.t(), h.narrow(0, s, n), /*beta=*/1, /*alpha=*/scale);
+      Tensor gv = gh.narrow(0, s, n);
+      at::addmm_out(gv, gv, bv, B_acc, /*beta=*/0, /*alpha=*/scale);
+    }
+  }
+
+  // grad_A = grad_h^T dropout(x), with x converted / masked in row chunks.
+  Tensor gA;
+  if (!drop && x2d.scalar_type() == acc) {
+    gA = at::mm(gh.t(), x2d);
+  } else {
+    gA = at::zeros({r, in}, B_acc.options());
+    const int64_t rows = std::min(N, chunk_rows(in, acc));
+    Tensor buf = at::empty({rows, in}, B_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      dropout_rows(bv, x2d.narrow(0, s, n), s, drop);  // convert (+ mask) in one pass
+      gA.addmm_(gh.narrow(0, s, n).t(), bv);
+    }
+  }
+  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+}
+
+Tensor lora_linear_backward_input_cuda(
+    const Tensor& grad_y,
+    const Tensor& weight,
+    const Tensor& lora_A,
+    const Tensor& grad_h,
+    double dropout_p,
+    const optional<Tensor>& seed) {
+  const char* op = "_lora_linear_backward_input";
+  detail::check_seed(op, seed, dropout_p);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
+              "], got ", grad_y.sizes());
+  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const int64_t N = g2d.size(0);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
+              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
+              grad_h.sizes(), " ", grad_h.scalar_type());
+  const auto shape = detail::with_last(grad_y.sizes(), in);
+  if (N == 0) return at::empty(shape, grad_y.options());
+  const auto drop = dropout_from_seed(seed, dropout_p);
+  const Tensor A_acc = lora_A.to(acc);
+
+  Tensor gx;
+  if (grad_y.scalar_type() == acc) {
+    // mask/(1-p) * (grad_h A) first (masked in place), then the big GEMM
+    // accumulates into it (beta = 1): no extra pass over grad_x.
+    gx = at::mm(grad_h, A_acc);
+    if (drop) dropout_rows(gx, gx, 0, drop);
+    gx.addmm_(g2d, weight);
+  } else {
+    // half/bf16 grad_x: float32 chunks of grad_h A, masked and rounded once
+    // into the base product by one elementwise kernel.
+    gx = at::mm(g2d, weight);
+    const int64_t rows = std::min(N, chunk_rows(in, acc));
+    Tensor buf = at::empty({rows, in}, A_acc.options());
+    for (int64_t s = 0; s < N; s += rows) {
+      const int64_t n = std::min(rows, N - s);
+      Tensor bv = buf.narrow(0, 0, n);
+      at::mm_out(bv, grad_h.narrow(0, s, n), A_acc);
+      Tensor gv = gx.narrow(0, s, n);
+      add_scaled_(gv, bv, 1.0, s, drop);
+    }
+  }
+  return gx.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("_lora_linear_forward", &lora_linear_forward_cuda);
+  m.impl("_lora_linear_backward_input", &lora_linear_backward_input_cuda);
+  m.impl("_lora_linear_backward_lora", &lora_linear_backward_lora_cuda);
+}
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,67 @@
+#pragma once
+// Plain parameter structs passed by value from the host launchers to the CUDA
+// kernels (no torch types). Element pointers are untyped: each kernel is a
+// template over its element types and casts them. Strides are in elements.
+#include <cstdint>
+
+#include "ops/common/dropout_rng.h"
+
+namespace lora_ext::cuda {
+
+// merge_ / unmerge_: W[i, j] += scale * sum_k B[i, k] * A[k, j] for a W of
+// shape [rows, cols] with any strides (the launcher may have transposed the
+// problem so that W's column stride is the small one).
+struct MergeParams {
+  void* w = nullptr;
+  int64_t w_s0 = 0, w_s1 = 0;
+  const void* a = nullptr;  // [r, cols]
+  int64_t a_s0 = 0, a_s1 = 0;
+  const void* b = nullptr;  // [rows, r]
+  int64_t b_s0 = 0, b_s1 = 0;
+  int64_t rows = 0, cols = 0, r = 0;
+  double scale = 0.0;
+};
+
+// h[n, j] = sum_k dropout(x)[n, k] * At[k, j]: x [N, in] with any strides and
+// any float dtype, At = A^T contiguous [in, r] and h contiguous [N, r] in the
+// accumulation dtype. The mask element of x[n, k] is n * in + k.
+struct ShrinkParams {
+  const void* x = nullptr;
+  int64_t x_s0 = 0, x_s1 = 0;
+  const void* at = nullptr;
+  void* h = nullptr;
+  int64_t N = 0, in = 0, r = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
+// dst[i, j] = src[i, j] * (keep(e) ? 1 / (1 - p) : 0), e = e_row0 + i * cols + j:
+// src [rows, cols] with any strides and any float dtype, dst contiguous in the
+// accumulation dtype (may alias src when src is that buffer). Without dropout a
+// plain conversion.
+struct DropoutRowsParams {
+  const void* src = nullptr;
+  int64_t s_s0 = 0, s_s1 = 0;
+  void* dst = nullptr;
+  int64_t rows = 0, cols = 0;
+  uint64_t e_row0 = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
+// dst[i, j] = round(dst[i, j] + alpha * m * src[i, j]) computed in src's dtype
+// (float32/float64), m the dropout factor of element e_row0 + i * cols + j
+// (1 without dropout): dst [rows, cols] any strides, any float dtype; src
+// contiguous.
+struct AddScaledParams {
+  void* dst = nullptr;
+  int64_t d_s0 = 0, d_s1 = 0;
+  const void* src = nullptr;
+  int64_t rows = 0, cols = 0;
+  double alpha = 1.0;
+  uint64_t e_row0 = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
+}  // namespace lora_ext::cuda
