@@ -39,6 +39,16 @@ void check_lora_linear_multi_args(
     const std::optional<at::Tensor>& group_order,
     const std::optional<at::Tensor>& group_offsets);
 
+// The multi-adapter backward pieces' inputs (any backend): grad_y [..., out] with
+// x's dtype and rows, h / grad_h [N, r_max] in the accumulation dtype, and the
+// grouping's shapes. Return N, the number of rows.
+int64_t check_multi_backward_lora_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& h, const at::Tensor& order, const at::Tensor& offsets);
+int64_t check_multi_backward_input_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& grad_h, const at::Tensor& order, const at::Tensor& offsets);
+
 // group_order int64 [rows], group_offsets int64 [n_adapters + 2] (shapes only).
 void check_grouping(
     const char* op, const at::Tensor& order, const at::Tensor& offsets, const c10::SymInt& rows,

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "ops/common/dropout_rng.h"
+
 namespace lora_ext::detail {
 
 // sizes with the last dim replaced: x [..., in] -> y [..., out]
@@ -34,6 +36,13 @@ inline c10::SymInt leading_numel(c10::SymIntArrayRef sizes) {
 inline std::optional<at::Tensor> draw_dropout_seed(double p) {
   if (p <= 0.0) return std::nullopt;
   return at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
+}
+
+// The mask parameters for a seed tensor (one int64 element on the host, as
+// draw_dropout_seed makes it), or nullopt without dropout.
+inline std::optional<DropoutParams> dropout_from_seed(const std::optional<at::Tensor>& seed, double dropout_p) {
+  if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
+  return make_dropout_params(seed->item<int64_t>(), dropout_p);
 }
 
 inline bool requires_grad(const std::optional<at::Tensor>& t) {

@@ -18,9 +18,6 @@ inline int64_t chunk_rows(int64_t cols, at::ScalarType t, int64_t budget = kChun
   return std::max<int64_t>(1, budget / row_bytes);
 }
 
-// The dropout mask parameters for a seed tensor, or nullopt without dropout.
-std::optional<detail::DropoutParams> dropout_from_seed(const std::optional<at::Tensor>& seed, double dropout_p);
-
 // out = a @ w^T with w [m, k] contiguous, out [N, m] contiguous: the skinny
 // AVX2 kernel when it applies, otherwise one BLAS call.
 void rowdot_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w);

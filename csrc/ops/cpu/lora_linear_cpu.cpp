@@ -21,11 +21,6 @@ namespace lora_ext::cpu {
 using at::Tensor;
 using std::optional;
 
-std::optional<detail::DropoutParams> dropout_from_seed(const optional<Tensor>& seed, double dropout_p) {
-  if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
-  return detail::make_dropout_params(seed->item<int64_t>(), dropout_p);
-}
-
 void rowdot_into(Tensor& out, const Tensor& a, const Tensor& w) {
   if (!skinny_rowdot(out, a, w)) at::mm_out(out, a, w.t());
 }
@@ -75,7 +70,7 @@ std::tuple<Tensor, Tensor> forward_impl(
   if (N == 0) {
     return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
   const bool has_bias = bias.has_value() && bias->defined();
 
@@ -166,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
   if (N == 0) {
     return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor B_acc = lora_B.to(acc);
   const Tensor Bt_acc = B_acc.t().contiguous();  // [r, out]
 
@@ -237,7 +232,7 @@ Tensor lora_linear_backward_input_cpu(
               grad_h.sizes(), " ", grad_h.scalar_type());
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);
 
   Tensor gx;

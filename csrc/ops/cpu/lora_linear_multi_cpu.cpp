@@ -222,7 +222,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   const auto out_shape = detail::with_last(x.sizes(), out);
   Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N == 0) return {at::empty(out_shape, x.options()), h};
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const optional<Tensor> bias = bias_.has_value() && bias_->defined() ? bias_ : std::nullopt;
   const Tensor A_acc = lora_A.to(acc).contiguous();
   Tensor y = at::empty({N, out}, x.options());
@@ -334,22 +334,16 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
   detail::check_seed(op, seed, dropout_p);
   const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
   const Tensor g2d = grad_y.reshape({-1, out});
   const Tensor x2d = x.reshape({-1, in});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
-              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
-  detail::check_grouping(op, order, offsets, N, n);
   Tensor gA = at::zeros({n, r, in}, lora_A.options().dtype(acc));
   Tensor gB = at::zeros({n, out, r}, lora_A.options().dtype(acc));
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N > 0) {
     const Groups g = trusted_groups(order, offsets, n);
     const auto sc = read_scales(scales);
-    const auto drop = dropout_from_seed(seed, dropout_p);
+    const auto drop = detail::dropout_from_seed(seed, dropout_p);
     const Tensor B_acc = lora_B.to(acc);
     const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
     for (int64_t a = 0; a < n; ++a) {
@@ -372,19 +366,13 @@ Tensor lora_linear_multi_backward_input_cpu(
   const char* op = "_lora_linear_multi_backward_input";
   detail::check_seed(op, seed, dropout_p);
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const Tensor g2d = grad_y.reshape({-1, out});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
-              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
-              grad_h.sizes(), " ", grad_h.scalar_type());
-  detail::check_grouping(op, order, offsets, N, n);
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const Groups g = trusted_groups(order, offsets, n);
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);
   const int64_t rows_per_chunk = chunk_rows(in, acc);
   // per group: T = mask/(1-p) * (grad_h A[a]) [c, in], in acc

@@ -37,13 +37,6 @@ int64_t chunk_rows(int64_t cols, at::ScalarType t) {
   return std::max<int64_t>(1, kChunkBytes / row_bytes);
 }
 
-// The seed is a one-element int64 tensor on the CPU (drawn by at::randint), so
-// reading it does not synchronise with the device.
-optional<detail::DropoutParams> dropout_from_seed(const optional<Tensor>& seed, double dropout_p) {
-  if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
-  return detail::make_dropout_params(seed->item<int64_t>(), dropout_p);
-}
-
 // a2d [N, k] (any float dtype) @ w [m, k]^T -> [N, m] in w's dtype (float32 /
 // float64). With dropout the masking shrink kernel; a2d in w's dtype: one
 // GEMM; otherwise rows converted in bounded chunks, one GEMM per chunk.
@@ -84,7 +77,7 @@ std::tuple<Tensor, Tensor> forward_impl(
   if (N == 0) {
     return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
   const bool has_bias = bias.has_value() && bias->defined();
 
@@ -175,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
   if (N == 0) {
     return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor B_acc = lora_B.to(acc);
 
   // grad_B = scale * grad_y^T h and grad_h = scale * grad_y B: one pass over
@@ -238,7 +231,7 @@ Tensor lora_linear_backward_input_cuda(
               grad_h.sizes(), " ", grad_h.scalar_type());
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
-  const auto drop = dropout_from_seed(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);
 
   Tensor gx;

@@ -186,11 +186,6 @@ DeviceGroups device_groups(const Tensor& order, const Tensor& offsets, int64_t N
   return g;
 }
 
-std::optional<detail::DropoutParams> dropout_of(const optional<Tensor>& seed, double p) {
-  if (!(seed.has_value() && seed->defined()) || p <= 0.0) return std::nullopt;
-  return detail::make_dropout_params(seed->item<int64_t>(), p);  // the seed lives on the host
-}
-
 template <typename T, typename acc_t>
 void shrink(Tensor& out, const Tensor& x2d, const Tensor& w, int64_t ws0, int64_t ws1, int64_t ws2,
             const optional<Tensor>& scales, const std::optional<detail::DropoutParams>& drop, const DeviceGroups& g,
@@ -292,7 +287,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   Tensor y = has_bias ? at::addmm(*bias_, x2d, weight.t()) : at::mm(x2d, weight.t());
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
   const optional<Tensor> s = scales.to(acc).contiguous();
-  const auto drop = dropout_of(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_multi_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     shrink<scalar_t, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
@@ -339,21 +334,13 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
   const Tensor g2d = grad_y.reshape({-1, out});
   const Tensor x2d = x.reshape({-1, in});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
-              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected grad_y of dtype ",
-              x.scalar_type(), ", got ", grad_y.scalar_type());
-  detail::check_grouping(op, order, offsets, N, n);
   const DeviceGroups g = device_groups(order, offsets, N, n);
   const Tensor B = lora_B.to(acc);
   const optional<Tensor> s = scales.to(acc).contiguous();
-  const auto drop = dropout_of(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor hc = h.contiguous();
   Tensor gh = at::zeros({N, r}, h.options());
   Tensor gA, gB;
@@ -374,22 +361,16 @@ Tensor lora_linear_multi_backward_input_cuda(
   detail::check_seed(op, seed, dropout_p);
   c10::cuda::CUDAGuard guard(grad_y.device());
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const Tensor g2d = grad_y.reshape({-1, out});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
-              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
-              grad_h.sizes(), " ", grad_h.scalar_type());
-  detail::check_grouping(op, order, offsets, N, n);
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const DeviceGroups g = device_groups(order, offsets, N, n);
   Tensor gx = at::mm(g2d, weight);
   const Tensor A = lora_A.to(acc);
   const Tensor ghc = grad_h.contiguous();
-  const auto drop = dropout_of(seed, dropout_p);
+  const auto drop = detail::dropout_from_seed(seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "lora_linear_multi_bwd_in_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // grad_x[row, j] += mask(sum_k grad_h[row, k] A[a, k, j]): A read as [n, in, r]
