@@ -78,3 +78,23 @@ def test_bad_ids_and_compile():
     for seed in range(2):
         ids = torch.randint(-1, 3, (10,), generator=torch.Generator().manual_seed(seed)).cuda()
         torch.testing.assert_close(f(x, ids), multi(x, w, b, A, B, s, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_capture_of_forward_with_precomputed_grouping():
+    x, w, b, A, B, s, ids = cuda(*make_multi((64,), 96, 80, [16, 4, 8], torch.float32, torch.float32))
+    order, offsets = group(ids, 3)
+    fn = lambda: multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)  # noqa: E731
+    want = fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, want)

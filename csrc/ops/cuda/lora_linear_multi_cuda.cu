@@ -16,6 +16,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -280,9 +281,13 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
   const auto out_shape = detail::with_last(x.sizes(), out);
   const DeviceGroups g = device_groups(order, offsets, N, n);
-  check_groups(op, adapter_ids, g, N, n);
+  // The value checks read device data on the host (a sync), which a CUDA graph capture forbids:
+  // they run eagerly and are skipped while capturing (pass a grouping made by lora_group_rows).
+  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  if (!capturing) check_groups(op, adapter_ids, g, N, n);
   if (N == 0) return {at::empty(out_shape, x.options()), h};
-  TORCH_CHECK_VALUE(at::isfinite(scales).all().item<bool>(), "lora_ext::", op, ": expected finite scales");
+  TORCH_CHECK_VALUE(capturing || at::isfinite(scales).all().item<bool>(), "lora_ext::", op,
+                    ": expected finite scales");
   const bool has_bias = bias_.has_value() && bias_->defined();
   Tensor y = has_bias ? at::addmm(*bias_, x2d, weight.t()) : at::mm(x2d, weight.t());
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
