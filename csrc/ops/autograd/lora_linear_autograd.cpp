@@ -5,7 +5,6 @@
 // No output-sized tensor, no dropout mask and no dropped copy of x is saved:
 // backward regenerates the mask from the seed. The frozen weight's gradient
 // (and bias's) is computed only when they require grad.
-#include <limits>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -2,7 +2,6 @@
 // several adapters at once). Saves x, h [N, r_max], the grouping and an 8-byte
 // dropout seed, as lora_linear does; each adapter's A and B receive gradients
 // from its own rows only. scales and adapter_ids are not differentiable.
-#include <limits>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -5,7 +5,6 @@
 // float32 too). The base product runs in x's dtype. A float32 adapter on a
 // bfloat16/float16 base (PEFT's default) computes the whole branch in float32
 // and rounds once when adding into the output.
-#include <limits>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

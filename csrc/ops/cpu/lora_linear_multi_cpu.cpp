@@ -9,7 +9,7 @@
 // pointers), then y_row += s_a * B[a] h (AVX2), in place. Other dtypes, dropout and the backward use ATen
 // per group on bounded row chunks. Precision is lora_linear's: the LoRA branch
 // and h [N, r_max] are float32 for half/bf16 adapters.
-#include <limits>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -73,15 +73,21 @@ std::tuple<Tensor, Tensor> group_rows_cpu(const Tensor& ids, int64_t n) {
   return {order, offsets};
 }
 
-// Checks that (order, offsets) is the grouping of adapter_ids: O(N).
-Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
-  const int64_t N = ids.size(0);
+// The grouping read on the host as given (the backward pieces: it was validated in forward).
+Groups host_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
   Groups g;
   g.n = n;
   g.order_t = order.contiguous();
   g.order = g.order_t.const_data_ptr<int64_t>();
   const Tensor offc = offsets.contiguous();
   g.offsets.assign(offc.const_data_ptr<int64_t>(), offc.const_data_ptr<int64_t>() + n + 2);
+  return g;
+}
+
+// Checks that (order, offsets) is the grouping of adapter_ids: O(N).
+Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
+  const int64_t N = ids.size(0);
+  Groups g = host_groups(order, offsets, n);
   const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
   TORCH_CHECK_VALUE(g.offsets[0] == 0 && g.offsets[n + 1] == N, "lora_ext::", op, ": expected group_offsets[0] == 0 "
                     "and group_offsets[-1] == N = ", N, ", got ", g.offsets[0], " and ", g.offsets[n + 1], hint);
@@ -107,17 +113,6 @@ Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const
       }
     }
   });
-  return g;
-}
-
-// As read_groups, for the backward pieces: the grouping was validated in forward.
-Groups trusted_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
-  Groups g;
-  g.n = n;
-  g.order_t = order.contiguous();
-  g.order = g.order_t.const_data_ptr<int64_t>();
-  const Tensor offc = offsets.contiguous();
-  g.offsets.assign(offc.const_data_ptr<int64_t>(), offc.const_data_ptr<int64_t>() + n + 2);
   return g;
 }
 
@@ -303,14 +298,11 @@ Tensor lora_linear_multi_cpu(
   detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
                                        group_order, group_offsets);
   const int64_t n = lora_A.size(0);
-  Tensor order, offsets;
-  if (group_order.has_value() && group_order->defined()) {
-    order = *group_order;
-    offsets = *group_offsets;
-  } else {
-    std::tie(order, offsets) = group_rows_cpu(adapter_ids, n);
-  }
-  const Groups g = read_groups(op, adapter_ids, order, offsets, n);
+  // a grouping passed in is checked against the ids; one computed here is right by construction
+  const Groups g = group_order.has_value() && group_order->defined()
+                       ? read_groups(op, adapter_ids, *group_order, *group_offsets, n)
+                       : std::apply([&](const Tensor& o, const Tensor& off) { return host_groups(o, off, n); },
+                                    group_rows_cpu(adapter_ids, n));
   const double p = training ? dropout_p : 0.0;
   return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(scales), g, p, detail::draw_dropout_seed(p)));
 }
@@ -341,7 +333,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
   Tensor gB = at::zeros({n, out, r}, lora_A.options().dtype(acc));
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N > 0) {
-    const Groups g = trusted_groups(order, offsets, n);
+    const Groups g = host_groups(order, offsets, n);
     const auto sc = read_scales(scales);
     const auto drop = detail::dropout_from_seed(seed, dropout_p);
     const Tensor B_acc = lora_B.to(acc);
@@ -371,7 +363,7 @@ Tensor lora_linear_multi_backward_input_cpu(
   const Tensor g2d = grad_y.reshape({-1, out});
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
-  const Groups g = trusted_groups(order, offsets, n);
+  const Groups g = host_groups(order, offsets, n);
   const auto drop = detail::dropout_from_seed(seed, dropout_p);
   const Tensor A_acc = lora_A.to(acc);
   const int64_t rows_per_chunk = chunk_rows(in, acc);

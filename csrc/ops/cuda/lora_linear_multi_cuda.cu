@@ -272,7 +272,7 @@ void check_groups(const char* op, const Tensor& ids, const DeviceGroups& g, int6
 std::tuple<Tensor, Tensor> multi_forward_impl(
     const char* op, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets,
-    double dropout_p, const optional<Tensor>& seed) {
+    double dropout_p, const optional<Tensor>& seed, bool given_grouping) {
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
@@ -281,10 +281,11 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
   const auto out_shape = detail::with_last(x.sizes(), out);
   const DeviceGroups g = device_groups(order, offsets, N, n);
-  // The value checks read device data on the host (a sync), which a CUDA graph capture forbids:
-  // they run eagerly and are skipped while capturing (pass a grouping made by lora_group_rows).
+  // A grouping passed in is checked against the ids (one made by group_rows_cuda is right by
+  // construction). The value checks read device data on the host (a sync), which a CUDA graph
+  // capture forbids: they run eagerly and are skipped while capturing.
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (!capturing) check_groups(op, adapter_ids, g, N, n);
+  if (given_grouping && !capturing) check_groups(op, adapter_ids, g, N, n);
   if (N == 0) return {at::empty(out_shape, x.options()), h};
   TORCH_CHECK_VALUE(capturing || at::isfinite(scales).all().item<bool>(), "lora_ext::", op,
                     ": expected finite scales");
@@ -308,16 +309,12 @@ Tensor lora_linear_multi_cuda(
   const char* op = "lora_linear_multi";
   detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
                                        group_order, group_offsets);
-  Tensor order, offsets;
-  if (group_order.has_value() && group_order->defined()) {
-    order = *group_order;
-    offsets = *group_offsets;
-  } else {
-    std::tie(order, offsets) = group_rows_cuda(adapter_ids, lora_A.size(0));
-  }
+  const bool given = group_order.has_value() && group_order->defined();
+  const auto [order, offsets] = given ? std::make_tuple(*group_order, *group_offsets)
+                                      : group_rows_cuda(adapter_ids, lora_A.size(0));
   const double p = training ? dropout_p : 0.0;
   return std::get<0>(multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, p,
-                                        detail::draw_dropout_seed(p)));
+                                        detail::draw_dropout_seed(p), given));
 }
 
 std::tuple<Tensor, Tensor> lora_linear_multi_forward_cuda(
@@ -328,7 +325,8 @@ std::tuple<Tensor, Tensor> lora_linear_multi_forward_cuda(
   detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
                                        offsets);
   detail::check_seed(op, seed, dropout_p);
-  return multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p, seed);
+  return multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p, seed,
+                            /*given_grouping=*/true);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
