@@ -281,7 +281,7 @@ class LoraLayer(nn.Module):
                 w, a, b = self._merge_operands(n)
                 exact = self._exact_codes.pop(n, None)
                 if exact is not None and exact[1] == (a._version, b._version):
-                    ops.unmerge_exact_(w, exact[0], a, b, self.scaling[n])
+                    ops.unmerge_exact_(w, exact[0].to(w.device), a, b, self.scaling[n])
                 else:
                     if exact is not None:
                         warnings.warn(f"adapter {n!r} changed while merged: unmerging it inexactly", stacklevel=2)

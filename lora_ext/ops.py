@@ -129,6 +129,11 @@ class ExactMergeCodes(NamedTuple):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self)
 
+    def to(self, device) -> "ExactMergeCodes":
+        """The codes on ``device``: every backend computes the same bits, so codes made on one
+        device unmerge the weight on another (e.g. after ``model.cpu()`` while merged)."""
+        return ExactMergeCodes(*(t.to(device) for t in self))
+
 
 def merge_exact_codes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> ExactMergeCodes:
     """Side information for :func:`merge_exact_` of the current ``weight`` (which it does not change).

@@ -79,3 +79,88 @@ def peak_extra_cpu_bytes(fn) -> int:
         cur += e.extra_fields.alloc_size
         peak = max(peak, cur)
     return peak
+
+
+# ---- the exact merge, bit for bit (ops/common/exact_merge.h) ----------------------------
+_UINT = {torch.float32: (torch.int32, 32), torch.bfloat16: (torch.int16, 16), torch.float16: (torch.int16, 16)}
+
+
+def ubits(t):
+    """The unsigned bit patterns of a float32/bfloat16/float16 tensor, as int64."""
+    ity, nbits = _UINT[t.dtype]
+    return t.contiguous().view(ity).to(torch.int64) & ((1 << nbits) - 1)
+
+
+def ref_exact_delta(lora_A, lora_B, scale):
+    """float32 scale * B @ A summed in k order with a rounded multiply and a rounded add."""
+    a, b = lora_A.cpu().float(), lora_B.cpu().float()
+    d = torch.zeros(b.shape[0], a.shape[1])
+    for k in range(a.shape[0]):
+        d = d + b[:, k : k + 1] * a[k : k + 1, :]
+    return d * torch.tensor(scale, dtype=torch.float32)
+
+
+def ref_merge_exact(weight, lora_A, lora_B, scale):
+    w = weight.cpu()
+    return (w.float() + ref_exact_delta(lora_A, lora_B, scale)).to(w.dtype)
+
+
+def _step(u, nbits, up):
+    sign = 1 << (nbits - 1)
+    neg = (u & sign) != 0
+    if up:
+        return torch.where(u == sign, 0, torch.where(neg, u - 1, u + 1))
+    return torch.where(u == 0, sign, torch.where(neg, u + 1, u - 1))
+
+
+def ref_merge_exact_codes(weight, lora_A, lora_B, scale):
+    """(codes, exc_index, exc_value) of merge_exact_codes, on the CPU."""
+    w = weight.cpu()
+    d = ref_exact_delta(lora_A, lora_B, scale)
+    c0 = ((w.float() + d).to(w.dtype).float() - d).to(w.dtype)
+    nbits = _UINT[w.dtype][1]
+    u0, uc = ubits(w), ubits(c0)
+    code = torch.full(w.shape, 3, dtype=torch.int64)
+    code = torch.where(u0 == _step(uc, nbits, False), 2, code)
+    code = torch.where(u0 == _step(uc, nbits, True), 1, code)
+    code = torch.where(u0 == uc, 0, code)
+    code = torch.where(torch.isnan(w), 3, code).flatten()
+    flat = torch.nn.functional.pad(code, (0, (-code.numel()) % 4)).view(-1, 4)
+    codes = (flat[:, 0] | flat[:, 1] << 2 | flat[:, 2] << 4 | flat[:, 3] << 6).to(torch.uint8)
+    idx = (code == 3).nonzero().flatten()
+    return codes, idx, w.flatten()[idx]
+
+
+def wide_weight(out_f, in_f, dtype, seed=0, transposed=False):
+    """Random magnitudes over the dtype's whole range (subnormals included) and special values:
+    NaNs with payloads and either sign, +-Inf, +-0, the largest finite value."""
+    g = torch.Generator().manual_seed(seed)
+    top = {torch.float16: 4.8, torch.bfloat16: 38.0, torch.float32: 38.0}[dtype]
+    low = {torch.float16: -8.0, torch.bfloat16: -40.0, torch.float32: -44.0}[dtype]
+    mag = 10 ** (low + (top - low) * torch.rand(out_f, in_f, generator=g, dtype=torch.float64))
+    w = (torch.randn(out_f, in_f, generator=g, dtype=torch.float64).sign() * mag).to(dtype)
+    near = torch.rand(out_f, in_f, generator=g) < 0.5  # half of them near the update's size
+    w = torch.where(near, (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype), w)
+    flat = w.view(-1)
+    ity = torch.int32 if dtype == torch.float32 else torch.int16
+    nans = {torch.float32: [0x7FC00001, -0x00400001, 0x7F800001], torch.bfloat16: [0x7FC1, -0x003F, 0x7F81],
+            torch.float16: [0x7E01, -0x0101, 0x7C01]}[dtype]  # payloads, both signs, a signalling one
+    fi = torch.finfo(dtype)
+    others = [float("inf"), float("-inf"), 0.0, -0.0, fi.max, -fi.max, fi.smallest_normal, fi.tiny / 2]
+    pos = torch.randperm(flat.numel(), generator=g)[: len(nans) + len(others)]
+    flat[pos[: len(nans)]] = torch.tensor(nans, dtype=ity).view(dtype)
+    flat[pos[len(nans) :]] = torch.tensor(others, dtype=dtype)
+    if transposed:  # a transposed view of a [in, out] storage (GPT-2 Conv1D)
+        return w.T.contiguous().T
+    return w
+
+
+def wide_adapter(in_f, out_f, r, adtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(r, in_f, generator=g) / 8).to(adtype), (torch.randn(out_f, r, generator=g) / 16).to(adtype)
+
+
+# (weight dtype, adapter dtype) pairs of the exact merge
+EXACT_CASES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.float16, torch.float32), (torch.float16, torch.float16)]
+EXACT_IDS = [f"{str(w)[6:]}-{str(a)[6:]}" for w, a in EXACT_CASES]

@@ -1,12 +1,16 @@
 """CUDA kernels against the float64 reference and against the CPU kernels: lora_linear
 and its autograd pieces (dtypes, odd sizes, layouts, dropout masks identical to the
 CPU's for the same seed, gradients, opcheck, gradcheck, torch.compile, CUDA graphs)
-and merge_/unmerge_ (including a transposed bf16 weight view). Skipped without a GPU."""
+merge_/unmerge_ (including a transposed bf16 weight view) and the exact merge (the same bits
+as the CPU's, codes used across devices). Skipped without a GPU."""
+import warnings
+
 import pytest
 import torch
 
 from lora_ext import ops
-from reference import GRAD_TOL, TOL, make_inputs, noncontiguous, ref_lora_linear
+from reference import (EXACT_CASES, EXACT_IDS, GRAD_TOL, TOL, make_inputs, noncontiguous, ref_lora_linear,
+                       ref_merge_exact_codes, ubits, wide_adapter, wide_weight)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -511,16 +515,127 @@ def test_opcheck_merge(op, dtype, adtype):
     torch.library.opcheck(getattr(torch.ops.lora_ext, op).default, (w, a, b, 0.25))
 
 
-def test_exact_merge_is_cpu_only():
-    _, w, _, a, b = _cuda(*make_inputs((1,), 9, 7, 3, torch.bfloat16, torch.float32))
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        ops.merge_exact_codes(w, a, b, 0.5)
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        ops.merge_exact_(w, a, b, 0.5)
-    codes = ops.ExactMergeCodes(torch.zeros(16, dtype=torch.uint8, device=DEV),
-                                torch.zeros(0, dtype=torch.long, device=DEV), w.new_zeros(0))
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        ops.unmerge_exact_(w, codes, a, b, 0.5)
+# ---------------------------------------------------------------------------
+# exact merge: the same bits as the CPU kernels, so codes cross devices
+# ---------------------------------------------------------------------------
+
+
+def _exact_all(w, a, b, s):
+    """(codes, merged weight) of the exact merge of w, on w's device."""
+    codes = ops.merge_exact_codes(w, a, b, s)
+    merged = w.clone()
+    ops.merge_exact_(merged, a, b, s)
+    return codes, merged
+
+
+@pytest.mark.parametrize("wdtype,adtype", EXACT_CASES, ids=EXACT_IDS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_exact_merge_same_bits_as_cpu(wdtype, adtype, transposed):
+    w = wide_weight(37, 53, wdtype, transposed=transposed)
+    a, b = wide_adapter(53, 37, 5, adtype)
+    codes, merged = _exact_all(w, a, b, 0.75)
+    wc = w.to(DEV)
+    if transposed:
+        wc = w.T.contiguous().to(DEV).T
+    gcodes, gmerged = _exact_all(wc, a.to(DEV), b.to(DEV), 0.75)
+    ref = ref_merge_exact_codes(w, a, b, 0.75)
+    assert torch.equal(gcodes.codes.cpu(), ref[0]) and torch.equal(gcodes.exc_index.cpu(), ref[1])
+    assert torch.equal(ubits(gcodes.exc_value.cpu()), ubits(ref[2]))
+    assert torch.equal(ubits(gmerged.cpu()), ubits(merged))  # NaN payloads included
+    # unmerge on the GPU with its own codes, and with the CPU's
+    for c in (gcodes, codes.to(DEV)):
+        back = gmerged.clone()
+        ops.unmerge_exact_(back, c, a.to(DEV), b.to(DEV), 0.75)
+        assert torch.equal(ubits(back.cpu()), ubits(w))
+    back = merged.clone()  # and on the CPU with the GPU's
+    ops.unmerge_exact_(back, gcodes.to("cpu"), a, b, 0.75)
+    assert torch.equal(ubits(back), ubits(w))
+
+
+@pytest.mark.parametrize("shape", [(70, 4097, 1), (33, 300, 128), (1024, 4097, 16)], ids=str)
+@pytest.mark.parametrize("wide", [False, True], ids=["trained-like", "wide-range"])
+def test_exact_merge_odd_sizes_and_list_overflow(shape, wide):
+    """Odd sizes, r = 1 and r = 128; the wide-range weights need far more list entries than the
+    kernel's first buffer holds (n / 256), which exercises its exact-size rerun."""
+    out_f, in_f, r = shape
+    if wide:
+        w = wide_weight(out_f, in_f, torch.bfloat16).to(DEV)
+    else:
+        w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16).to(DEV)
+    a, b = wide_adapter(in_f, out_f, r, torch.float32)
+    a, b = a.to(DEV), (b / r).to(DEV)
+    codes, merged = _exact_all(w, a, b, 2.0)
+    ref = ref_merge_exact_codes(w, a, b, 2.0)
+    assert torch.equal(codes.codes.cpu(), ref[0]) and torch.equal(codes.exc_index.cpu(), ref[1])
+    if wide:
+        assert codes.exc_index.numel() > w.numel() // 256
+    ops.unmerge_exact_(merged, codes, a, b, 2.0)
+    assert torch.equal(ubits(merged), ubits(w))
+
+
+def test_exact_merge_cycles_and_empty():
+    w = (torch.randn(96, 160) * 0.02).to(torch.float16).to(DEV)
+    w0 = w.clone()
+    a, b = wide_adapter(160, 96, 8, torch.float32)
+    a, b = a.to(DEV), b.to(DEV)
+    for _ in range(100):
+        codes = ops.merge_exact_codes(w, a, b, 1.5)
+        ops.merge_exact_(w, a, b, 1.5)
+        ops.unmerge_exact_(w, codes, a, b, 1.5)
+    assert torch.equal(ubits(w), ubits(w0))
+    e = torch.empty(0, 8, dtype=torch.bfloat16, device=DEV)
+    codes = ops.merge_exact_codes(e, a[:, :8], b[:0], 1.0)
+    assert codes.codes.numel() == 0 and codes.exc_index.device.type == "cuda"
+    ops.merge_exact_(e, a[:, :8], b[:0], 1.0)
+    ops.unmerge_exact_(e, codes, a[:, :8], b[:0], 1.0)
+
+
+def test_exact_merge_errors():
+    w, a, b = (torch.randn(6, 8) * 0.1).to(DEV), torch.randn(2, 8, device=DEV), torch.randn(6, 2, device=DEV)
+    codes = ops.merge_exact_codes(w, a, b, 1.0)
+    with pytest.raises(RuntimeError, match="lora_ext::unmerge_exact_: expected codes on device cuda"):
+        ops.unmerge_exact_(w, codes.to("cpu"), a, b, 1.0)
+    bad = ops.ExactMergeCodes(codes.codes, torch.tensor([1000], device=DEV), torch.zeros(1, device=DEV))
+    before = w.clone()
+    with pytest.raises(RuntimeError, match="exc_index holds 1000, outside"):
+        ops.unmerge_exact_(w, bad, a, b, 1.0)
+    assert torch.equal(w, before)  # nothing written
+    with pytest.raises(RuntimeError, match="lora_ext::merge_exact_codes: expected a float32, bfloat16 or float16"):
+        ops.merge_exact_codes(w.double(), a.double(), b.double(), 1.0)
+    with pytest.raises(RuntimeError, match="lora_ext::merge_exact_: expected lora_A on device"):
+        ops.merge_exact_(w, a.cpu(), b, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_exact_merge(dtype):
+    w, a, b = (torch.randn(6, 8) * 0.1).to(dtype).to(DEV), torch.randn(2, 8, device=DEV), torch.randn(6, 2, device=DEV)
+    torch.library.opcheck(torch.ops.lora_ext.merge_exact_.default, (w.clone(), a, b, 0.5))
+    codes, merged = _exact_all(w, a, b, 0.5)
+    torch.library.opcheck(torch.ops.lora_ext.unmerge_exact_.default, (merged.clone(), *codes, a, b, 0.5))
+    torch.library.opcheck(torch.ops.lora_ext.merge_exact_codes.default, (w, a, b, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_module_exact_merge_survives_a_device_move():
+    """merge(exact=True) on the GPU, model.cpu() while merged, unmerge on the CPU: bit for bit."""
+    import lora_ext
+    from models import LLAMA_TARGETS, tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+    model.to(DEV)
+    layer = next(layer for _, layer in lora_ext.lora_layers(model))
+    w_unmerged = layer.base_layer.weight.detach().clone()
+    lora_ext.merge(model, exact=True)
+    assert layer.base_layer.weight.is_cuda and not torch.equal(layer.base_layer.weight, w_unmerged)
+    model.cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the inexact unmerge
+        lora_ext.unmerge(model)
+    after = lora_ext.unload(model).state_dict()
+    for k, v in before.items():
+        assert torch.equal(v.view(torch.int16), after[k].view(torch.int16)), k
 
 
 # ---------------------------------------------------------------------------

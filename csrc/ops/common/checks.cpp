@@ -240,6 +240,36 @@ void check_merge_args(
   check_adapter(op, "weight", weight, weight.sym_size(1), weight.sym_size(0), lora_A, lora_B, scale);
 }
 
+void check_merge_exact_args(
+    const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_merge_args(op, weight, lora_A, lora_B, scale);
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf, "lora_ext::", op,
+              ": expected a float32, bfloat16 or float16 weight for an exact merge, got ", wt);
+}
+
+void check_unmerge_exact_args(
+    const char* op, const at::Tensor& weight, const at::Tensor& codes, const at::Tensor& exc_index,
+    const at::Tensor& exc_value, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_merge_exact_args(op, weight, lora_A, lora_B, scale);
+  TORCH_CHECK(codes.defined() && exc_index.defined() && exc_value.defined(), "lora_ext::", op,
+              ": expected defined tensors for codes, exc_index and exc_value");
+  const auto nbytes = (weight.sym_numel() + 3) / 4;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.sym_numel().sym_eq(nbytes).expect_true(__FILE__, __LINE__) &&
+                  codes.is_contiguous(),
+              "lora_ext::", op, ": expected codes as a contiguous uint8 tensor of ", nbytes,
+              " bytes (2 bits per weight element), got ", codes.scalar_type(), " of shape ", codes.sym_sizes());
+  TORCH_CHECK(exc_index.scalar_type() == at::kLong && exc_index.dim() == 1 && exc_value.dim() == 1 &&
+                  exc_value.sym_numel().sym_eq(exc_index.sym_numel()).expect_true(__FILE__, __LINE__) &&
+                  exc_value.scalar_type() == weight.scalar_type(),
+              "lora_ext::", op, ": expected exc_index (int64 [n]) and exc_value (", weight.scalar_type(),
+              " [n]) of the same length, got ", exc_index.scalar_type(), " ", exc_index.sym_sizes(), " and ",
+              exc_value.scalar_type(), " ", exc_value.sym_sizes());
+  check_same_device(op, "codes", codes, weight);
+  check_same_device(op, "exc_index", exc_index, weight);
+  check_same_device(op, "exc_value", exc_value, weight);
+}
+
 void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p) {
   TORCH_CHECK_VALUE(
       dropout_p >= 0.0 && dropout_p < 1.0, "lora_ext::", op, ": expected 0 <= dropout_p < 1, got ", dropout_p);

@@ -62,6 +62,16 @@ void check_merge_args(
     const at::Tensor& lora_B,
     double scale);
 
+// merge_exact_codes / merge_exact_: check_merge_args and a float32, bfloat16 or
+// float16 weight.
+void check_merge_exact_args(
+    const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+// unmerge_exact_: as above, plus codes uint8 [ceil(numel / 4)] contiguous,
+// exc_index int64 [n] and exc_value [n] in the weight's dtype, all on the
+// weight's device. (The values of exc_index are checked where they are read.)
+void check_unmerge_exact_args(
+    const char* op, const at::Tensor& weight, const at::Tensor& codes, const at::Tensor& exc_index,
+    const at::Tensor& exc_value, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 // Checks a dropout seed tensor: defined iff dropout_p > 0, int64, one element.
 void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p);
 

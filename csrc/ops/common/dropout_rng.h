@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LORA_EXT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LORA_EXT_HOST_DEVICE inline
-#endif
+#include "ops/common/host_device.h"
 
 namespace lora_ext::detail {
 

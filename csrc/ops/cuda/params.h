@@ -22,6 +22,29 @@ struct MergeParams {
   double scale = 0.0;
 };
 
+// merge_exact_ / merge_exact_codes / unmerge_exact_: the element rule of
+// ops/common/exact_merge.h on W [rows, cols] (any strides; element bits
+// through an untyped pointer), with d[i, j] = scale * sum_k B32[i, k] A32[k, j]
+// summed in k order from float32 copies A32 [r, cols] and B32 [rows, r]
+// (contiguous). Flat element e = i * cols + j owns bits 2 (e % 4) of byte
+// e / 4 of codes.
+struct ExactMergeParams {
+  void* w = nullptr;
+  int64_t w_s0 = 0, w_s1 = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t rows = 0, cols = 0, r = 0;
+  float scale = 0.0f;
+  uint8_t* codes = nullptr;  // written by merge_exact_codes, read by unmerge_exact_
+  // merge_exact_codes: the sparse list, filled up to `capacity` entries in any
+  // order; *count counts every entry (so the host can retry with more room).
+  // unmerge_exact_: `capacity` entries to scatter back into W.
+  int64_t* exc_index = nullptr;
+  void* exc_value = nullptr;
+  unsigned long long* count = nullptr;
+  int64_t capacity = 0;
+};
+
 // h[n, j] = sum_k dropout(x)[n, k] * At[k, j]: x [N, in] with any strides and
 // any float dtype, At = A^T contiguous [in, r] and h contiguous [N, r] in the
 // accumulation dtype. The mask element of x[n, k] is n * in + k.

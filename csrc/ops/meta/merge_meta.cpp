@@ -1,4 +1,4 @@
-// Meta kernels of merge_ / unmerge_: validation only (they return nothing).
+// Meta kernels of merge_ / unmerge_ and the exact merge: validation only (they return nothing).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,13 +17,13 @@ void unmerge_meta(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor
 }
 
 void merge_exact_meta(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  detail::check_merge_args("merge_exact_", weight, lora_A, lora_B, scale);
+  detail::check_merge_exact_args("merge_exact_", weight, lora_A, lora_B, scale);
 }
 
 void unmerge_exact_meta(at::Tensor& weight, const at::Tensor& codes, const at::Tensor& exc_index,
                         const at::Tensor& exc_value, const at::Tensor& lora_A, const at::Tensor& lora_B,
                         double scale) {
-  detail::check_merge_args("unmerge_exact_", weight, lora_A, lora_B, scale);
+  detail::check_unmerge_exact_args("unmerge_exact_", weight, codes, exc_index, exc_value, lora_A, lora_B, scale);
 }
 
 }  // namespace
