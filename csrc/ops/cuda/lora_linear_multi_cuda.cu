@@ -10,11 +10,12 @@
 //   expand: y[row, d]  += mask(s * sum_k h[row, k] * W[a, d, k])     (y += s h B^T; grad_x += mask(grad_h A))
 //   outer:  G[a, d, k]  = s * sum_{rows of a} mask(g)[row, d] * h[row, k]   (grad_B, grad_A)
 // The dense base products go through ATen (cuBLAS). Host and device meet in the
-// plain parameter structs below; every launch uses the input's device, the
-// current stream and a launch check; empty inputs return early.
+// plain parameter structs of params.h (Multi*Params, GroupingParams); every
+// launch uses the input's device, the current stream and a launch check; empty
+// inputs return early.
+#include <type_traits>
+
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
@@ -24,60 +25,23 @@
 #include "ops/common/checks.h"
 #include "ops/common/dropout_rng.h"
 #include "ops/common/op_utils.h"
+#include "ops/cuda/params.h"
+#include "ops/cuda/utils.cuh"
 
 namespace lora_ext::cuda_multi {
 
 using at::Tensor;
+using cuda::ceil_div;
+using cuda::from_acc;
+using cuda::GroupingParams;
+using cuda::load_acc;
+using cuda::MultiExpandParams;
+using cuda::MultiOuterParams;
+using cuda::MultiShrinkParams;
 using std::optional;
 
 constexpr int kThreads = 256;
 constexpr int kRankChunk = 8;  // ranks per block in shrink / outer
-
-// ---------------------------------------------------------------- parameter structs
-struct Grouping {
-  const int64_t* order;       // [N] position -> row
-  const int32_t* pos_adapter; // [N] position -> adapter (n: base row)
-  const int64_t* offsets;     // [n + 2]
-  int64_t n;
-};
-
-template <typename T, typename acc_t>
-struct ShrinkParams {
-  const T* x;  // [N, K] by row
-  int64_t x_s0, x_s1;
-  const acc_t* w;  // [n, R, K]
-  int64_t w_s0, w_s1, w_s2;
-  const acc_t* scales;  // [n] or nullptr
-  acc_t* out;           // [N, R] contiguous, by row
-  int64_t K, R;
-  bool dropout;
-  detail::DropoutParams drop;  // mask on x element row * K + j
-};
-
-template <typename T, typename acc_t>
-struct ExpandParams {
-  const acc_t* h;  // [N, R] contiguous, by row
-  const acc_t* w;  // [n, D, R]
-  int64_t w_s0, w_s1, w_s2;
-  const acc_t* scales;  // [n] or nullptr
-  T* y;                 // [N, D] by row, accumulated into
-  int64_t y_s0, y_s1;
-  int64_t D, R;
-  bool dropout;
-  detail::DropoutParams drop;  // mask on output element row * D + d
-};
-
-template <typename T, typename acc_t>
-struct OuterParams {
-  const T* g;  // [N, D] by row
-  int64_t g_s0, g_s1;
-  const acc_t* h;  // [N, R] contiguous
-  const acc_t* scales;  // [n] or nullptr
-  acc_t* out;           // [n, D, R] contiguous
-  int64_t D, R;
-  bool dropout;
-  detail::DropoutParams drop;  // mask on g element row * D + d
-};
 
 // ---------------------------------------------------------------- kernels
 template <typename acc_t>
@@ -86,7 +50,10 @@ __device__ acc_t keep_scale(const detail::DropoutParams& d, uint64_t e) {
 }
 
 template <typename T, typename acc_t>
-__global__ void multi_shrink_kernel(ShrinkParams<T, acc_t> p, Grouping g) {
+__global__ void multi_shrink_kernel(MultiShrinkParams p, GroupingParams g) {
+  const T* x = static_cast<const T*>(p.x);
+  const acc_t* w = static_cast<const acc_t*>(p.w);
+  const acc_t* scales = static_cast<const acc_t*>(p.scales);
   const int64_t pos = blockIdx.x;
   const int64_t a = g.pos_adapter[pos];
   if (a >= g.n) return;  // base row: stays 0
@@ -96,10 +63,10 @@ __global__ void multi_shrink_kernel(ShrinkParams<T, acc_t> p, Grouping g) {
   acc_t acc[kRankChunk];
 #pragma unroll
   for (int c = 0; c < kRankChunk; ++c) acc[c] = acc_t(0);
-  const T* xr = p.x + row * p.x_s0;
-  const acc_t* wa = p.w + a * p.w_s0 + k0 * p.w_s1;
+  const T* xr = x + row * p.x_s0;
+  const acc_t* wa = w + a * p.w_s0 + k0 * p.w_s1;
   for (int64_t j = threadIdx.x; j < p.K; j += blockDim.x) {
-    acc_t v = static_cast<acc_t>(xr[j * p.x_s1]);
+    acc_t v = load_acc<acc_t>(xr + j * p.x_s1);
     if (p.dropout) v *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.K + j);
 #pragma unroll
     for (int c = 0; c < kRankChunk; ++c) {
@@ -118,34 +85,40 @@ __global__ void multi_shrink_kernel(ShrinkParams<T, acc_t> p, Grouping g) {
     __syncthreads();
   }
   if (threadIdx.x < kc) {
-    const acc_t s = p.scales ? p.scales[a] : acc_t(1);
-    p.out[row * p.R + k0 + threadIdx.x] = red[threadIdx.x][0] * s;
+    const acc_t s = scales ? scales[a] : acc_t(1);
+    static_cast<acc_t*>(p.out)[row * p.R + k0 + threadIdx.x] = red[threadIdx.x][0] * s;
   }
 }
 
 template <typename T, typename acc_t>
-__global__ void multi_expand_kernel(ExpandParams<T, acc_t> p, Grouping g) {
+__global__ void multi_expand_kernel(MultiExpandParams p, GroupingParams g) {
+  const acc_t* h = static_cast<const acc_t*>(p.h);
+  const acc_t* w = static_cast<const acc_t*>(p.w);
+  const acc_t* scales = static_cast<const acc_t*>(p.scales);
   extern __shared__ unsigned char smem[];
   acc_t* hs = reinterpret_cast<acc_t*>(smem);
   const int64_t pos = blockIdx.x;
   const int64_t a = g.pos_adapter[pos];
   if (a >= g.n) return;  // base row: nothing to add
   const int64_t row = g.order[pos];
-  for (int64_t k = threadIdx.x; k < p.R; k += blockDim.x) hs[k] = p.h[row * p.R + k];
+  for (int64_t k = threadIdx.x; k < p.R; k += blockDim.x) hs[k] = h[row * p.R + k];
   __syncthreads();
   const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (d >= p.D) return;
-  const acc_t* wa = p.w + a * p.w_s0 + d * p.w_s1;
+  const acc_t* wa = w + a * p.w_s0 + d * p.w_s1;
   acc_t acc = 0;
   for (int64_t k = 0; k < p.R; ++k) acc += hs[k] * wa[k * p.w_s2];
-  if (p.scales) acc *= p.scales[a];
+  if (scales) acc *= scales[a];
   if (p.dropout) acc *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.D + d);
-  T* out = p.y + row * p.y_s0 + d * p.y_s1;
-  *out = static_cast<T>(static_cast<acc_t>(*out) + acc);
+  T* out = static_cast<T*>(p.y) + row * p.y_s0 + d * p.y_s1;
+  *out = from_acc<T>(load_acc<acc_t>(out) + acc);
 }
 
 template <typename T, typename acc_t>
-__global__ void multi_outer_kernel(OuterParams<T, acc_t> p, Grouping g) {
+__global__ void multi_outer_kernel(MultiOuterParams p, GroupingParams g) {
+  const T* gm = static_cast<const T*>(p.g);
+  const acc_t* h = static_cast<const acc_t*>(p.h);
+  const acc_t* scales = static_cast<const acc_t*>(p.scales);
   const int64_t a = blockIdx.x;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kRankChunk;
@@ -156,23 +129,23 @@ __global__ void multi_outer_kernel(OuterParams<T, acc_t> p, Grouping g) {
   for (int c = 0; c < kRankChunk; ++c) acc[c] = acc_t(0);
   for (int64_t q = g.offsets[a]; q < g.offsets[a + 1]; ++q) {
     const int64_t row = g.order[q];
-    acc_t v = static_cast<acc_t>(p.g[row * p.g_s0 + d * p.g_s1]);
+    acc_t v = load_acc<acc_t>(gm + row * p.g_s0 + d * p.g_s1);
     if (p.dropout) v *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.D + d);
-    const acc_t* hr = p.h + row * p.R + k0;
+    const acc_t* hr = h + row * p.R + k0;
 #pragma unroll
     for (int c = 0; c < kRankChunk; ++c) {
       if (c < kc) acc[c] += v * hr[c];
     }
   }
-  const acc_t s = p.scales ? p.scales[a] : acc_t(1);
-  acc_t* o = p.out + (a * p.D + d) * p.R + k0;
+  const acc_t s = scales ? scales[a] : acc_t(1);
+  acc_t* o = static_cast<acc_t*>(p.out) + (a * p.D + d) * p.R + k0;
   for (int c = 0; c < kc; ++c) o[c] = acc[c] * s;
 }
 
 // ---------------------------------------------------------------- host helpers
 struct DeviceGroups {
   Tensor order, pos_adapter, offsets;
-  Grouping view(int64_t n) const {
+  GroupingParams view(int64_t n) const {
     return {order.const_data_ptr<int64_t>(), pos_adapter.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
             n};
   }
@@ -187,16 +160,29 @@ DeviceGroups device_groups(const Tensor& order, const Tensor& offsets, int64_t N
   return g;
 }
 
+// The launchers take T, the CUDA element type of x / y / g, and acc_t, the
+// accumulation type (float, or double for float64), from dispatch_elem.
 template <typename T, typename acc_t>
 void shrink(Tensor& out, const Tensor& x2d, const Tensor& w, int64_t ws0, int64_t ws1, int64_t ws2,
             const optional<Tensor>& scales, const std::optional<detail::DropoutParams>& drop, const DeviceGroups& g,
             int64_t n) {
   const int64_t N = x2d.size(0), R = out.size(1);
   if (N == 0 || R == 0) return;
-  ShrinkParams<T, acc_t> p{x2d.const_data_ptr<T>(), x2d.stride(0), x2d.stride(1), w.const_data_ptr<acc_t>(), ws0, ws1,
-                           ws2, scales ? scales->const_data_ptr<acc_t>() : nullptr, out.data_ptr<acc_t>(),
-                           x2d.size(1), R, drop.has_value(), drop.value_or(detail::DropoutParams{})};
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((R + kRankChunk - 1) / kRankChunk));
+  MultiShrinkParams p;
+  p.x = x2d.const_data_ptr();
+  p.x_s0 = x2d.stride(0);
+  p.x_s1 = x2d.stride(1);
+  p.w = w.const_data_ptr();
+  p.w_s0 = ws0;
+  p.w_s1 = ws1;
+  p.w_s2 = ws2;
+  p.scales = scales ? scales->const_data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.K = x2d.size(1);
+  p.R = R;
+  p.dropout = drop.has_value();
+  p.drop = drop.value_or(detail::DropoutParams{});
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(R, kRankChunk)));
   multi_shrink_kernel<T, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -207,10 +193,21 @@ void expand(Tensor& y2d, const Tensor& h, const Tensor& w, int64_t ws0, int64_t 
             int64_t n) {
   const int64_t N = y2d.size(0), D = y2d.size(1), R = h.size(1);
   if (N == 0 || D == 0) return;
-  ExpandParams<T, acc_t> p{h.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), ws0, ws1, ws2,
-                           scales ? scales->const_data_ptr<acc_t>() : nullptr, y2d.data_ptr<T>(), y2d.stride(0),
-                           y2d.stride(1), D, R, drop.has_value(), drop.value_or(detail::DropoutParams{})};
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((D + kThreads - 1) / kThreads));
+  MultiExpandParams p;
+  p.h = h.const_data_ptr();
+  p.w = w.const_data_ptr();
+  p.w_s0 = ws0;
+  p.w_s1 = ws1;
+  p.w_s2 = ws2;
+  p.scales = scales ? scales->const_data_ptr() : nullptr;
+  p.y = y2d.data_ptr();
+  p.y_s0 = y2d.stride(0);
+  p.y_s1 = y2d.stride(1);
+  p.D = D;
+  p.R = R;
+  p.dropout = drop.has_value();
+  p.drop = drop.value_or(detail::DropoutParams{});
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(D, kThreads)));
   multi_expand_kernel<T, acc_t><<<grid, kThreads, R * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -221,14 +218,33 @@ Tensor outer(const Tensor& g2d, const Tensor& h, const optional<Tensor>& scales,
   const int64_t D = g2d.size(1), R = h.size(1);
   Tensor out = at::zeros({n, D, R}, h.options());
   if (n == 0 || D == 0 || g2d.size(0) == 0) return out;
-  OuterParams<T, acc_t> p{g2d.const_data_ptr<T>(), g2d.stride(0), g2d.stride(1), h.const_data_ptr<acc_t>(),
-                          scales ? scales->const_data_ptr<acc_t>() : nullptr, out.data_ptr<acc_t>(), D, R,
-                          drop.has_value(), drop.value_or(detail::DropoutParams{})};
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((D + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((R + kRankChunk - 1) / kRankChunk));
+  MultiOuterParams p;
+  p.g = g2d.const_data_ptr();
+  p.g_s0 = g2d.stride(0);
+  p.g_s1 = g2d.stride(1);
+  p.h = h.const_data_ptr();
+  p.scales = scales ? scales->const_data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.D = D;
+  p.R = R;
+  p.dropout = drop.has_value();
+  p.drop = drop.value_or(detail::DropoutParams{});
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(D, kThreads)),
+                  static_cast<unsigned>(ceil_div(R, kRankChunk)));
   multi_outer_kernel<T, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, g.view(n));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// Calls f(type_identity<T>{}, type_identity<acc_t>{}) for x's dtype: T the CUDA
+// element type (utils.cuh), acc_t float (double for float64).
+template <typename F>
+void dispatch_elem(at::ScalarType t, const char* what, F&& f) {
+  cuda::dispatch_float(t, what, [&](auto ty) {
+    using T = typename decltype(ty)::type;
+    using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    f(ty, std::type_identity<acc_t>{});
+  });
 }
 
 // ---------------------------------------------------------------- ops
@@ -294,10 +310,11 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
   const optional<Tensor> s = scales.to(acc).contiguous();
   const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_multi_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    shrink<scalar_t, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
-    expand<scalar_t, acc_t>(y, h, B, B.stride(0), B.stride(1), B.stride(2), s, std::nullopt, g, n);
+  dispatch_elem(x.scalar_type(), op, [&](auto ty, auto acc_ty) {
+    using T = typename decltype(ty)::type;
+    using acc_t = typename decltype(acc_ty)::type;
+    shrink<T, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
+    expand<T, acc_t>(y, h, B, B.stride(0), B.stride(1), B.stride(2), s, std::nullopt, g, n);
   });
   return {y.view(out_shape), h};
 }
@@ -347,12 +364,13 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
   const Tensor hc = h.contiguous();
   Tensor gh = at::zeros({N, r}, h.options());
   Tensor gA, gB;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_multi_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_elem(x.scalar_type(), op, [&](auto ty, auto acc_ty) {
+    using T = typename decltype(ty)::type;
+    using acc_t = typename decltype(acc_ty)::type;
     // grad_h[row, k] = s_a sum_o g[row, o] B[a, o, k]: B read as [n, r, out]
-    shrink<scalar_t, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
-    gB = outer<scalar_t, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
-    gA = outer<scalar_t, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
+    shrink<T, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
+    gB = outer<T, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
+    gA = outer<T, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
   });
   return {gA.contiguous().to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
 }
@@ -374,10 +392,11 @@ Tensor lora_linear_multi_backward_input_cuda(
   const Tensor A = lora_A.to(acc);
   const Tensor ghc = grad_h.contiguous();
   const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "lora_linear_multi_bwd_in_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_elem(grad_y.scalar_type(), op, [&](auto ty, auto acc_ty) {
+    using T = typename decltype(ty)::type;
+    using acc_t = typename decltype(acc_ty)::type;
     // grad_x[row, j] += mask(sum_k grad_h[row, k] A[a, k, j]): A read as [n, in, r]
-    expand<scalar_t, acc_t>(gx, ghc, A, A.stride(0), A.stride(2), A.stride(1), std::nullopt, drop, g, n);
+    expand<T, acc_t>(gx, ghc, A, A.stride(0), A.stride(2), A.stride(1), std::nullopt, drop, g, n);
   });
   return gx.view(shape);
 }

@@ -87,4 +87,58 @@ struct AddScaledParams {
   detail::DropoutParams drop;
 };
 
+// ---- multi-adapter kernels (lora_linear_multi_cuda.cu) ----
+// Rows grouped by adapter (lora_group_rows): position q of the grouped order
+// is row order[q] with adapter pos_adapter[q] (n: a base-only row).
+struct GroupingParams {
+  const int64_t* order = nullptr;        // [N]
+  const int32_t* pos_adapter = nullptr;  // [N]
+  const int64_t* offsets = nullptr;      // [n + 2]
+  int64_t n = 0;
+};
+
+// out[row, k] = scales[a] * sum_j mask(x)[row, j] * w[a, k, j]: x [N, K] (element
+// type T, any strides), w [n, R, K] (acc_t, any strides), scales [n] acc_t or
+// null (= 1), out [N, R] acc_t contiguous. Mask element of x[row, j]: row * K + j.
+struct MultiShrinkParams {
+  const void* x = nullptr;
+  int64_t x_s0 = 0, x_s1 = 0;
+  const void* w = nullptr;
+  int64_t w_s0 = 0, w_s1 = 0, w_s2 = 0;
+  const void* scales = nullptr;
+  void* out = nullptr;
+  int64_t K = 0, R = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
+// y[row, d] = round(y[row, d] + mask(scales[a] * sum_k h[row, k] * w[a, d, k])):
+// h [N, R] acc_t contiguous, w [n, D, R] acc_t (any strides), y [N, D] T (any
+// strides). Mask element of y[row, d]: row * D + d.
+struct MultiExpandParams {
+  const void* h = nullptr;
+  const void* w = nullptr;
+  int64_t w_s0 = 0, w_s1 = 0, w_s2 = 0;
+  const void* scales = nullptr;
+  void* y = nullptr;
+  int64_t y_s0 = 0, y_s1 = 0;
+  int64_t D = 0, R = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
+// out[a, d, k] = scales[a] * sum over the rows of a of mask(g)[row, d] * h[row, k]:
+// g [N, D] T (any strides), h [N, R] acc_t contiguous, out [n, D, R] acc_t
+// contiguous. Mask element of g[row, d]: row * D + d.
+struct MultiOuterParams {
+  const void* g = nullptr;
+  int64_t g_s0 = 0, g_s1 = 0;
+  const void* h = nullptr;
+  const void* scales = nullptr;
+  void* out = nullptr;
+  int64_t D = 0, R = 0;
+  bool dropout = false;
+  detail::DropoutParams drop;
+};
+
 }  // namespace lora_ext::cuda
