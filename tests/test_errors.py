@@ -122,3 +122,39 @@ def test_internal_ops_check_seed():
         torch.ops.lora_ext._lora_linear_forward(x, w, None, a, bb, 1.0, 0.5, None)
     with pytest.raises(RuntimeError, match="one-element int64"):
         torch.ops.lora_ext._lora_linear_forward(x, w, None, a, bb, 1.0, 0.5, torch.tensor([1.0]))
+
+
+BWD_LORA_BAD = {
+    "grad_y width": (dict(grad_y=torch.randn(4, 5)), "expected grad_y of shape \\[\\.\\.\\., 6\\] and dtype Float"),
+    "grad_y dtype": (dict(grad_y=torch.randn(4, 6, dtype=torch.float64)), "expected grad_y of shape"),
+    "x rows": (dict(x=torch.randn(5, 8)), "expected x with 4 rows of 8 \\(as grad_y\\)"),
+    "x width": (dict(x=torch.randn(4, 7)), "expected x with 4 rows of 8"),
+    "h shape": (dict(h=torch.randn(4, 2)), "expected h of shape \\[4, 3\\] and dtype Float"),
+    "h dtype": (dict(h=torch.randn(4, 3, dtype=torch.float64)), "expected h of shape \\[4, 3\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BWD_LORA_BAD))
+def test_backward_lora_piece_bad_input(case):
+    kw = dict(grad_y=torch.randn(4, 6), x=torch.randn(4, 8), lora_A=torch.randn(3, 8), lora_B=torch.randn(6, 3),
+              h=torch.randn(4, 3))
+    change, msg = BWD_LORA_BAD[case]
+    kw.update(change)
+    with pytest.raises(RuntimeError, match="lora_ext::_lora_linear_backward_lora: " + msg):
+        torch.ops.lora_ext._lora_linear_backward_lora(*kw.values(), 1.0, 0.0, None)
+
+
+BWD_INPUT_BAD = {
+    "grad_y width": (dict(grad_y=torch.randn(4, 5)), "expected grad_y of shape \\[\\.\\.\\., 6\\], got"),
+    "grad_h rows": (dict(grad_h=torch.randn(3, 3)), "expected grad_h of shape \\[4, 3\\] and dtype Float"),
+    "grad_h dtype": (dict(grad_h=torch.randn(4, 3, dtype=torch.float64)), "expected grad_h of shape \\[4, 3\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BWD_INPUT_BAD))
+def test_backward_input_piece_bad_input(case):
+    kw = dict(grad_y=torch.randn(2, 2, 6), weight=torch.randn(6, 8), lora_A=torch.randn(3, 8), grad_h=torch.randn(4, 3))
+    change, msg = BWD_INPUT_BAD[case]
+    kw.update(change)
+    with pytest.raises(RuntimeError, match="lora_ext::_lora_linear_backward_input: " + msg):
+        torch.ops.lora_ext._lora_linear_backward_input(*kw.values(), 0.0, None)

@@ -293,13 +293,9 @@ int64_t leading_rows(const at::Tensor& t) {  // product of all dims but the last
   return n;
 }
 
-}  // namespace
-
-int64_t check_multi_backward_lora_args(
-    const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& h, const at::Tensor& order, const at::Tensor& offsets) {
-  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
-  const auto acc = lora_acc_dtype(lora_A.scalar_type());
+// grad_y [..., out] in x's dtype, x [..., in] with as many rows, h [N, r] in acc.
+int64_t check_backward_lora_shapes(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
+                                   int64_t in, int64_t out, int64_t r, at::ScalarType acc) {
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out && grad_y.scalar_type() == x.scalar_type(), "lora_ext::",
               op, ": expected grad_y of shape [..., ", out, "] and dtype ", x.scalar_type(), ", got ", grad_y.sizes(),
               " ", grad_y.scalar_type());
@@ -308,22 +304,50 @@ int64_t check_multi_backward_lora_args(
               " rows of ", in, " (as grad_y), got ", x.sizes());
   TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
               ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
-  check_grouping(op, order, offsets, N, n);
   return N;
 }
 
-int64_t check_multi_backward_input_args(
-    const char* op, const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& grad_h, const at::Tensor& order, const at::Tensor& offsets) {
-  const int64_t out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  const auto acc = lora_acc_dtype(lora_A.scalar_type());
+// grad_y [..., out], grad_h [N, r] in acc.
+int64_t check_backward_input_shapes(const char* op, const at::Tensor& grad_y, const at::Tensor& grad_h, int64_t out,
+                                    int64_t r, at::ScalarType acc) {
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
               "], got ", grad_y.sizes());
   const int64_t N = leading_rows(grad_y);
   TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
               "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
               grad_h.sizes(), " ", grad_h.scalar_type());
-  check_grouping(op, order, offsets, N, n);
+  return N;
+}
+
+}  // namespace
+
+int64_t check_backward_lora_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h) {
+  return check_backward_lora_shapes(op, grad_y, x, h, lora_A.size(1), lora_B.size(0), lora_A.size(0),
+                                    lora_acc_dtype(lora_A.scalar_type()));
+}
+
+int64_t check_backward_input_args(const char* op, const at::Tensor& grad_y, const at::Tensor& weight,
+                                  const at::Tensor& lora_A, const at::Tensor& grad_h) {
+  return check_backward_input_shapes(op, grad_y, grad_h, weight.size(0), lora_A.size(0),
+                                     lora_acc_dtype(lora_A.scalar_type()));
+}
+
+int64_t check_multi_backward_lora_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& h, const at::Tensor& order, const at::Tensor& offsets) {
+  const int64_t N = check_backward_lora_shapes(op, grad_y, x, h, lora_A.size(2), lora_B.size(1), lora_A.size(1),
+                                               lora_acc_dtype(lora_A.scalar_type()));
+  check_grouping(op, order, offsets, N, lora_A.size(0));
+  return N;
+}
+
+int64_t check_multi_backward_input_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& grad_h, const at::Tensor& order, const at::Tensor& offsets) {
+  const int64_t N = check_backward_input_shapes(op, grad_y, grad_h, weight.size(0), lora_A.size(1),
+                                                lora_acc_dtype(lora_A.scalar_type()));
+  check_grouping(op, order, offsets, N, lora_A.size(0));
   return N;
 }
 

@@ -39,6 +39,13 @@ void check_lora_linear_multi_args(
     const std::optional<at::Tensor>& group_order,
     const std::optional<at::Tensor>& group_offsets);
 
+// The backward pieces' inputs (any backend): grad_y [..., out] (in x's dtype for
+// the lora piece), x [..., in] with as many rows, h / grad_h [N, r] in the
+// accumulation dtype. Return N, the number of rows.
+int64_t check_backward_lora_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h);
+int64_t check_backward_input_args(const char* op, const at::Tensor& grad_y, const at::Tensor& weight,
+                                  const at::Tensor& lora_A, const at::Tensor& grad_h);
 // The multi-adapter backward pieces' inputs (any backend): grad_y [..., out] with
 // x's dtype and rows, h / grad_h [N, r_max] in the accumulation dtype, and the
 // grouping's shapes. Return N, the number of rows.

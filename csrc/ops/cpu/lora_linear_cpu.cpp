@@ -1,15 +1,16 @@
 // CPU kernels of lora_linear and of the pieces its autograd formula uses.
 //
-// Precision: the LoRA branch accumulates in the adapter's dtype, or in float32
-// when the adapter is bfloat16/float16 (the [N, r] intermediate h is then
-// float32 too). The base product runs in x's dtype. A float32 adapter on a
-// bfloat16/float16 base (PEFT's default) computes the whole branch in float32
-// and rounds once when adding into the output.
+// The forward is the backend-independent ops/common/lora_linear_forward.h over
+// the CPU's mm_rows (skinny AVX2 row dots, dropout applied to bounded row
+// chunks), chunk_rows and add_scaled_. Precision: the LoRA branch accumulates
+// in the adapter's dtype, or in float32 when the adapter is bfloat16/float16
+// (the [N, r] intermediate h is then float32 too).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/lora_linear_forward.h"
 #include "ops/common/op_utils.h"
 #include "ops/cpu/chunking.h"
 #include "ops/cpu/dropout_cpu.h"
@@ -52,6 +53,15 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& w_, const optional<detail::Dropo
 
 namespace {
 
+// What the shared forward (ops/common/lora_linear_forward.h) needs from the CPU.
+struct CpuBackend {
+  static Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
+    return cpu::mm_rows(a2d, w, drop);
+  }
+  static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cpu::chunk_rows(cols, t); }
+  static void add_scaled_(Tensor& dst, const Tensor& src, double alpha) { cpu::add_scaled_(dst, src, alpha); }
+};
+
 std::tuple<Tensor, Tensor> forward_impl(
     const Tensor& x,
     const Tensor& weight,
@@ -61,50 +71,7 @@ std::tuple<Tensor, Tensor> forward_impl(
     double scale,
     double dropout_p,
     const optional<Tensor>& seed) {
-  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = x.reshape({-1, in});
-  const int64_t N = x2d.size(0);
-  const auto out_shape = detail::with_last(x.sizes(), out);
-  if (N == 0) {
-    return {at::empty(out_shape, x.options()), at::empty({0, r}, lora_A.options().dtype(acc))};
-  }
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  const Tensor A_acc = lora_A.to(acc), B_acc = lora_B.to(acc);  // no copy when already acc
-  const bool has_bias = bias.has_value() && bias->defined();
-
-  // h = dropout(x) A^T, [N, r]: the only extra buffer.
-  Tensor h = mm_rows(x2d, A_acc, drop);
-
-  Tensor y = at::empty({N, out}, x.options());
-  if (x.scalar_type() == acc) {
-    // y = bias + scale * h B^T first, then the base GEMM accumulates into y
-    // (beta = 1): the low-rank term costs no extra pass over the output.
-    if (has_bias) {
-      at::addmm_out(y, *bias, h, B_acc.t(), /*beta=*/1, /*alpha=*/scale);
-    } else {
-      at::addmm_out(y, y, h, B_acc.t(), /*beta=*/0, /*alpha=*/scale);
-    }
-    y.addmm_(x2d, weight.t());
-  } else {
-    // Half/bf16 output with a float32 branch: add scale * h B^T row chunk by
-    // row chunk, computed in float32 and rounded once into y.
-    if (has_bias) {
-      at::addmm_out(y, *bias, x2d, weight.t());
-    } else {
-      at::mm_out(y, x2d, weight.t());
-    }
-    const int64_t rows = std::min(N, chunk_rows(out, acc));
-    Tensor buf = at::empty({rows, out}, A_acc.options());
-    for (int64_t s = 0; s < N; s += rows) {
-      const int64_t n = std::min(rows, N - s);
-      Tensor bv = buf.narrow(0, 0, n);
-      at::mm_out(bv, h.narrow(0, s, n), B_acc.t());
-      Tensor yv = y.narrow(0, s, n);
-      add_scaled_(yv, bv, scale);
-    }
-  }
-  return {y.view(out_shape), h};
+  return detail::lora_linear_forward_impl<CpuBackend>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
 }
 
 Tensor lora_linear_cpu(
@@ -149,14 +116,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
   detail::check_seed(op, seed, dropout_p);
   const int64_t in = lora_A.size(1), out = lora_B.size(0), r = lora_A.size(0);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t N = detail::check_backward_lora_args(op, grad_y, x, lora_A, lora_B, h);
   const Tensor g2d = grad_y.reshape({-1, out});
   const Tensor x2d = x.reshape({-1, in});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(x2d.size(0) == N, "lora_ext::", op, ": expected x with ", N, " rows (as grad_y), got ", x.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == N && h.size(1) == r && h.scalar_type() == acc, "lora_ext::", op,
-              ": expected h of shape [", N, ", ", r, "] and dtype ", acc, ", got ", h.sizes(), " ", h.scalar_type());
   if (N == 0) {
     return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
@@ -220,15 +182,10 @@ Tensor lora_linear_backward_input_cpu(
     const optional<Tensor>& seed) {
   const char* op = "_lora_linear_backward_input";
   detail::check_seed(op, seed, dropout_p);
-  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == out, "lora_ext::", op, ": expected grad_y of shape [..., ", out,
-              "], got ", grad_y.sizes());
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const int64_t N = detail::check_backward_input_args(op, grad_y, weight, lora_A, grad_h);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const Tensor g2d = grad_y.reshape({-1, out});
-  const int64_t N = g2d.size(0);
-  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == r && grad_h.scalar_type() == acc,
-              "lora_ext::", op, ": expected grad_h of shape [", N, ", ", r, "] and dtype ", acc, ", got ",
-              grad_h.sizes(), " ", grad_h.scalar_type());
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const auto drop = detail::dropout_from_seed(seed, dropout_p);
