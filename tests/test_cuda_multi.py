@@ -98,3 +98,37 @@ def test_cuda_graph_capture_of_forward_with_precomputed_grouping():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, want)
+
+
+def test_validation_runs_once_per_grouping_and_again_after_a_change():
+    """A grouping (and scales tensor) is checked once on CUDA, not on every call; an in-place
+    change bumps its version and is checked again; a new tensor is always checked."""
+    x, w, b, A, B, s, ids = cuda(*make_multi((12,), 16, 8, [2, 3], torch.float32, torch.float32))
+    order, offsets = group(ids, 2)
+    y = multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+    y2 = multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)  # the cached check
+    assert torch.equal(y, y2)
+    order.copy_(order.flip(0))  # in place (a new version): still a permutation, no longer the grouping
+    with pytest.raises(ValueError, match="group_order.*(do not match adapter_ids|is in the group of adapter)"):
+        multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+    with pytest.raises(ValueError, match="permutation"):
+        multi(x, w, b, A, B, s, ids, 0.0, False, torch.zeros_like(order), offsets)  # a new tensor
+    order, offsets = group(ids, 2)
+    multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+    s.fill_(float("nan"))
+    with pytest.raises(ValueError, match="finite scales"):
+        multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+
+
+def test_corrupted_grouping_in_inference_mode_stays_in_bounds():
+    """Inference tensors have no version counter, so an in-place change after the first check is
+    not seen; the kernels still never index outside their tensors (rows are bounds-checked)."""
+    with torch.inference_mode():
+        x, w, b, A, B, s, ids = cuda(*make_multi((64,), 32, 16, [4, 4], torch.float32, torch.float32))
+        order, offsets = group(ids, 2)
+        multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+        order[:8] = 10**9
+        offsets[1] = -5
+        y = multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets)
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+        assert y.shape == (64, 16)

@@ -27,6 +27,7 @@
 #include "ops/common/op_utils.h"
 #include "ops/cuda/params.h"
 #include "ops/cuda/utils.cuh"
+#include "ops/cuda/validated_inputs.h"
 
 namespace lora_ext::cuda_multi {
 
@@ -38,6 +39,7 @@ using cuda::load_acc;
 using cuda::MultiExpandParams;
 using cuda::MultiOuterParams;
 using cuda::MultiShrinkParams;
+using cuda::ValidatedInputs;
 using std::optional;
 
 constexpr int kThreads = 256;
@@ -58,6 +60,7 @@ __global__ void multi_shrink_kernel(MultiShrinkParams p, GroupingParams g) {
   const int64_t a = g.pos_adapter[pos];
   if (a >= g.n) return;  // base row: stays 0
   const int64_t row = g.order[pos];
+  if (row < 0 || row >= g.rows) return;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kRankChunk;
   const int kc = static_cast<int>(p.R - k0 < kRankChunk ? p.R - k0 : kRankChunk);
   acc_t acc[kRankChunk];
@@ -101,6 +104,7 @@ __global__ void multi_expand_kernel(MultiExpandParams p, GroupingParams g) {
   const int64_t a = g.pos_adapter[pos];
   if (a >= g.n) return;  // base row: nothing to add
   const int64_t row = g.order[pos];
+  if (row < 0 || row >= g.rows) return;
   for (int64_t k = threadIdx.x; k < p.R; k += blockDim.x) hs[k] = h[row * p.R + k];
   __syncthreads();
   const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -127,8 +131,10 @@ __global__ void multi_outer_kernel(MultiOuterParams p, GroupingParams g) {
   acc_t acc[kRankChunk];
 #pragma unroll
   for (int c = 0; c < kRankChunk; ++c) acc[c] = acc_t(0);
-  for (int64_t q = g.offsets[a]; q < g.offsets[a + 1]; ++q) {
+  const int64_t q0 = max(int64_t(0), g.offsets[a]), q1 = min(g.rows, g.offsets[a + 1]);
+  for (int64_t q = q0; q < q1; ++q) {
     const int64_t row = g.order[q];
+    if (row < 0 || row >= g.rows) continue;
     acc_t v = load_acc<acc_t>(gm + row * p.g_s0 + d * p.g_s1);
     if (p.dropout) v *= keep_scale<acc_t>(p.drop, static_cast<uint64_t>(row) * p.D + d);
     const acc_t* hr = h + row * p.R + k0;
@@ -147,7 +153,7 @@ struct DeviceGroups {
   Tensor order, pos_adapter, offsets;
   GroupingParams view(int64_t n) const {
     return {order.const_data_ptr<int64_t>(), pos_adapter.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
-            n};
+            n, order.size(0)};
   }
 };
 
@@ -155,8 +161,10 @@ DeviceGroups device_groups(const Tensor& order, const Tensor& offsets, int64_t N
   DeviceGroups g;
   g.order = order.contiguous();
   g.offsets = offsets.contiguous();
-  const Tensor counts = g.offsets.narrow(0, 1, n + 1) - g.offsets.narrow(0, 0, n + 1);
-  g.pos_adapter = at::repeat_interleave(at::arange(n + 1, order.options().dtype(at::kInt)), counts, 0, N);
+  // adapter of each grouped position: offsets[a] <= pos < offsets[a + 1]. A binary
+  // search (no sync), clamped to [0, n] so that any offsets give in-range adapters.
+  const Tensor pos = at::arange(N, g.offsets.options());
+  g.pos_adapter = at::searchsorted(g.offsets, pos, /*out_int32=*/true, /*right=*/true).sub_(1).clamp_(0, n);
   return g;
 }
 
@@ -257,7 +265,9 @@ std::tuple<Tensor, Tensor> group_rows_cuda(const Tensor& ids, int64_t n) {
   c10::cuda::CUDAGuard guard(ids.device());
   const Tensor ids64 = ids.to(at::kLong);
   if (ids.numel() > 0) {
-    const auto lo = ids64.min().item<int64_t>(), hi = ids64.max().item<int64_t>();
+    const auto [mn, mx] = at::aminmax(ids64);
+    const Tensor range = at::stack({mn, mx}).cpu();  // one sync
+    const auto lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
     TORCH_CHECK_INDEX(lo >= -1 && hi < n, "lora_ext::", op, ": expected adapter ids in [-1, ", n,
                       ") (-1 = base only; n_adapters = ", n, "), got values in [", lo, ", ", hi, "]");
   }
@@ -300,11 +310,19 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   // A grouping passed in is checked against the ids (one made by group_rows_cuda is right by
   // construction). The value checks read device data on the host (a sync), which a CUDA graph
   // capture forbids: they run eagerly and are skipped while capturing.
+  // Each distinct (ids, order, offsets) and scales tensor is checked once, not
+  // per call (every layer of a model gets the same grouping for one batch).
+  static ValidatedInputs checked_groupings(1024), checked_scales(1 << 14);
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (given_grouping && !capturing) check_groups(op, adapter_ids, g, N, n);
+  if (given_grouping && !capturing && !checked_groupings.contains({adapter_ids, order, offsets})) {
+    check_groups(op, adapter_ids, g, N, n);
+    checked_groupings.insert({adapter_ids, order, offsets});
+  }
   if (N == 0) return {at::empty(out_shape, x.options()), h};
-  TORCH_CHECK_VALUE(capturing || at::isfinite(scales).all().item<bool>(), "lora_ext::", op,
-                    ": expected finite scales");
+  if (!capturing && !checked_scales.contains({scales})) {
+    TORCH_CHECK_VALUE(at::isfinite(scales).all().item<bool>(), "lora_ext::", op, ": expected finite scales");
+    checked_scales.insert({scales});
+  }
   const bool has_bias = bias_.has_value() && bias_->defined();
   Tensor y = has_bias ? at::addmm(*bias_, x2d, weight.t()) : at::mm(x2d, weight.t());
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);

@@ -89,12 +89,16 @@ struct AddScaledParams {
 
 // ---- multi-adapter kernels (lora_linear_multi_cuda.cu) ----
 // Rows grouped by adapter (lora_group_rows): position q of the grouped order
-// is row order[q] with adapter pos_adapter[q] (n: a base-only row).
+// is row order[q] with adapter pos_adapter[q] (n: a base-only row). Kernels
+// skip a row index outside [0, rows) and clamp offsets to [0, rows], so that
+// even a grouping that was not re-validated (see validated_inputs.h) cannot
+// make them touch memory outside their tensors.
 struct GroupingParams {
-  const int64_t* order = nullptr;        // [N]
-  const int32_t* pos_adapter = nullptr;  // [N]
+  const int64_t* order = nullptr;        // [rows]
+  const int32_t* pos_adapter = nullptr;  // [rows], values in [0, n]
   const int64_t* offsets = nullptr;      // [n + 2]
   int64_t n = 0;
+  int64_t rows = 0;
 };
 
 // out[row, k] = scales[a] * sum_j mask(x)[row, j] * w[a, k, j]: x [N, K] (element
