@@ -7,6 +7,8 @@ bf16 on the current CUDA device, CUDA-event timing (median of repeated calls aft
     4096x4096 r16 and 4096->11008 r64; targets: lora_ext <= 1.05x the bare linear at 4096^2 r16;
   - merge_: bf16 W 11008x4096 with an fp32 r16 adapter, achieved bandwidth (read + write of W) against
     the device's copy bandwidth measured in the same run (target >= 80%);
+  - exact merge: a merge_exact_codes + merge_exact_ + unmerge_exact_ round trip on that weight, whether
+    it restored the bits, and the side information's size;
   - multi-adapter decode: 64 tokens, 32 adapters r16 (lora_linear_multi) vs one adapter for all rows
     (lora_linear) (target <= 1.10x), and the shrink/expand bandwidth (adapter bytes read / LoRA time).
 Ops without a CUDA kernel are reported as such, not skipped silently.
@@ -96,6 +98,34 @@ def merge_row(iters, copy_gbs):
             f"{100 * gbs / copy_gbs:.0f}% of copy", "target >= 80%"]
 
 
+def exact_merge_row(iters, copy_gbs):
+    """merge_exact_codes + merge_exact_ + unmerge_exact_ on the same weight as merge_: the time of
+    one round trip, the bandwidth of merge_exact_ alone, and whether the round trips kept the bits."""
+    torch.manual_seed(0)
+    W = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    W0 = W.clone()
+    A = torch.randn(16, 4096, device="cuda") / 64
+    B = torch.randn(11008, 16, device="cuda") / 400
+    ops = lora_ext.ops
+
+    def cycle():
+        codes = ops.merge_exact_codes(W, A, B, 0.5)
+        ops.merge_exact_(W, A, B, 0.5)
+        ops.unmerge_exact_(W, codes, A, B, 0.5)
+
+    name = "exact merge round trip bf16 11008x4096 r16"
+    ms = try_ms(cycle, max(3, iters // 5))
+    if not isinstance(ms, float):
+        return [name, fmt(ms), "-", "-", "-", "-"]
+    exact = torch.equal(W.view(torch.int16), W0.view(torch.int16))
+    side = ops.merge_exact_codes(W0, A, B, 0.5).nbytes()
+    ms_merge = cuda_ms(lambda: ops.merge_exact_(W, A, B, 0.5), max(3, iters // 5))  # (W drifts: timing only)
+    gbs = 2 * W.numel() * W.element_size() / (ms_merge * 1e-3) / 1e9  # read + write of W
+    return [name, fmt(ms, " ms"), f"merge_exact_ {gbs:.0f} GB/s", f"copy {copy_gbs:.0f} GB/s",
+            f"bit-exact after round trips: {'yes' if exact else 'NO'}",
+            f"side info {side / 2**20:.1f} MiB ({100 * side / (W.numel() * 2):.1f}% of W)"]
+
+
 def multi_rows(iters, copy_gbs, n=32, tokens=64, d=4096, r=16):
     torch.manual_seed(0)
     W = torch.randn(d, d, device="cuda", dtype=torch.bfloat16) / 64
@@ -139,6 +169,7 @@ def main():
     copy_gbs = copy_bandwidth(iters)
     rows = forward_rows(tokens, [(4096, 4096, 16), (4096, 11008, 64)], iters)
     rows.append(merge_row(iters, copy_gbs))
+    rows.append(exact_merge_row(iters, copy_gbs))
     rows += multi_rows(iters, copy_gbs)
     headers = ["case", "baseline", "lora_ext", "other", "ratio", "note"]
     widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
