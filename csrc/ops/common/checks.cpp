@@ -1,7 +1,10 @@
 #include "ops/common/checks.h"
 
 #include <cmath>
+#include <string>
+#include <vector>
 
+#include <ATen/ATen.h>
 #include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
@@ -268,6 +271,47 @@ void check_unmerge_exact_args(
   check_same_device(op, "codes", codes, weight);
   check_same_device(op, "exc_index", exc_index, weight);
   check_same_device(op, "exc_value", exc_value, weight);
+}
+
+void check_grouping_values(const char* op, const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets,
+                           int64_t n) {
+  TORCH_INTERNAL_ASSERT(ids.is_cpu() && order.is_cpu() && offsets.is_cpu(), "check_grouping_values: host tensors");
+  const int64_t N = ids.size(0);
+  const at::Tensor ord_t = order.to(at::kLong).contiguous(), off_t = offsets.to(at::kLong).contiguous();
+  const at::Tensor ids_t = ids.to(at::kLong).contiguous();
+  const int64_t* off = off_t.const_data_ptr<int64_t>();
+  const int64_t* ord = ord_t.const_data_ptr<int64_t>();
+  const int64_t* p = ids_t.const_data_ptr<int64_t>();
+  const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
+  TORCH_CHECK_VALUE(off[0] == 0 && off[n + 1] == N, "lora_ext::", op, ": expected group_offsets[0] == 0 "
+                    "and group_offsets[-1] == N = ", N, ", got ", off[0], " and ", off[n + 1], hint);
+  for (int64_t a = 0; a <= n; ++a) {
+    TORCH_CHECK_VALUE(off[a] <= off[a + 1], "lora_ext::", op,
+                      ": expected non-decreasing group_offsets, got group_offsets[", a, "] = ", off[a],
+                      " > group_offsets[", a + 1, "] = ", off[a + 1], hint);
+  }
+  std::vector<char> seen(N, 0);
+  for (int64_t a = 0; a <= n; ++a) {
+    const int64_t want = a < n ? a : -1;
+    for (int64_t k = off[a]; k < off[a + 1]; ++k) {
+      const int64_t row = ord[k];
+      TORCH_CHECK_VALUE(row >= 0 && row < N && !seen[row], "lora_ext::", op,
+                        ": expected group_order to be a permutation of 0..N-1, got group_order[", k, "] = ", row, hint);
+      seen[row] = 1;
+      TORCH_CHECK_VALUE(p[row] == want, "lora_ext::", op, ": group_order[", k, "] = ", row, " is in the group of ",
+                        (a < n ? "adapter " + std::to_string(a) : std::string("the base rows")),
+                        " but adapter_ids[", row, "] = ", p[row], hint);
+    }
+  }
+}
+
+void check_finite_scales(const char* op, const at::Tensor& scales) {
+  TORCH_INTERNAL_ASSERT(scales.is_cpu(), "check_finite_scales: a host tensor");
+  const at::Tensor s = scales.to(at::kDouble).contiguous();
+  const double* v = s.const_data_ptr<double>();
+  for (int64_t a = 0; a < s.numel(); ++a) {
+    TORCH_CHECK_VALUE(std::isfinite(v[a]), "lora_ext::", op, ": expected finite scales, got scales[", a, "] = ", v[a]);
+  }
 }
 
 void check_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p) {

@@ -56,6 +56,13 @@ int64_t check_multi_backward_input_args(
     const char* op, const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& grad_h, const at::Tensor& order, const at::Tensor& offsets);
 
+// The values of a grouping, on host tensors (a CUDA kernel copies them over):
+// (order, offsets) is the grouping lora_group_rows makes of ids, the same
+// messages on every backend. O(N).
+void check_grouping_values(const char* op, const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets,
+                           int64_t n);
+// Every element of a host scales tensor is finite.
+void check_finite_scales(const char* op, const at::Tensor& scales);
 // group_order int64 [rows], group_offsets int64 [n_adapters + 2] (shapes only).
 void check_grouping(
     const char* op, const at::Tensor& order, const at::Tensor& offsets, const c10::SymInt& rows,

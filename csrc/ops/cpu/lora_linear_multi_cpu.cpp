@@ -84,36 +84,10 @@ Groups host_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
   return g;
 }
 
-// Checks that (order, offsets) is the grouping of adapter_ids: O(N).
+// Checks that (order, offsets) is the grouping of adapter_ids (O(N)), then reads it.
 Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
-  const int64_t N = ids.size(0);
-  Groups g = host_groups(order, offsets, n);
-  const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
-  TORCH_CHECK_VALUE(g.offsets[0] == 0 && g.offsets[n + 1] == N, "lora_ext::", op, ": expected group_offsets[0] == 0 "
-                    "and group_offsets[-1] == N = ", N, ", got ", g.offsets[0], " and ", g.offsets[n + 1], hint);
-  for (int64_t a = 0; a <= n; ++a) {
-    TORCH_CHECK_VALUE(g.offsets[a] <= g.offsets[a + 1], "lora_ext::", op,
-                      ": expected non-decreasing group_offsets, got group_offsets[", a, "] = ", g.offsets[a],
-                      " > group_offsets[", a + 1, "] = ", g.offsets[a + 1], hint);
-  }
-  std::vector<char> seen(N, 0);
-  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "lora_linear_multi", [&] {
-    const Tensor idc = ids.contiguous();
-    const index_t* p = idc.const_data_ptr<index_t>();
-    for (int64_t a = 0; a <= n; ++a) {
-      const int64_t want = a < n ? a : -1;
-      for (int64_t k = g.offsets[a]; k < g.offsets[a + 1]; ++k) {
-        const int64_t row = g.order[k];
-        TORCH_CHECK_VALUE(row >= 0 && row < N && !seen[row], "lora_ext::", op,
-                          ": expected group_order to be a permutation of 0..N-1, got group_order[", k, "] = ", row, hint);
-        seen[row] = 1;
-        TORCH_CHECK_VALUE(p[row] == want, "lora_ext::", op, ": group_order[", k, "] = ", row, " is in the group of ",
-                          (a < n ? "adapter " + std::to_string(a) : std::string("the base rows")),
-                          " but adapter_ids[", row, "] = ", int64_t(p[row]), hint);
-      }
-    }
-  });
-  return g;
+  detail::check_grouping_values(op, ids, order, offsets, n);
+  return host_groups(order, offsets, n);
 }
 
 struct Run {
@@ -134,14 +108,10 @@ std::vector<Run> row_runs(const Groups& g, int64_t N) {
   return runs;
 }
 
-std::vector<double> read_scales(const Tensor& scales) {
+std::vector<double> read_scales(const char* op, const Tensor& scales) {
+  detail::check_finite_scales(op, scales);
   const Tensor s = scales.to(at::kDouble).contiguous();
-  std::vector<double> v(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
-  for (size_t a = 0; a < v.size(); ++a) {
-    TORCH_CHECK_VALUE(std::isfinite(v[a]), "lora_ext::lora_linear_multi: expected finite scales, got scales[", a,
-                      "] = ", v[a]);
-  }
-  return v;
+  return std::vector<double>(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
 }
 
 // Rows `idx` of x2d (any dtype) in the acc dtype, dropped out by their own row index.
@@ -304,7 +274,7 @@ Tensor lora_linear_multi_cpu(
                        : std::apply([&](const Tensor& o, const Tensor& off) { return host_groups(o, off, n); },
                                     group_rows_cpu(adapter_ids, n));
   const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(scales), g, p, detail::draw_dropout_seed(p)));
+  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, p, detail::draw_dropout_seed(p)));
 }
 
 std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
@@ -316,7 +286,7 @@ std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
                                        offsets);
   detail::check_seed(op, seed, dropout_p);
   const Groups g = read_groups(op, adapter_ids, order, offsets, lora_A.size(0));
-  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(scales), g, dropout_p, seed);
+  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, dropout_p, seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
@@ -334,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N > 0) {
     const Groups g = host_groups(order, offsets, n);
-    const auto sc = read_scales(scales);
+    const auto sc = read_scales(op, scales);
     const auto drop = detail::dropout_from_seed(seed, dropout_p);
     const Tensor B_acc = lora_B.to(acc);
     const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);

@@ -278,21 +278,13 @@ std::tuple<Tensor, Tensor> group_rows_cuda(const Tensor& ids, int64_t n) {
   return {order, offsets};
 }
 
-// Checks (on the device, a few syncs) that (order, offsets) is the grouping of adapter_ids.
-void check_groups(const char* op, const Tensor& ids, const DeviceGroups& g, int64_t N, int64_t n) {
-  const char* hint = " (pass the outputs of lora_group_rows(adapter_ids, n_adapters))";
-  const Tensor off = g.offsets;
-  TORCH_CHECK_VALUE(off[0].item<int64_t>() == 0 && off[n + 1].item<int64_t>() == N &&
-                        (off.narrow(0, 1, n + 1) >= off.narrow(0, 0, n + 1)).all().item<bool>(),
-                    "lora_ext::", op, ": expected non-decreasing group_offsets from 0 to N = ", N, hint);
-  if (N == 0) return;
-  TORCH_CHECK_VALUE((g.order >= 0).logical_and(g.order < N).all().item<bool>() &&
-                        at::bincount(g.order, {}, N).eq(1).all().item<bool>(),
-                    "lora_ext::", op, ": expected group_order to be a permutation of 0..N-1", hint);
-  const Tensor ids64 = ids.to(at::kLong);
-  const Tensor slot = at::where(ids64 < 0, at::full_like(ids64, n), ids64);
-  TORCH_CHECK_VALUE(slot.index_select(0, g.order).eq(g.pos_adapter.to(at::kLong)).all().item<bool>(), "lora_ext::",
-                    op, ": group_order / group_offsets do not match adapter_ids", hint);
+// Checks that (order, offsets) is the grouping of adapter_ids: the CPU's check
+// (same messages) on one host copy of the three small int64 vectors (one sync).
+void check_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
+  const int64_t N = ids.size(0);
+  const Tensor host = at::cat({ids.to(at::kLong), order.to(at::kLong), offsets.to(at::kLong)}).cpu();
+  detail::check_grouping_values(op, host.narrow(0, 0, N), host.narrow(0, N, order.size(0)),
+                                host.narrow(0, N + order.size(0), offsets.size(0)), n);
 }
 
 std::tuple<Tensor, Tensor> multi_forward_impl(
@@ -315,12 +307,12 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   static ValidatedInputs checked_groupings(1024), checked_scales(1 << 14);
   const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
   if (given_grouping && !capturing && !checked_groupings.contains({adapter_ids, order, offsets})) {
-    check_groups(op, adapter_ids, g, N, n);
+    check_groups(op, adapter_ids, order, offsets, n);
     checked_groupings.insert({adapter_ids, order, offsets});
   }
   if (N == 0) return {at::empty(out_shape, x.options()), h};
   if (!capturing && !checked_scales.contains({scales})) {
-    TORCH_CHECK_VALUE(at::isfinite(scales).all().item<bool>(), "lora_ext::", op, ": expected finite scales");
+    detail::check_finite_scales(op, scales.cpu());
     checked_scales.insert({scales});
   }
   const bool has_bias = bias_.has_value() && bias_->defined();
