@@ -12,9 +12,11 @@
 // in bounded row chunks, each rounded once into the base product.
 //
 // Backend supplies what differs between devices (ops/cpu, ops/cuda):
+//   Guard                                   RAII device guard, built from x's device
 //   static Tensor mm_rows(a2d, w, drop)     dropout(a2d) w^T in w's dtype
 //   static int64_t chunk_rows(cols, dtype)  rows of one temporary chunk
 //   static void add_scaled_(dst, src, a)    dst += a * src, rounded once
+// and registers lora_linear_op<Backend> / lora_linear_forward_op<Backend>.
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -38,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
     double dropout_p,
     const std::optional<at::Tensor>& seed) {
   using at::Tensor;
+  const typename Backend::Guard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
   const auto acc = lora_acc_dtype(lora_A.scalar_type());
   const Tensor x2d = x.reshape({-1, in});
@@ -77,6 +80,39 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
     }
   }
   return {y.view(out_shape), h};
+}
+
+// lora_linear: y only; dropout (training) with a freshly drawn seed.
+template <typename Backend>
+at::Tensor lora_linear_op(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    bool training) {
+  check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  const double p = training ? dropout_p : 0.0;
+  return std::get<0>(
+      lora_linear_forward_impl<Backend>(x, weight, bias, lora_A, lora_B, scale, p, draw_dropout_seed(p)));
+}
+
+// _lora_linear_forward: (y, h) with the caller's seed (the autograd kernel's).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_op(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A,
+    const at::Tensor& lora_B,
+    double scale,
+    double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
+  check_seed("_lora_linear_forward", seed, dropout_p);
+  return lora_linear_forward_impl<Backend>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
 }
 
 }  // namespace lora_ext::detail

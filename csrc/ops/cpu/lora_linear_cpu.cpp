@@ -55,53 +55,16 @@ namespace {
 
 // What the shared forward (ops/common/lora_linear_forward.h) needs from the CPU.
 struct CpuBackend {
+  // no device guard on the CPU
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
   static Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
     return cpu::mm_rows(a2d, w, drop);
   }
   static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cpu::chunk_rows(cols, t); }
   static void add_scaled_(Tensor& dst, const Tensor& src, double alpha) { cpu::add_scaled_(dst, src, alpha); }
 };
-
-std::tuple<Tensor, Tensor> forward_impl(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const optional<Tensor>& seed) {
-  return detail::lora_linear_forward_impl<CpuBackend>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
-}
-
-Tensor lora_linear_cpu(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    bool training) {
-  detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  const double p = training ? dropout_p : 0.0;
-  const optional<Tensor> seed = detail::draw_dropout_seed(p);
-  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scale, p, seed));
-}
-
-std::tuple<Tensor, Tensor> lora_linear_forward_cpu(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const optional<Tensor>& seed) {
-  detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  detail::check_seed("_lora_linear_forward", seed, dropout_p);
-  return forward_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
-}
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
     const Tensor& grad_y,
@@ -228,8 +191,8 @@ Tensor lora_linear_backward_input_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
-  m.impl("lora_linear", &lora_linear_cpu);
-  m.impl("_lora_linear_forward", &lora_linear_forward_cpu);
+  m.impl("lora_linear", &detail::lora_linear_op<CpuBackend>);
+  m.impl("_lora_linear_forward", &detail::lora_linear_forward_op<CpuBackend>);
   m.impl("_lora_linear_backward_input", &lora_linear_backward_input_cpu);
   m.impl("_lora_linear_backward_lora", &lora_linear_backward_lora_cpu);
 }

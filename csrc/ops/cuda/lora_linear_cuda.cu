@@ -60,54 +60,13 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::Dropou
 
 // What the shared forward (ops/common/lora_linear_forward.h) needs from CUDA.
 struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
   static Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
     return cuda::mm_rows(a2d, w, drop);
   }
   static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cuda::chunk_rows(cols, t); }
   static void add_scaled_(Tensor& dst, const Tensor& src, double alpha) { cuda::add_scaled_(dst, src, alpha); }
 };
-
-std::tuple<Tensor, Tensor> forward_impl(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const optional<Tensor>& seed) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return detail::lora_linear_forward_impl<CudaBackend>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
-}
-
-Tensor lora_linear_cuda(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    bool training) {
-  detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  const double p = training ? dropout_p : 0.0;
-  const optional<Tensor> seed = detail::draw_dropout_seed(p);
-  return std::get<0>(forward_impl(x, weight, bias, lora_A, lora_B, scale, p, seed));
-}
-
-std::tuple<Tensor, Tensor> lora_linear_forward_cuda(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const optional<Tensor>& seed) {
-  detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
-  detail::check_seed("_lora_linear_forward", seed, dropout_p);
-  return forward_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
-}
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
     const Tensor& grad_y,
@@ -217,8 +176,8 @@ Tensor lora_linear_backward_input_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
-  m.impl("lora_linear", &lora_linear_cuda);
-  m.impl("_lora_linear_forward", &lora_linear_forward_cuda);
+  m.impl("lora_linear", &detail::lora_linear_op<CudaBackend>);
+  m.impl("_lora_linear_forward", &detail::lora_linear_forward_op<CudaBackend>);
   m.impl("_lora_linear_backward_input", &lora_linear_backward_input_cuda);
   m.impl("_lora_linear_backward_lora", &lora_linear_backward_lora_cuda);
 }
