@@ -30,6 +30,10 @@ _OWN_FIELDS = (
 )
 
 
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 @dataclass
 class LoraConfig:
     """LoRA hyper-parameters with PEFT's names and meaning.
@@ -58,8 +62,8 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig: expected an integer r >= 1, got {self.r!r}")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)):
-            raise ValueError(f"LoraConfig: expected a finite lora_alpha, got {self.lora_alpha!r}")
+        if not _positive_number(self.lora_alpha):
+            raise ValueError(f"LoraConfig: expected a finite lora_alpha > 0, got {self.lora_alpha!r}")
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"LoraConfig: expected 0 <= lora_dropout < 1, got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -76,6 +80,12 @@ class LoraConfig:
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{k!r}] must be an integer >= 1, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            if not _positive_number(v):
+                raise ValueError(f"LoraConfig: alpha_pattern[{k!r}] must be a finite number > 0, got {v!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig: expected {name} to be true or false, got {getattr(self, name)!r}")
         bad = {k: v for k, v in self.extra.items() if k in _UNSUPPORTED and v not in _UNSUPPORTED[k]}
         if bad:
             raise ValueError(
