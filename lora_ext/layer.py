@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .names import check_adapter_name
+from .config import valid_dropout
+from .names import adapter_name_list, check_adapter_name
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -166,8 +167,8 @@ class LoraLayer(nn.Module):
         if isinstance(lora_alpha, bool) or not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha)
                                                 and lora_alpha > 0):
             raise ValueError(f"LoraLayer.add_adapter: expected a finite lora_alpha > 0, got {lora_alpha!r}")
-        if not (0.0 <= float(lora_dropout) < 1.0):
-            raise ValueError(f"LoraLayer.add_adapter: expected 0 <= lora_dropout < 1, got {lora_dropout!r}")
+        if not valid_dropout(lora_dropout):
+            raise ValueError(f"LoraLayer.add_adapter: expected a number 0 <= lora_dropout < 1, got {lora_dropout!r}")
         if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
             raise ValueError(
                 f"LoraLayer.add_adapter: expected init_lora_weights in {_INIT_CHOICES}, got {init_lora_weights!r}"
@@ -192,7 +193,7 @@ class LoraLayer(nn.Module):
             self._active_adapters = [adapter_name]
 
     def _check_names(self, names: Iterable[str], where: str) -> list[str]:
-        names = [names] if isinstance(names, str) else list(names)
+        names = adapter_name_list(names, f"{type(self).__name__}.{where}")
         missing = [n for n in names if not self.has_adapter(n)]
         if missing:
             raise ValueError(f"{type(self).__name__}.{where}: unknown adapter(s) {missing}; have {self.adapter_names}")

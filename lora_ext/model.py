@@ -11,7 +11,7 @@ from torch import nn
 from .config import LoraConfig
 from .gpt2_conv1d import is_gpt2_conv1d
 from .layer import LoraLayer
-from .names import check_adapter_name
+from .names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
@@ -69,6 +69,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     (type, rank <= min(in, out)) before the model is changed. Returns the same model object.
     """
     check_adapter_name(adapter_name, "lora_ext.inject_adapter")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got {type(config).__name__} "
+                        "(a dict or a PEFT config: lora_ext.LoraConfig.from_dict(d) / .from_dict(cfg.to_dict()))")
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"lora_ext.inject_adapter: adapter {adapter_name!r} already exists in the model")
@@ -184,7 +187,7 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]], inferenc
     handles requests for different adapters concurrently uses :func:`lora_ext.adapter_batch`,
     whose selection is per thread / asyncio task, instead.
     """
-    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    names = adapter_name_list(name_or_names, "lora_ext.set_adapter")
     _check_adapters(model, names, "set_adapter")
     _activate(model, names, inference_mode)
 
@@ -233,7 +236,8 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merg
     """Merge the active (or the named) adapters into the base weights of every LoRA layer
     (``exact=True``: :func:`unmerge` restores the weights bit for bit; see ``LoraLayer.merge``)."""
     if adapter_names is not None:
-        _check_adapters(model, list(adapter_names), "merge")
+        adapter_names = adapter_name_list(adapter_names, "lora_ext.merge")
+        _check_adapters(model, adapter_names, "merge")
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if layer.has_adapter(n)]
         if names:

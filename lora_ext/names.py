@@ -42,3 +42,12 @@ def check_adapter_name(name: object, where: str) -> str:
     if problem is not None:
         raise ValueError(f"{where}: invalid adapter name {name!r}: {problem}")
     return name
+
+
+def adapter_name_list(names: object, where: str) -> list[str]:
+    """``names`` (one name or an iterable of names) as a list; ``TypeError`` for anything else."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return list(names)
+    raise TypeError(f"{where}: expected an adapter name or a list of names, got {names!r}")
