@@ -164,3 +164,52 @@ def test_cpp_reader_uses_the_weights_own_config_after_an_interrupted_save(tmp_pa
         cfg, tensors = lora_ext._C.load_adapter_native(a)
     assert (cfg["r"], cfg["lora_alpha"]) == (4, 3.0)
     assert tensors[KEY_A].shape == (4, 12)
+
+
+def _write_config(folder, text):
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        f.write(text)
+
+
+BROKEN_FOLDERS = {  # edit of a saved folder (weights rewritten without lora_ext's embedded config) -> error
+    "folder missing": (lambda d: os.rename(d, d + ".gone"), FileNotFoundError,
+                       r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'"),
+    "no weights file": (lambda d: os.remove(os.path.join(d, WEIGHTS_NAME)), FileNotFoundError,
+                        r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'"),
+    "no config file": (lambda d: os.remove(os.path.join(d, CONFIG_NAME)), FileNotFoundError,
+                       r"lora_ext.load_adapter: no adapter_config.json in '.*ad'"),
+    "config not JSON": (lambda d: _write_config(d, "{"), ValueError,
+                        r"lora_ext.load_adapter: .*adapter_config.json is not valid JSON: Expecting"),
+    "config not an object": (lambda d: _write_config(d, "[1]"), ValueError,
+                             r"lora_ext.load_adapter: .*adapter_config.json: expected a JSON object, got list"),
+    "config with use_dora": (lambda d: _write_config(d, json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+                                                                    "target_modules": ["0", "2"]})), ValueError,
+                             r"adapter_config.json: LoraConfig: these PEFT options are not supported by lora_ext "
+                             r"and would change results: \{'use_dora': True\}"),
+    "weights not safetensors": (lambda d: open(os.path.join(d, WEIGHTS_NAME), "wb").write(b"\xff" * 64), ValueError,
+                                r"lora_ext.load_adapter: .*adapter_model.safetensors is not a valid safetensors file"),
+    "weights hold no LoRA keys": (lambda d: save_file({}, os.path.join(d, WEIGHTS_NAME)), ValueError,
+                                  r"lora_ext.load_adapter: the adapter does not fit the model:\n  the file holds no "
+                                  r"LoRA weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FOLDERS))
+def test_broken_adapter_folders_raise_clear_errors(tmp_path, case):
+    _, folder = _saved(tmp_path)
+    _rewrite(folder)  # as PEFT writes it: the config lives only in adapter_config.json
+    damage, exc, match = BROKEN_FOLDERS[case]
+    damage(folder)
+    model = _model()
+    before = _state(model)
+    with pytest.raises(exc, match=match):
+        lora_ext.load_adapter(model, folder)
+    _assert_unchanged(model, before)
+
+
+def test_loading_a_name_the_model_already_has_is_refused(tmp_path):
+    model, folder = _saved(tmp_path)
+    before = _state(model)
+    with pytest.raises(ValueError, match="lora_ext.load_adapter: adapter 'default' already exists in the model"):
+        lora_ext.load_adapter(model, folder)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
