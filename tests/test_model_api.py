@@ -193,11 +193,8 @@ def test_add_weighted_adapter_bad_input():
     assert sorted(lora_ext.model.adapter_configs(model)) == ["b", "default", "regex"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: lora_dropout=None (e.g. `null` in adapter_config.json) leaks float()'s "
-                                       "bare TypeError instead of LoraConfig's 'expected 0 <= lora_dropout < 1'",
-                   raises=TypeError)
 def test_lora_dropout_none_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="LoraConfig: expected 0 <= lora_dropout < 1, got None"):
+    with pytest.raises(ValueError, match="LoraConfig: expected a number 0 <= lora_dropout < 1, got None"):
         LoraConfig(lora_dropout=None)
     from safetensors.torch import save_file  # the same value in a PEFT-style file
 
@@ -205,40 +202,28 @@ def test_lora_dropout_none_is_a_clear_error(tmp_path):
                "base_model.model.0.lora_B.weight": torch.zeros(10, 2)}, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["0"], '
                                                   '"lora_dropout": null}')
-    with pytest.raises(ValueError, match="LoraConfig: expected 0 <= lora_dropout < 1, got None"):
+    with pytest.raises(ValueError, match="LoraConfig: expected a number 0 <= lora_dropout < 1, got None"):
         lora_ext.load_adapter(_small(), str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: lora_ext.merge(model, 'default') iterates the string and reports "
-                                       "unknown adapters ['d', 'e', 'f', ...]; set_adapter and LoraLayer.merge "
-                                       "accept a single name", raises=ValueError)
 def test_merge_takes_a_single_adapter_name():
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
     lora_ext.merge(model, "default")
     assert all(layer.merged for _, layer in lora_ext.lora_layers(model))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: inject_adapter with a dict instead of a LoraConfig leaks "
-                                       "AttributeError: 'dict' object has no attribute 'target_modules'",
-                   raises=AttributeError)
 def test_inject_adapter_refuses_a_non_config():
-    with pytest.raises(TypeError, match="lora_ext.inject_adapter: expected a LoraConfig"):
+    with pytest.raises(TypeError, match="lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got dict"):
         lora_ext.inject_adapter(_small(), {"r": 2, "target_modules": ["0"]})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: set_adapter(model, 5) leaks TypeError: 'int' object is not iterable "
-                                       "(no function named, nothing said about adapter names)",
-                   raises=AssertionError)
 def test_set_adapter_refuses_a_non_name():
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises((TypeError, ValueError), match="lora_ext.set_adapter: "):
+    with pytest.raises((TypeError, ValueError), match="lora_ext.set_adapter: expected an adapter name or a list of names, got 5"):
         lora_ext.set_adapter(model, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: add_weighted_adapter with a NaN/Inf weight silently creates an adapter "
-                                       "full of NaN (load_adapter and merge refuse such adapters)",
-                   raises=pytest.fail.Exception)
 def test_add_weighted_adapter_refuses_non_finite_weights():
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-    with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: "):
+    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: expected finite numbers as weights, got \[nan\]"):
         lora_ext.add_weighted_adapter(model, ["default"], [float("nan")], "mix", combination_type="cat")
