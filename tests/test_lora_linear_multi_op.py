@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_ext import ops
-from reference import GRAD_TOL, TOL, ref_lora_linear
+from reference import GRAD_TOL, TOL, ref_multi
 
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
@@ -33,23 +33,6 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
     ids = torch.randint(0, n, (N,), generator=g)
     ids[torch.rand(N, generator=g) < p_base] = -1
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), A.to(adtype), B.to(adtype), scales, ids
-
-
-def ref_multi(x, w, b, A, B, scales, ids, ranks=None):
-    """float64, row by row, with each adapter at its own (unpadded) rank."""
-    i = x.shape[-1]
-    x2 = x.reshape(-1, i)
-    rows = []
-    for k in range(x2.shape[0]):
-        a = int(ids[k])
-        if a < 0:
-            y = x2[k : k + 1].double() @ w.double().T + (0 if b is None else b.double())
-        else:
-            r = A.shape[1] if ranks is None else ranks[a]
-            y = ref_lora_linear(x2[k : k + 1], w, b, A[a, :r], B[a, :, :r], float(scales[a]))
-        rows.append(y)
-    out = torch.cat(rows) if rows else torch.zeros(0, w.shape[0], dtype=torch.float64)
-    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
