@@ -36,6 +36,7 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
 
 
 SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
+          ((5,), 0, 6, [2, 1]), ((4,), 7, 0, [3]), ((0,), 0, 0, [1]),  # in or out = 0
           ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1])]
 
 
@@ -310,3 +311,15 @@ def test_large_outputs_take_the_run_and_fused_paths(bias, layout):
         want[m] += float(s[a]) * (x[m].double() @ A[a].double().T) @ B[a].double().T
     for Bv in (B, B.transpose(1, 2).contiguous().transpose(1, 2)):
         torch.testing.assert_close(multi(x, w, b, A, Bv, s, ids).double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("i,o", [(0, 6), (7, 0)])
+def test_gradients_with_in_or_out_zero(i, o):
+    # reshape({-1, in}) of an empty x (in = 0) or grad_y (out = 0) used to fail
+    x, w, b, A, B, s, ids = make_multi((5,), i, o, [2, 1], torch.float64, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, A, B)]
+    y = multi(leaves[0], leaves[1], b, leaves[2], leaves[3], s, ids, 0.3, True)
+    torch.testing.assert_close(y.detach(), b.expand(5, o) if i == 0 else torch.zeros(5, 0, dtype=torch.float64))
+    y.sum().backward()
+    for t in leaves:
+        assert t.grad.shape == t.shape and not t.grad.abs().gt(0).any()
