@@ -108,8 +108,8 @@ std::vector<Run> row_runs(const Groups& g, int64_t N) {
   return runs;
 }
 
-std::vector<double> read_scales(const char* op, const Tensor& scales) {
-  detail::check_finite_scales(op, scales);
+std::vector<double> read_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {
+  detail::check_finite_scales(op, scales, adapter_dtype);
   const Tensor s = scales.to(at::kDouble).contiguous();
   return std::vector<double>(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
 }
@@ -274,7 +274,7 @@ Tensor lora_linear_multi_cpu(
                        : std::apply([&](const Tensor& o, const Tensor& off) { return host_groups(o, off, n); },
                                     group_rows_cpu(adapter_ids, n));
   const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, p, detail::draw_dropout_seed(p)));
+  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, p, detail::draw_dropout_seed(p)));
 }
 
 std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
@@ -286,7 +286,7 @@ std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
                                        offsets);
   detail::check_seed(op, seed, dropout_p);
   const Groups g = read_groups(op, adapter_ids, order, offsets, lora_A.size(0));
-  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, dropout_p, seed);
+  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, dropout_p, seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
@@ -304,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N > 0) {
     const Groups g = host_groups(order, offsets, n);
-    const auto sc = read_scales(op, scales);
+    const auto sc = read_scales(op, scales, lora_A.scalar_type());
     const auto drop = detail::dropout_from_seed(seed, dropout_p);
     const Tensor B_acc = lora_B.to(acc);
     const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);

@@ -312,7 +312,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   }
   if (N == 0) return {at::empty(out_shape, x.options()), h};
   if (!capturing && !checked_scales.contains({scales})) {
-    detail::check_finite_scales(op, scales.cpu());
+    detail::check_finite_scales(op, scales.cpu(), lora_A.scalar_type());
     checked_scales.insert({scales});
   }
   const bool has_bias = bias_.has_value() && bias_->defined();
