@@ -11,7 +11,7 @@ import struct
 import tempfile
 
 import torch
-from hypothesis import note
+from hypothesis import event, note
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from safetensors.torch import load_file, save_file
@@ -200,8 +200,9 @@ def mutated_copy(sc, mutations):
     return folder
 
 
-def _note(msg):
+def _note(msg, as_event=False):
+    """hypothesis.note (or .event: counted in --hypothesis-show-statistics), a no-op outside a Hypothesis test."""
     try:
-        note(msg)
-    except InvalidArgument:  # outside a Hypothesis test
+        (event if as_event else note)(msg)
+    except InvalidArgument:
         pass

@@ -75,4 +75,5 @@ def outside_unchanged(view: torch.Tensor, buffer_before: torch.Tensor) -> bool:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor (NaN-safe bitwise comparison with torch.equal)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    # a clone, not .contiguous(): a view with a size-1 last dim counts as contiguous whatever its stride
+    return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)

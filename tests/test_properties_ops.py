@@ -82,7 +82,7 @@ def test_lora_linear_matches_reference(pb, bias, lay, x_lay, scale, p, train, se
     _assert_close(y, want, TOL[dtype], max(1.0, abs(scale) / (1 - p)), "y")
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(60))
 @given(pb=problems(max_rows=12, max_f=12), lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
        scale=scales(), p=dropout_ps(), seed=seeds(), grad_base=st.booleans())
 def test_lora_linear_gradients_match_reference(pb, lay, scale, p, seed, grad_base):
@@ -121,7 +121,7 @@ def _assert_rounded_once(got, want, dtype, scale):
     assert (err <= want.abs() * fi.eps + fi.smallest_normal).all(), err.max()
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(80))
 @given(pb=problems(max_rows=1, max_f=40), lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
        scale=scales(), seed=seeds())
 def test_merge_and_unmerge_match_reference(pb, lay, scale, seed):
@@ -141,7 +141,7 @@ def test_merge_and_unmerge_match_reference(pb, lay, scale, seed):
         assert outside_unchanged(w, buffer)
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(150))
 @given(pair=st.sampled_from(EXACT_CASES), o=st.integers(0, 24), i=st.integers(0, 24), extra_r=st.integers(0, 4),
        lay=st.sampled_from(LAYOUTS), wide=st.booleans(), scale=scales(), seed=seeds())
 def test_exact_merge_codes_bits_and_round_trip(pair, o, i, extra_r, lay, wide, scale, seed):
@@ -192,7 +192,7 @@ def _multi_inputs(lead, i, o, ranks, r_max, dtype, adtype, seed, bias=True):
     return x.to(dtype), w.to(dtype), b, A.to(adtype), B.to(adtype)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(100))
 @given(ids=st.lists(st.integers(-1, 5), max_size=50), extra=st.integers(0, 2), int32=st.booleans())
 def test_group_rows_is_a_stable_counting_sort(ids, extra, int32):
     n = max(ids, default=-1) + 1 + extra
@@ -226,7 +226,7 @@ def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale
     assert torch.equal(bits(y2), bits(y))
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(50))
 @given(mp=multi_problems(max_rows=12, max_f=10, max_rank=4), scale_list=st.lists(scales(), min_size=4, max_size=4),
        p=dropout_ps(), seed=seeds(), grad_base=st.booleans())
 def test_lora_linear_multi_gradients_match_reference(mp, scale_list, p, seed, grad_base):
@@ -280,7 +280,7 @@ def _make_layer(base, specs):
     return layer
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(60))
 @given(dims=st.tuples(st.integers(1, 16), st.integers(1, 16)).flatmap(
            lambda io: st.tuples(st.just(io), adapter_specs(*io))),
        lead=leading_dims(12), dtype=st.sampled_from([p[0] for p in DTYPE_PAIRS[:4]]), bias=st.booleans(),
