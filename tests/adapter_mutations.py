@@ -86,7 +86,8 @@ FRACTION = st.floats(0.0, 1.0)
 DTYPES = ["F16", "BF16", "F64", "F32", "I32", "I64", "U8", "BOOL", "F8_E4M3", "C64", "XX", 3, None]
 ST_DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool, torch.uint8]
 RESHAPES = ["transpose", "drop_row", "add_row", "flatten", "add_dim", "scalar", "empty"]
-NEW_KEYS = ["{p}model.layers.0.self_attn.k_proj.lora_A.weight", "{p}model.layers.0.self_attn.q_proj.lora_A.default.weight",
+NEW_KEYS = ["{p}model.layers.0.self_attn.k_proj.lora_A.weight",
+            "{p}model.layers.0.self_attn.q_proj.lora_A.default.weight",
             "{p}lm_head.weight", "{p}l1.bias", "{p}l3.lora_A.weight", "{p}emb.lora_A.weight", "{p}emb.lora_embedding_B",
             "{p}model.embed_tokens.lora_embedding_A", "foo", "", "{p}l1.lora_B.weight.extra"]
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e30, 0.0, -0.0, 5e-324]

@@ -103,7 +103,8 @@ KNOWN_BUGS = {
         "error|PatternError", "", ("net", [("set", "rank_pattern", {"(": 2})]), re.error,
         "rank_pattern/alpha_pattern key that is no regex: re.error leaks"),
     "alpha-pattern-partial-inject": (
-        "ValueError", r"LoraLayer.add_adapter: expected a finite lora_alpha", ("net", [("set", "alpha_pattern", {"l2": "x"})]),
+        "ValueError", r"LoraLayer.add_adapter: expected a finite lora_alpha",
+        ("net", [("set", "alpha_pattern", {"l2": "x"})]),
         AssertionError, "alpha_pattern value that is no finite number: ValueError only from add_adapter, after "
         "inject_adapter has already wrapped other modules: the model is changed by a failed load"),
 }

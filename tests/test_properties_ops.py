@@ -185,7 +185,8 @@ def _multi_inputs(lead, i, o, ranks, r_max, dtype, adtype, seed, bias=True):
     g = torch.Generator().manual_seed(seed)
     x, w = randn(g, *lead, i), randn(g, o, i, scale=1 / max(1, i) ** 0.5)
     b = randn(g, o) if bias else None
-    A, B = torch.zeros(len(ranks), r_max, i, dtype=torch.float64), torch.zeros(len(ranks), o, r_max, dtype=torch.float64)
+    A = torch.zeros(len(ranks), r_max, i, dtype=torch.float64)
+    B = torch.zeros(len(ranks), o, r_max, dtype=torch.float64)
     for k, r in enumerate(ranks):
         A[k, :r], B[k, :, :r] = randn(g, r, i, scale=1 / max(1, i) ** 0.5), randn(g, o, r, scale=r**-0.5)
     b = None if b is None else b.to(dtype)
@@ -203,18 +204,19 @@ def test_group_rows_is_a_stable_counting_sort(ids, extra, int32):
 
 
 @settings(max_examples=examples(50))
-@given(mp=multi_problems(), bias=st.booleans(), lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
+@given(mp=multi_problems(), bias=st.booleans(), lay=st.lists(st.sampled_from(LAYOUTS), min_size=6, max_size=6),
        b_lay=st.sampled_from(LAYOUTS + ["stack"]), scale_list=st.lists(scales(), min_size=4, max_size=4),
-       p=dropout_ps(), train=st.booleans(), int32=st.booleans(), seed=seeds())
-def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale_list, p, train, int32, seed):
+       p=dropout_ps(), train=st.booleans(), int32=st.booleans(), s64=st.booleans(), seed=seeds())
+def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale_list, p, train, int32, s64, seed):
     lead, i, o, ranks, r_max, ids, dtype, adtype = mp
     x, w, b, A, B = _multi_inputs(lead, i, o, ranks, r_max, dtype, adtype, seed, bias)
-    s = torch.tensor(scale_list[: len(ranks)], dtype=torch.float32)
-    ids_in = ids.int() if int32 else ids
-    xv, wv, Av = place(x, lay[0]), place(w, lay[1]), place(A, lay[2])
+    s = torch.tensor(scale_list[: len(ranks)], dtype=torch.float64 if s64 else torch.float32)
+    ids_in = place(ids.int() if int32 else ids, lay[5])  # unused storage: the dtype's max, an invalid id
+    xv, wv, Av, bv, sv = place(x, lay[0]), place(w, lay[1]), place(A, lay[2]), b if b is None else place(b, lay[3]), \
+        place(s, lay[4])
     Bv = B.transpose(1, 2).contiguous().transpose(1, 2) if b_lay == "stack" else place(B, b_lay)
     mask = _mask(train, p, seed, x)
-    y = ops.lora_linear_multi(xv, wv, b, Av, Bv, s, ids_in, p, train)
+    y = ops.lora_linear_multi(xv, wv, bv, Av, Bv, sv, ids_in, p, train)
     assert y.shape == (*lead, o) and y.dtype == dtype
     want = ref_multi(x, w, b, A, B, s, ids, ranks, None if mask is None else mask.reshape(len(ids), i), p)
     spread = max([1.0] + [abs(v) / (1 - p) for v in scale_list[: len(ranks)]])
@@ -222,7 +224,7 @@ def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale
     # an explicit grouping gives the same bits (and the same dropout mask)
     order, offsets = ops.lora_group_rows(ids_in, len(ranks))
     _mask(train, p, seed, x)
-    y2 = ops.lora_linear_multi(xv, wv, b, Av, Bv, s, ids_in, p, train, order, offsets)
+    y2 = ops.lora_linear_multi(xv, wv, bv, Av, Bv, sv, ids_in, p, train, order, offsets)
     assert torch.equal(bits(y2), bits(y))
 
 
