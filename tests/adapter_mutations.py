@@ -94,6 +94,9 @@ SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e30, 0.0, -0.0, 5e-324]
 
 MUTATIONS = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(KEYS) | st.text(max_size=8), JSON),
+    st.tuples(st.just("set"), st.sampled_from(["rank_pattern", "alpha_pattern"]),  # per-module values
+              st.dictionaries(st.sampled_from(NAMES + ["l2", "v_proj$", "layers\\.1"]), ABSURD | st.integers(-3, 9),
+                              max_size=2)),
     st.tuples(st.just("delete"), st.sampled_from(KEYS)),
     st.tuples(st.just("document"), JSON),
     st.tuples(st.just("cut"), st.sampled_from([CONFIG, WEIGHTS]), FRACTION),
