@@ -24,6 +24,25 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
+def effective_config_folder(folder):
+    """A folder whose adapter_config.json is the config the readers use for ``folder``: lora_ext saves carry
+    their exact config in the weights' safetensors metadata, and both readers prefer it when the folder's
+    adapter_config.json differs or is missing (crash-safe saves, see lora_ext/adapter_io.py)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:
+            text = (f.metadata() or {}).get(lora_ext.adapter_io.CONFIG_METADATA_KEY)
+    except Exception:  # noqa: BLE001  (a file the readers refuse anyway)
+        return folder
+    if text is None:
+        return folder
+    out = tempfile.mkdtemp(prefix="effective_", dir=folder)
+    with open(os.path.join(out, CONFIG), "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text)
+    return out
+
+
 # ---- the models and their saved adapters (built once) --------------------------------------------
 
 
