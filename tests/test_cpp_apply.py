@@ -2,6 +2,7 @@
 through a test hook in lora_ext._C: same weights and outputs as the Python merge_and_unload."""
 import copy
 import json
+import re
 import os
 
 import pytest
@@ -83,4 +84,36 @@ def test_cpp_merge_refuses_non_finite_weight(tmp_path, weight):
     out = str(tmp_path / "never.pt")
     with pytest.raises(RuntimeError, match=f"lora_ext::merge_adapter: expected a finite weight, got {weight}"):
         lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out, weight=weight)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case", ["config r", "3-D lora_B", "empty lora_A", "integer A"])
+def test_cpp_merge_refuses_what_python_refuses(tmp_path, case):
+    """The C++ merge checks each module's rank against the config (its scaling depends on r) and the
+    tensors' shapes and dtypes before reshaping anything (found by the property tests)."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, scripted = _setup(tmp_path)
+    folder = tmp_path / "adapter"
+    st = folder / "adapter_model.safetensors"
+    t = load_file(str(st))  # saved again below without lora_ext's metadata: a PEFT-style folder
+    key_a, key_b = "base_model.model.l1.lora_A.weight", "base_model.model.l1.lora_B.weight"
+    if case == "config r":
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["r"] = 3  # l1 has rank 4 (rank_pattern only covers l2)
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        want = "rank mismatch at l1: the config says r = 3 (its scaling depends on r), the tensors have rank 4"
+    elif case == "3-D lora_B":
+        t[key_b] = t[key_b][:, :, None].expand(-1, -1, 2).contiguous()
+        want = "shape mismatch at l1: expected A [r >= 1, in, ...] and B [out, r, 1...]"
+    elif case == "empty lora_A":
+        t[key_a], t[key_b] = t[key_a][:0], t[key_b][:, :0]
+        want = "shape mismatch at l1: expected A [r >= 1, in, ...]"
+    else:
+        t[key_a] = t[key_a].to(torch.int32)
+        want = "adapter tensors of l1 are not floating point (Int, Float)"
+    save_file(t, str(st))
+    out = str(tmp_path / "never.pt")
+    with pytest.raises(RuntimeError, match=r"(?s)^lora_ext::merge_adapter: .*nothing was changed.*" + re.escape(want)):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(folder), out)
     assert not os.path.exists(out)

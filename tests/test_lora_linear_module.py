@@ -185,7 +185,7 @@ def test_bad_forward_input_names_the_op():
         layer(torch.ones(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected an integer rank r >= 1, got 2.5"):
         layer.add_adapter("half", r=2.5)
-    with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected 0 <= lora_dropout < 1, got -0.1"):
+    with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected a number 0 <= lora_dropout < 1, got -0.1"):
         layer.add_adapter("neg", lora_dropout=-0.1)
 
 

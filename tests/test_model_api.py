@@ -143,8 +143,8 @@ def _small():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lora_dropout=1.0), r"LoraConfig: expected 0 <= lora_dropout < 1, got 1.0"),
-    (dict(lora_dropout=float("nan")), r"LoraConfig: expected 0 <= lora_dropout < 1, got nan"),
+    (dict(lora_dropout=1.0), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got 1.0"),
+    (dict(lora_dropout=float("nan")), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got nan"),
     (dict(r=2.5), r"LoraConfig: expected an integer r >= 1, got 2.5"),
     (dict(target_modules=5), r"LoraConfig: expected target_modules to be a list of names or a regex string, got 5"),
     (dict(rank_pattern={"q": 0}), r"LoraConfig: rank_pattern\['q'\] must be an integer >= 1, got 0"),

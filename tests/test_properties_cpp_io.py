@@ -23,12 +23,7 @@ CPP_ERRORS = (RuntimeError, ValueError)  # c10::Error and c10::ValueError throug
 
 
 # Known bugs of the C++ readers (csrc/io; reported, not fixed here), each with a reproduction on ``net``.
-KNOWN_CPP_BUGS = {
-    "cpp-reshape-error-unprefixed": ([("reshape", 1, "add_dim")], "merge_adapter reshapes A/B (3-D lora_B, "
-                                     "empty lora_A) before checking their shapes and leaks ATen's reshape error"),
-    "cpp-non-utf8-error-message": ([("append", CONFIG, b"\xff")], "the JSON parse error quotes the file's raw "
-                                   "bytes; a message that is not UTF-8 reaches Python as UnicodeDecodeError"),
-}
+KNOWN_CPP_BUGS: dict = {}  # all six found so far are fixed (see git log); add a row for a new one
 # where an error without the lora_ext:: prefix comes from (its message) -> the known bug
 UNPREFIXED = {"regular expression": "cpp-regex-error-unprefixed", "is invalid for input of size": "cpp-reshape-error-"
               "unprefixed", "cannot reshape tensor": "cpp-reshape-error-unprefixed", "codec can't decode":

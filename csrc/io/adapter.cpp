@@ -13,6 +13,8 @@
 
 #include <lora_ext/safetensors.h>
 
+#include "io/text.h"
+
 namespace lora_ext {
 
 namespace {
@@ -62,7 +64,7 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
   try {
     j = nlohmann::ordered_json::parse(c.json);
   } catch (const nlohmann::ordered_json::exception& e) {
-    TORCH_CHECK(false, where, "not valid JSON: ", e.what());
+    TORCH_CHECK(false, where, "not valid JSON: ", detail::printable(e.what()));
   }
   TORCH_CHECK(j.is_object(), where, "expected a JSON object");
   try {

@@ -50,8 +50,29 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
     } else {
       target = W.dim() >= 2 ? W.view({W.size(0), -1}) : W;
     }
-    const at::Tensor A2 = A.dim() >= 2 ? A.reshape({A.size(0), -1}) : A;
-    const at::Tensor B2 = B.dim() >= 2 ? B.reshape({B.size(0), B.size(1)}) : B;
+    if (!at::isFloatingType(A.scalar_type()) || !at::isFloatingType(B.scalar_type())) {
+      problems.push_back("adapter tensors of " + m.path + " are not floating point (" +
+                         std::string(c10::toString(A.scalar_type())) + ", " + c10::toString(B.scalar_type()) + ")");
+      continue;
+    }
+    // conv adapters are A [r, in, kh, kw] and B [out, r, 1, 1]: only those extra dims are flattened
+    const bool a_ok = A.dim() >= 2 && A.size(0) >= 1;
+    const bool b_ok = B.dim() >= 2 && B.numel() == B.size(0) * B.size(1);
+    if (!a_ok || !b_ok) {
+      std::ostringstream ss;
+      ss << "shape mismatch at " << m.path << ": expected A [r >= 1, in, ...] and B [out, r, 1...], got A "
+         << A.sizes() << ", B " << B.sizes();
+      problems.push_back(ss.str());
+      continue;
+    }
+    const at::Tensor A2 = A.reshape({A.size(0), -1});
+    const at::Tensor B2 = B.reshape({B.size(0), B.size(1)});
+    const int64_t want_r = adapter.config.rank_for(m.path);
+    if (A2.size(0) != want_r) {
+      problems.push_back("rank mismatch at " + m.path + ": the config says r = " + std::to_string(want_r) +
+                         " (its scaling depends on r), the tensors have rank " + std::to_string(A2.size(0)));
+      continue;
+    }
     if (target.dim() != 2 || A2.dim() != 2 || B2.dim() != 2 || A2.size(1) != target.size(1) ||
         B2.size(0) != target.size(0) || A2.size(0) != B2.size(1)) {
       std::ostringstream ss;
