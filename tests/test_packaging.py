@@ -1,6 +1,9 @@
 """Packaging checks fast enough for the test suite: the import guard (the torch lora_ext was built against vs the
-running one) with faked build information."""
+running one) with faked build information, and the build backend's torch-derived pieces (build directory key,
+the wheel's torch pin). scripts/packaging_check.sh does the slow ones (sdist install in a fresh venv, wheel
+metadata and twine, a wheel built for torch 2.13.0 imported under 2.14.1)."""
 import importlib.machinery
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -106,3 +109,39 @@ def test_import_raises_before_loading_the_compiled_module(tmp_path):
     assert f"imported with torch {torch.__version__}" in r.stderr
     assert "--no-build-isolation --no-deps --force-reinstall" in r.stderr
 
+
+def _backend():
+    pytest.importorskip("scikit_build_core")
+    spec = importlib.util.spec_from_file_location("lora_ext_backend_under_test",
+                                                  ROOT / "build_backend" / "lora_ext_backend.py")
+    if spec is None or not os.path.exists(spec.origin):
+        pytest.skip("build_backend/ is not next to tests/")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_backend_build_dir_key_is_per_torch():
+    b = _backend()
+    here = b.installed_torch()
+    assert here["version"] == torch.__version__ and here["cuda"] == torch.version.cuda
+    cpu = b.torch_build_key({"version": "2.13.0+cpu", "cuda": None, "hip": None, "location": "/a/torch"})
+    cuda = b.torch_build_key({"version": "2.14.1+cu130", "cuda": "13.0", "hip": None, "location": "/a/torch"})
+    other_env = b.torch_build_key({"version": "2.13.0+cpu", "cuda": None, "hip": None, "location": "/b/torch"})
+    assert cpu.startswith("torch-2.13.0-cpu-") and cuda.startswith("torch-2.14.1-cu130-")
+    assert len({cpu, cuda, other_env}) == 3
+    s = b._with_torch_build_dir({})
+    assert s["build-dir"] == f"build/{b.torch_build_key()}/{{wheel_tag}}"
+    assert b._with_torch_build_dir({"build-dir": "build/mine"}) == {"build-dir": "build/mine"}
+
+
+def test_backend_pins_torch_in_wheels_not_in_the_sdist():
+    b = _backend()
+    settings = {"torch": "torch>=2.13", "requires": ["safetensors>=0.4"]}
+    public = torch.__version__.split("+")[0]
+    assert b.dynamic_metadata("dependencies", settings) == [f"torch=={public}", "safetensors>=0.4"]
+    b._building_sdist = True
+    try:
+        assert b.dynamic_metadata("dependencies", settings) == ["torch>=2.13", "safetensors>=0.4"]
+    finally:
+        b._building_sdist = False
