@@ -110,7 +110,7 @@ FPY="$WORK/fresh/bin/python"
 "$FPY" -m pip install -q --upgrade pip
 "$FPY" -m pip install -q "torch==$TORCH_PUBLIC" "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" ninja "cmake>=3.25"
 s=$(date +%s)
-(cd "$WORK" && "$FPY" -m pip install --no-build-isolation "$SDIST")
+(cd "$WORK" && "$FPY" -m pip install --no-cache-dir --no-build-isolation "$SDIST")  # no cached wheel: compile
 echo "[packaging] sdist built and installed in $(( $(date +%s) - s )) s" >&2
 (cd "$WORK" && "$FPY" -P - <<'PY')
 import torch
