@@ -86,3 +86,12 @@ def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
     assert "missing key base_model.model.l1.lora_A.weight" in msg and "unexpected key base_model.model.l1.bias" in msg
     assert "frame #" not in msg  # no C++ backtrace in the Python error
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_cpp_merge_refuses_non_finite_weight(tmp_path, weight):
+    _, _, scripted = _setup(tmp_path)
+    out = str(tmp_path / "never.pt")
+    with pytest.raises(RuntimeError, match=f"lora_ext::merge_adapter: expected a finite weight, got {weight}"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out, weight=weight)
+    assert not os.path.exists(out)

@@ -158,3 +158,28 @@ def test_backward_input_piece_bad_input(case):
     kw.update(change)
     with pytest.raises(RuntimeError, match="lora_ext::_lora_linear_backward_input: " + msg):
         torch.ops.lora_ext._lora_linear_backward_input(*kw.values(), 0.0, None)
+
+
+OVERLAP = "more than one element of the written-to tensor refers to a single memory location"  # torch's check
+
+
+@pytest.mark.parametrize("opname", ["merge_", "unmerge_"])
+def test_merge_into_overlapping_weight_is_refused(opname):
+    """An expanded weight (stride 0: several elements share one memory location) cannot be
+    updated element by element: torch's overlap check refuses it before anything is written."""
+    storage = torch.randn(1, 8)
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match=OVERLAP):
+        getattr(ops, opname)(storage.expand(6, 8), torch.randn(3, 8), torch.randn(6, 3), 0.5)
+    assert torch.equal(storage, before)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: merge_exact_ writes into an expanded (overlapping) weight without an "
+                                       "error, so the shared row ends up with some row's update, while merge_ "
+                                       "refuses the same weight", raises=pytest.fail.Exception)
+def test_exact_merge_into_overlapping_weight_is_refused():
+    storage = torch.randn(1, 8)
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match=OVERLAP):
+        ops.merge_exact_(storage.expand(6, 8), torch.randn(3, 8), torch.randn(6, 3), 0.5)
+    assert torch.equal(storage, before)

@@ -276,6 +276,11 @@ BAD = {
     "A wrong in": (dict(A=lambda A: A[:, :, :-1]), RuntimeError, "lora_A of shape"),
     "adapter dtype": (dict(A=lambda A: A.double(), B=lambda B: B.double()), RuntimeError, "lora_A/lora_B of dtype"),
     "nan scale": (dict(s=lambda s: torch.tensor([1.0, float("nan"), 1.0])), ValueError, "finite scales"),
+    "ids 2-D": (dict(ids=lambda ids: ids.view(2, 5)), RuntimeError, r"expected adapter_ids to have 1 dims \[N\]"),
+    "r_max 0": (dict(A=lambda A: A[:, :0], B=lambda B: B[:, :, :0]), ValueError, r"expected r_max >= 1"),
+    "x/weight dtype": (dict(w=lambda w: w.double()), RuntimeError, r"expected weight of dtype Float \(x's dtype\)"),
+    "dropout 1": (dict(p=lambda p: 1.0), ValueError, r"expected 0 <= dropout_p < 1, got 1"),
+    "dropout negative": (dict(p=lambda p: -0.5), ValueError, r"expected 0 <= dropout_p < 1, got -0.5"),
 }
 
 
@@ -283,11 +288,11 @@ BAD = {
 def test_bad_input_raises_clear_errors(case):
     changes, exc, match = BAD[case]
     x, w, b, A, B, s, ids = make_multi((10,), 8, 6, [2, 2, 2], torch.float32, torch.float32)
-    args = dict(x=x, w=w, b=b, A=A, B=B, s=s, ids=ids)
+    args = dict(x=x, w=w, b=b, A=A, B=B, s=s, ids=ids, p=0.0)
     for k, f in changes.items():
         args[k] = f(args[k])
     with pytest.raises(exc, match=f"lora_ext::.*{match}"):
-        multi(args["x"], args["w"], args["b"], args["A"], args["B"], args["s"], args["ids"])
+        multi(args["x"], args["w"], args["b"], args["A"], args["B"], args["s"], args["ids"], args["p"])
 
 
 def test_bad_grouping_is_refused():
@@ -308,6 +313,22 @@ def test_bad_grouping_is_refused():
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets[:-1])
     with pytest.raises(ValueError, match="group_offsets"):
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets.flip(0))
+    with pytest.raises(RuntimeError, match=r"expected group_order and group_offsets of dtype int64 \(from "
+                                           r"lora_group_rows\), got Int and Int"):
+        multi(x, w, b, A, B, s, ids, 0.0, False, order.int(), offsets.int())
+
+
+def test_group_rows_bad_input():
+    with pytest.raises(ValueError, match="lora_ext::lora_group_rows: expected n_adapters >= 0, got -1"):
+        group(torch.tensor([0, -1]), -1)
+    with pytest.raises(RuntimeError, match=r"lora_ext::lora_group_rows: expected adapter_ids of shape \[N\], got "
+                                           r"\[2, 2\]"):
+        group(torch.zeros(2, 2, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match="lora_ext::lora_group_rows: expected adapter_ids of dtype int32 or int64"):
+        group(torch.zeros(4), 3)
+    with pytest.raises(IndexError, match=r"lora_ext::lora_group_rows: expected adapter ids in \[-1, 3\) .* got "
+                                         r"adapter_ids\[1\] = 5"):
+        group(torch.tensor([0, 5]), 3)
 
 
 @pytest.mark.parametrize("bias", [True, False])

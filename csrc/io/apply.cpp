@@ -1,5 +1,6 @@
 #include <lora_ext/apply.h>
 
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <string>
@@ -59,6 +60,10 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
       problems.push_back(ss.str());
       continue;
     }
+    if (!at::isfinite(A2).all().item<bool>() || !at::isfinite(B2).all().item<bool>()) {
+      problems.push_back("non-finite (NaN/Inf) adapter values at " + m.path);
+      continue;
+    }
     out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * m.scaling});
   }
   if (!problems.empty()) {
@@ -71,6 +76,7 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
 
 void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight, bool merge,
            const char* op) {
+  TORCH_CHECK(std::isfinite(weight), "lora_ext::", op, ": expected a finite weight, got ", weight);
   auto updates = plan(std::move(params), adapter, weight, op);
   torch::NoGradGuard no_grad;
   for (auto& u : updates) {
