@@ -75,6 +75,34 @@ def test_lora_linear_bad_input_meta(case):
         ops.lora_linear(**kw)
 
 
+@pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float16)])
+@pytest.mark.parametrize("scale", [3.5e38, -1e39, 1e300])
+def test_scale_beyond_float32_is_refused_by_every_op(dtype, adtype, scale):
+    # The LoRA branch computes in float32 (float64 only for float64 adapters): a finite double beyond
+    # FLT_MAX used to give inf weights/outputs, or ATen's "cannot be converted to type float" error.
+    x, w, a, b = torch.randn(3, 8).to(dtype), torch.randn(6, 8).to(dtype), torch.randn(2, 8).to(adtype), \
+        torch.randn(6, 2).to(adtype)
+    w0 = w.clone()
+    calls = {
+        "lora_linear": lambda: ops.lora_linear(x, w, None, a, b, scale),
+        "lora_linear_multi": lambda: ops.lora_linear_multi(x, w, None, a[None], b[None],
+                                                           torch.tensor([scale], dtype=torch.float64),
+                                                           torch.zeros(3, dtype=torch.long)),
+        "merge_": lambda: ops.merge_(w, a, b, scale),
+        "unmerge_": lambda: ops.unmerge_(w, a, b, scale),
+        "merge_exact_codes": lambda: ops.merge_exact_codes(w, a, b, scale),
+        "merge_exact_": lambda: ops.merge_exact_(w, a, b, scale),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=f"lora_ext::{op}: expected (a )?finite scales? representable in float32"):
+            call()
+        assert torch.equal(w, w0), op
+    # float64 adapters compute in float64: such scales are fine there
+    x, w, a, b = (t.double() for t in (x, w, a, b))
+    assert ops.lora_linear(x, w, None, a, b, scale).isfinite().all()
+
+
 def test_value_errors_are_value_errors():
     kw = _good()
     kw["dropout_p"] = 1.5

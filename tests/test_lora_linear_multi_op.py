@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_ext import ops
-from reference import GRAD_TOL, TOL, ref_lora_linear
+from reference import GRAD_TOL, TOL, ref_multi
 
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
@@ -35,24 +35,8 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), A.to(adtype), B.to(adtype), scales, ids
 
 
-def ref_multi(x, w, b, A, B, scales, ids, ranks=None):
-    """float64, row by row, with each adapter at its own (unpadded) rank."""
-    i = x.shape[-1]
-    x2 = x.reshape(-1, i)
-    rows = []
-    for k in range(x2.shape[0]):
-        a = int(ids[k])
-        if a < 0:
-            y = x2[k : k + 1].double() @ w.double().T + (0 if b is None else b.double())
-        else:
-            r = A.shape[1] if ranks is None else ranks[a]
-            y = ref_lora_linear(x2[k : k + 1], w, b, A[a, :r], B[a, :, :r], float(scales[a]))
-        rows.append(y)
-    out = torch.cat(rows) if rows else torch.zeros(0, w.shape[0], dtype=torch.float64)
-    return out.reshape(*x.shape[:-1], w.shape[0])
-
-
 SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
+          ((5,), 0, 6, [2, 1]), ((4,), 7, 0, [3]), ((0,), 0, 0, [1]),  # in or out = 0
           ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1])]
 
 
@@ -348,3 +332,15 @@ def test_large_outputs_take_the_run_and_fused_paths(bias, layout):
         want[m] += float(s[a]) * (x[m].double() @ A[a].double().T) @ B[a].double().T
     for Bv in (B, B.transpose(1, 2).contiguous().transpose(1, 2)):
         torch.testing.assert_close(multi(x, w, b, A, Bv, s, ids).double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("i,o", [(0, 6), (7, 0)])
+def test_gradients_with_in_or_out_zero(i, o):
+    # reshape({-1, in}) of an empty x (in = 0) or grad_y (out = 0) used to fail
+    x, w, b, A, B, s, ids = make_multi((5,), i, o, [2, 1], torch.float64, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, A, B)]
+    y = multi(leaves[0], leaves[1], b, leaves[2], leaves[3], s, ids, 0.3, True)
+    torch.testing.assert_close(y.detach(), b.expand(5, o) if i == 0 else torch.zeros(5, 0, dtype=torch.float64))
+    y.sum().backward()
+    for t in leaves:
+        assert t.grad.shape == t.shape and not t.grad.abs().gt(0).any()
