@@ -5,6 +5,11 @@ Importing this package loads the compiled library, which registers the
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+from ._torch_check import check_torch as _check_torch
+
+# Before _C: a lora_ext built against another torch can fail to load with an undefined symbol.
+_check_torch()
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only hit with a broken/missing build

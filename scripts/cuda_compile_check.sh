@@ -4,7 +4,8 @@
 #   bash scripts/cuda_compile_check.sh
 #
 # Creates or reuses a second virtual env, .venv-cuda (or $LORA_EXT_CUDA_VENV), with torch==2.14.1 (a
-# CUDA 13.0 build), builds lora_ext there with TORCH_CUDA_ARCH_LIST (default 9.0) in its own build dir,
+# CUDA 13.0 build), builds lora_ext there with TORCH_CUDA_ARCH_LIST (default 9.0) (pip's default build dir is
+# already one per torch: build/torch-2.14.1-cu130-<hash>/, next to the CPU build's),
 # then checks that every __global__ kernel of csrc/ops/cuda/*.cu is registered by liblora_ext.so, that the CUDA
 # dispatch key has a kernel for every op of the schema, and that `import lora_ext` works on a
 # machine without a GPU (CUDA then reports itself unavailable; nothing crashes).
@@ -35,7 +36,7 @@ fi
 echo "[cuda-check] building lora_ext with CUDA for TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}" >&2
 start=$(date +%s)
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-  "$VPY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/cuda-{wheel_tag} "$ROOT"
+  "$VPY" -m pip install -q --no-build-isolation --no-deps "$ROOT"
 echo "[cuda-check] built in $(( $(date +%s) - start )) s" >&2
 
 cd /tmp  # import the installed package, not the source folder

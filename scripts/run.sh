@@ -7,8 +7,8 @@
 # Steps: create or reuse .venv (or $LORA_EXT_VENV); `pip install torch==2.13.0` when no
 # torch is importable there; install the build tools and test dependencies; build and
 # install lora_ext against that torch with --no-build-isolation (an isolated build would
-# pull another torch and break the ABI). The build dir build/ is kept, so a rebuild after
-# an edit is incremental. `python -P` keeps the repository root off sys.path so the
+# pull another torch and break the ABI). The build dir (build/torch-<version>-<flavour>-<hash>/,
+# one per torch installation) is kept, so a rebuild after an edit is incremental. `python -P` keeps the repository root off sys.path so the
 # installed package, not the source folder, is imported.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
