@@ -92,7 +92,7 @@ def _write(path, header, data=b"", length=None):
 
 
 GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
-BAD = {
+BAD = {  # also seeds of the fuzz corpus (tests/fuzz/make_corpus.py)
     "tiny file": (None, "expected at least 8 bytes"),
     "header length overflow": ((GOOD, bytes(16), 2**63), "header length"),
     "header longer than file": ((GOOD, bytes(16), 10**6), "header length"),
@@ -182,14 +182,17 @@ def test_overlapping_patterns_first_in_file_order_wins_like_peft(tmp_path, q_fir
     assert len(seen) == (2 if q_first else 4)  # the order decides: 4.0, 0.75 vs. 8/6, 4.0, 0.75, 2.25
 
 
-@pytest.mark.parametrize("content,match", [
+BAD_CONFIGS = [  # also seeds of the fuzz corpus (tests/fuzz/make_corpus.py)
     ("{", "not valid JSON"),
     ('{"rank_pattern": [1]}', "wrong type"),
     ('{"peft_type": "LORA", "use_dora": true}', "use_dora"),
     ('{"peft_type": "LORA", "r": "eight"}', "wrong type"),
     ('{"peft_type": "IA3"}', "peft_type"),
     ('{"r": 0}', "r >= 1"),
-])
+]
+
+
+@pytest.mark.parametrize("content,match", BAD_CONFIGS)
 def test_adapter_config_errors(tmp_path, content, match):
     (tmp_path / "adapter_config.json").write_text(content)
     with pytest.raises(RuntimeError, match=f"lora_ext::load_adapter_config: .*{match}"):
