@@ -189,6 +189,9 @@ BAD_CONFIGS = [  # also seeds of the fuzz corpus (tests/fuzz/make_corpus.py)
     ('{"peft_type": "LORA", "r": "eight"}', "wrong type"),
     ('{"peft_type": "IA3"}', "peft_type"),
     ('{"r": 0}', "r >= 1"),
+    ('{"r": 1e300}', "integer rank"),  # was undefined behaviour (float -> int64 out of range)
+    ('{"r": 8.5}', "integer rank"),
+    ('{"rank_pattern": {"q": 1e300}}', "integer rank"),
 ]
 
 

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <regex>
 #include <sstream>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
@@ -23,12 +24,23 @@ const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns, c
   return nullptr;
 }
 
+// Ranks are integers: get<int64_t>() would also take 8.5 or true, and converting a float
+// outside int64's range (1e300) is undefined behaviour.
+int64_t rank_of(const nlohmann::ordered_json& v) {
+  if (!v.is_number_integer()) throw nlohmann::json::type_error::create(302, "expected an integer rank, got " +
+                                                                             v.dump(), &v);
+  return v.get<int64_t>();
+}
+
 template <typename V>
 std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj) {
   if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected a pattern object, got " +
                                                                         std::string(obj.type_name()), &obj);
   std::vector<std::pair<std::string, V>> out;
-  for (auto it = obj.begin(); it != obj.end(); ++it) out.emplace_back(it.key(), it.value().template get<V>());
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    if constexpr (std::is_same_v<V, int64_t>) out.emplace_back(it.key(), rank_of(it.value()));
+    else out.emplace_back(it.key(), it.value().template get<V>());
+  }
   return out;
 }
 
@@ -78,7 +90,7 @@ AdapterConfig load_adapter_config(const std::string& path) {
       TORCH_CHECK(!j.contains(k) || j[k].is_null() || j[k] == false, where, k,
                   " is set: lora_ext does not implement it and would compute something else");
     }
-    if (j.contains("r")) c.r = j["r"].get<int64_t>();
+    if (j.contains("r")) c.r = rank_of(j["r"]);
     TORCH_CHECK(c.r >= 1, where, "expected r >= 1, got ", c.r);
     if (j.contains("lora_alpha")) c.lora_alpha = j["lora_alpha"].get<double>();
     if (j.contains("use_rslora") && !j["use_rslora"].is_null()) c.use_rslora = j["use_rslora"].get<bool>();
