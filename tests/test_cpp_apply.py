@@ -86,3 +86,12 @@ def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
     assert "missing key base_model.model.l1.lora_A.weight" in msg and "unexpected key base_model.model.l1.bias" in msg
     assert "frame #" not in msg  # no C++ backtrace in the Python error
     assert not os.path.exists(out)
+
+
+def test_cpp_merge_refuses_overflowing_scale_before_changing_anything(tmp_path):
+    # weight x scaling: emb 1.6e308 and l1 6e307 are finite, l2 (8/sqrt(2)) overflows. merge_ would refuse
+    # l2's scale only after merging emb and l1 (found by tests/fuzz/fuzz_load_apply.cpp); the plan refuses first.
+    _, _, scripted = _setup(tmp_path)
+    with pytest.raises(RuntimeError, match="(?s)nothing was changed.*scale at l2 is not finite"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), str(tmp_path / "x.pt"),
+                                                   weight=4e307)

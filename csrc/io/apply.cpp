@@ -1,5 +1,6 @@
 #include <lora_ext/apply.h>
 
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <string>
@@ -59,7 +60,21 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
       problems.push_back(ss.str());
       continue;
     }
-    out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * m.scaling});
+    // what merge_ checks besides shapes, here, so that it cannot throw halfway through the updates
+    const auto wt = W.scalar_type();
+    if (wt != at::kFloat && wt != at::kDouble && wt != at::kBFloat16 && wt != at::kHalf) {
+      problems.push_back("parameter " + m.path + ".weight has dtype " + std::string(c10::toString(wt)) +
+                         ", expected float32, float64, bfloat16 or float16");
+      continue;
+    }
+    const double scale = weight * m.scaling;
+    if (!std::isfinite(scale)) {
+      std::ostringstream ss;
+      ss << "scale at " << m.path << " is not finite: weight " << weight << " x scaling " << m.scaling;
+      problems.push_back(ss.str());
+      continue;
+    }
+    out.push_back({target, A2.to(W.device()), B2.to(W.device()), scale});
   }
   if (!problems.empty()) {
     std::string msg;
