@@ -192,6 +192,7 @@ BAD_CONFIGS = [  # also seeds of the fuzz corpus (tests/fuzz/make_corpus.py)
     ('{"r": 1e300}', "integer rank"),  # was undefined behaviour (float -> int64 out of range)
     ('{"r": 8.5}', "integer rank"),
     ('{"rank_pattern": {"q": 1e300}}', "integer rank"),
+    ('{"rank_pattern": {"q": 2, "v": 0}}', 'rank_pattern ranks >= 1, got 0 for "v"'),  # was an infinite scaling
 ]
 
 

@@ -97,6 +97,8 @@ AdapterConfig load_adapter_config(const std::string& path) {
     if (j.contains("fan_in_fan_out") && !j["fan_in_fan_out"].is_null()) c.fan_in_fan_out = j["fan_in_fan_out"].get<bool>();
     if (j.contains("rank_pattern") && !j["rank_pattern"].is_null())
       c.rank_pattern = pattern_items<int64_t>(j["rank_pattern"]);
+    for (const auto& [p, rank] : c.rank_pattern)
+      TORCH_CHECK(rank >= 1, where, "expected rank_pattern ranks >= 1, got ", rank, " for \"", p, "\"");
     if (j.contains("alpha_pattern") && !j["alpha_pattern"].is_null())
       c.alpha_pattern = pattern_items<double>(j["alpha_pattern"]);
     if (j.contains("target_modules") && !j["target_modules"].is_null()) {
