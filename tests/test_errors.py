@@ -52,6 +52,7 @@ BAD_LINEAR = {
     "dropout nan": (dict(dropout_p=math.nan), "0 <= dropout_p < 1"),
     "scale nan": (dict(scale=math.nan), "finite scale"),
     "scale inf": (dict(scale=math.inf), "finite scale"),
+    "scale beyond float32": (dict(scale=1e39), "finite scale within float32's range"),
 }
 
 
@@ -99,6 +100,7 @@ BAD_MERGE = {
                              "lora_A/lora_B of dtype Float"),
     "device": (dict(lora_A=torch.randn(3, 8, device="meta")), "lora_A on device"),
     "scale inf": (dict(scale=math.inf), "finite scale"),
+    "scale beyond float32": (dict(scale=1e39), "finite scale within float32's range"),
 }
 
 

@@ -1,6 +1,7 @@
 #include "ops/common/checks.h"
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,10 @@ void check_adapter(
       ": expected lora_A/lora_B of dtype ", bt, " (the ", base_name, "'s dtype)",
       (is_half_like(bt) ? ", float32, bfloat16 or float16" : ""), ", got ", at_);
   TORCH_CHECK_VALUE(std::isfinite(scale), "lora_ext::", op, ": expected a finite scale, got ", scale);
+  // the LoRA branch of a float32/bfloat16/float16 base computes in float32
+  TORCH_CHECK_VALUE(
+      bt == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(), "lora_ext::", op,
+      ": expected a finite scale within float32's range for a ", bt, " ", base_name, ", got ", scale);
 }
 
 }  // namespace
