@@ -1,6 +1,5 @@
 #include <lora_ext/apply.h>
 
-#include <cmath>
 #include <map>
 #include <sstream>
 #include <string>
@@ -11,6 +10,8 @@
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <lora_ext/ops.h>
+
+#include "ops/common/checks.h"
 
 namespace lora_ext {
 
@@ -60,21 +61,17 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
       problems.push_back(ss.str());
       continue;
     }
-    // what merge_ checks besides shapes, here, so that it cannot throw halfway through the updates
+    // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
     const auto wt = W.scalar_type();
-    if (wt != at::kFloat && wt != at::kDouble && wt != at::kBFloat16 && wt != at::kHalf) {
-      problems.push_back("parameter " + m.path + ".weight has dtype " + std::string(c10::toString(wt)) +
-                         ", expected float32, float64, bfloat16 or float16");
+    const auto adt = (wt == at::kHalf || wt == at::kBFloat16) ? at::kFloat : wt;
+    Update u{target, A2.to(W.device(), adt), B2.to(W.device(), adt), weight * m.scaling};
+    try {  // merge_'s own checks (dtypes, a finite scale in range) here, so it cannot throw halfway through
+      detail::check_merge_args("merge_", u.target, u.A, u.B, u.scale);
+    } catch (const c10::Error& e) {
+      problems.push_back("module " + m.path + ": " + e.what_without_backtrace());
       continue;
     }
-    const double scale = weight * m.scaling;
-    if (!std::isfinite(scale)) {
-      std::ostringstream ss;
-      ss << "scale at " << m.path << " is not finite: weight " << weight << " x scaling " << m.scaling;
-      problems.push_back(ss.str());
-      continue;
-    }
-    out.push_back({target, A2.to(W.device()), B2.to(W.device()), scale});
+    out.push_back(std::move(u));
   }
   if (!problems.empty()) {
     std::string msg;
@@ -89,15 +86,10 @@ void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, dou
   auto updates = plan(std::move(params), adapter, weight, op);
   torch::NoGradGuard no_grad;
   for (auto& u : updates) {
-    // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
-    const auto wt = u.target.scalar_type();
-    const bool half = wt == at::kHalf || wt == at::kBFloat16;
-    at::Tensor A = half ? u.A.to(at::kFloat) : u.A.to(wt);
-    at::Tensor B = half ? u.B.to(at::kFloat) : u.B.to(wt);
     if (merge) {
-      ops::merge_(u.target, A, B, u.scale);
+      ops::merge_(u.target, u.A, u.B, u.scale);
     } else {
-      ops::unmerge_(u.target, A, B, u.scale);
+      ops::unmerge_(u.target, u.A, u.B, u.scale);
     }
   }
 }
