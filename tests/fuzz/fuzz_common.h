@@ -48,13 +48,16 @@ inline void write_file(const fs::path& p, const uint8_t* data, size_t size) {
   }
 }
 
-// Runs f(); true if it returned, false if it threw (a rejected input).
+// Runs f(); true if it returned, false if it threw (a rejected input). LORA_EXT_FUZZ_VERBOSE=1
+// prints why (to replay one input: ./fuzz_x input).
 template <class F>
 bool accepts(F&& f) {
+  static const bool verbose = std::getenv("LORA_EXT_FUZZ_VERBOSE") != nullptr;
   try {
     f();
     return true;
-  } catch (const std::exception&) {
+  } catch (const std::exception& e) {
+    if (verbose) std::fprintf(stderr, "fuzz: rejected: %s\n", e.what());
     return false;
   }
 }
