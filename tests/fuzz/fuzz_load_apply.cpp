@@ -4,7 +4,7 @@
 // writes (Embedding, Linear fp32/bf16/fp16 in a ModuleList, Conv2d). Checked properties:
 //  - merge_adapter either succeeds and unmerge_adapter then succeeds too, or it throws and has
 //    changed nothing (apply.h: "throws c10::Error before anything is changed");
-//  - every A/B pair, merged exactly into a weight holding special values (merge_exact_codes,
+//  - every A/B pair, merged exactly into a weight holding special or plain values (merge_exact_codes,
 //    merge_exact_, unmerge_exact_) in float32/bfloat16/float16, comes back bit for bit;
 //  - an A/B pair in nn::LoraLinear: add_adapter validates it, forward runs.
 #include <lora_ext/adapter.h>
@@ -47,7 +47,7 @@ TORCH_MODULE(Net);
 struct State {
   Net net;
   std::vector<std::pair<at::Tensor, at::Tensor>> params;  // (parameter, its pristine copy)
-  std::vector<at::Tensor> exact_bases;                     // special values, one per dtype
+  std::vector<at::Tensor> exact_bases;                     // special / plain values, in each dtype
 };
 
 State& state() {
@@ -59,7 +59,12 @@ State& state() {
     const float specials[] = {0.f, -0.f, 1e-45f, -1e-40f, 6e-8f, 1e-5f, 1.f, -3.5f, 65504.f, 3e38f,
                               -3.4028235e38f, INFINITY, -INFINITY, NAN, 0.1f, 1e4f};
     const auto base = at::tensor(at::ArrayRef<float>(specials, std::size(specials)));
-    for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) st->exact_bases.push_back(base.to(dt));
+    // and plain finite values, where the sparse list is usually empty (a NaN weight always goes there)
+    const auto plain = at::linspace(-2.f, 3.f, 13);
+    for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      st->exact_bases.push_back(base.to(dt));
+      st->exact_bases.push_back(plain.to(dt));
+    }
     return st;
   }();
   return *s;
