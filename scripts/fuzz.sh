@@ -41,6 +41,7 @@ CMAKE="$VENV/bin/cmake"
 export PATH="$VENV/bin:$PATH"  # ninja
 
 echo "[fuzz] building the harnesses in $BUILD" >&2
+mkdir -p "$BUILD"
 "$CMAKE" -S tests/fuzz -B "$BUILD" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=None \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DLORA_EXT_NLOHMANN_INCLUDE="$NLOHMANN" >"$BUILD.configure.log" 2>&1 ||
   { cat "$BUILD.configure.log" >&2; exit 2; }
