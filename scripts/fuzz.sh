@@ -51,7 +51,9 @@ nice -n 10 "$CMAKE" --build "$BUILD" -j2 -- ${HARNESSES[@]} >"$BUILD.build.log" 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 SCRATCH="$(mktemp -d)"
-trap 'rm -rf "$SCRATCH"' EXIT
+# the files the harnesses write for the readers: in memory, and removed even after a crash
+export LORA_EXT_FUZZ_TMP="$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)"
+trap 'rm -rf "$SCRATCH" "$LORA_EXT_FUZZ_TMP"' EXIT
 mkdir -p "$BUILD/artifacts"
 failed=()
 for h in "${HARNESSES[@]}"; do
