@@ -19,7 +19,9 @@ from . import ops
 from .adapter_io import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .layer import LoraLayer
-from .multi import BASE, AdapterBatch, adapter_batch
+from .batch import adapter_batch
+from .multi import AdapterBatch
+from .names import BASE
 from .linear import LoraLinear
 from .weighted import add_weighted_adapter
 from .model import (

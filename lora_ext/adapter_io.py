@@ -2,51 +2,49 @@
 
 Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` with
 the adapter name stripped. A non-default adapter lives in ``<path>/<adapter_name>``, as PEFT
-saves it. Writes are atomic (temporary file + rename), loads validate everything before
-touching the model.
+saves it. Loads validate everything before touching the model.
+
+A save replaces the folder's adapter as a whole, even across a crash (``kill -9``, power loss):
+each file is written atomically (``atomic.py``), the weights first, and the weights carry the
+exact config they were saved with in their safetensors metadata (``lora_ext.adapter_config``).
+A crash between the two renames leaves new weights next to the old config; the reader sees
+that the two disagree and uses the weights' own config, so it always gets exactly the old or
+exactly the new adapter. Files written by PEFT (no such metadata) are read as they are.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
-from typing import Callable
+import warnings
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes, remove_stale_temporaries
+
 from .config import LoraConfig
 from .layer import LoraLayer
 from .registry import LAYER_TYPES, layer_type_for
-from .model import adapter_configs, inject_adapter, lora_layers, saved_modules
+from .model import active_adapters, adapter_configs, inject_adapter, lora_layers, saved_modules, set_adapter
 from .modules_to_save import ModulesToSave, find_modules_to_save
+from .names import check_adapter_name
 from .targeting import candidate_modules, layer_r_alpha
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+CONFIG_METADATA_KEY = "lora_ext.adapter_config"  # the config, in the weights file's metadata
 # file-key suffix -> which matrix ("A"/"B"); longest first so that suffixes never shadow each other
 _SUFFIXES = dict(sorted(
     ((suf, ab) for cls in LAYER_TYPES for suf, ab in zip(cls.file_suffixes, "AB")), key=lambda kv: -len(kv[0])
 ))
 
 
-def _adapter_dir(path: str, adapter_name: str) -> str:
+def _adapter_dir(path: str, adapter_name: str, where: str) -> str:
+    check_adapter_name(adapter_name, where)  # a name becomes a folder: it must stay inside `path`
     return path if adapter_name == "default" else os.path.join(path, adapter_name)
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -72,43 +70,72 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; returns the folder."""
-    from safetensors.torch import save_file
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format) into
+    ``path`` (a non-default adapter: ``path/<adapter_name>``); returns the folder.
 
+    Replacing an existing adapter is atomic as a whole (see the module docstring); files get
+    the permissions ``open()`` would give them (``0666 & ~umask``).
+    """
+    from safetensors.torch import save
+
+    out_dir = _adapter_dir(path, adapter_name, "lora_ext.save_adapter")
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
-    config = configs[adapter_name]
+    cfg = json.dumps(configs[adapter_name].to_dict(), indent=2, sort_keys=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    out_dir = _adapter_dir(path, adapter_name)
+    data = save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg})
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    cfg = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-    def write_cfg(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(cfg)
-
-    _atomic_write(os.path.join(out_dir, CONFIG_NAME), write_cfg)
+    remove_stale_temporaries(out_dir)
+    atomic_write_bytes(os.path.join(out_dir, WEIGHTS_NAME), data)  # weights first: they carry their config
+    atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME), cfg.encode())
     return out_dir
+
+
+def _load_json(text, where: str) -> dict:
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"lora_ext.load_adapter: {where} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"lora_ext.load_adapter: {where}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _read_safetensors(st_path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one safetensors file, read in one go (one version of the file)."""
+    from safetensors.torch import load
+
+    with open(st_path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = load(data)
+        n = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except Exception as e:  # the safetensors library's own error types: a malformed file
+        raise ValueError(f"lora_ext.load_adapter: {st_path} is not a valid safetensors file: {e}") from e
+    return tensors, metadata
 
 
 def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read an adapter folder (config + tensors) without touching any model."""
-    from safetensors.torch import load_file
-
     cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"lora_ext.load_adapter: no {CONFIG_NAME} in {path!r}")
-    with open(cfg_path) as f:
-        try:
-            config = LoraConfig.from_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"lora_ext.load_adapter: {cfg_path} is not valid JSON: {e}") from e
     st_path = os.path.join(path, WEIGHTS_NAME)
     bin_path = os.path.join(path, PICKLE_WEIGHTS_NAME)
+    cfg_dict = None
+    if os.path.isfile(cfg_path):  # the config first: a save that runs meanwhile replaces the weights first
+        with open(cfg_path, "rb") as f:
+            cfg_dict = _load_json(f.read(), cfg_path)
     if os.path.isfile(st_path):
-        tensors = load_file(st_path)
+        tensors, metadata = _read_safetensors(st_path)
+        embedded = metadata.get(CONFIG_METADATA_KEY)
+        if embedded is not None:
+            own = _load_json(embedded, f"{st_path}'s {CONFIG_METADATA_KEY} metadata")
+            if cfg_dict != own:
+                warnings.warn(f"lora_ext.load_adapter: {cfg_path} does not match the config saved with the weights "
+                              "(an interrupted save, or the file was edited); using the weights' own config",
+                              stacklevel=3)
+                cfg_dict = own
     elif os.path.isfile(bin_path):
         if not allow_pickle:
             raise ValueError(
@@ -118,7 +145,17 @@ def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dic
         tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"lora_ext.load_adapter: no {WEIGHTS_NAME} in {path!r}")
+    if cfg_dict is None:
+        raise FileNotFoundError(f"lora_ext.load_adapter: no {CONFIG_NAME} in {path!r}")
+    try:
+        config = LoraConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lora_ext.load_adapter: {cfg_path}: {e}") from e
     return config, tensors
+
+
+def _nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 def _param_by_name(params: dict[str, torch.Tensor], name: str):
@@ -208,6 +245,10 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         r, _ = layer_r_alpha(config, path)
+        if r > cls.max_rank(base):
+            problems.append(f"rank too large at {path!r}: expected r <= min(in, out) = {cls.max_rank(base)}, "
+                            f"got r={r}")
+            continue
         want_a, want_b = cls.adapter_shapes(base, r)
         a, b = ab["A"], ab["B"]
         if tuple(a.shape) != tuple(want_a) or tuple(b.shape) != tuple(want_b):
@@ -225,18 +266,27 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
-                 allow_pickle: bool = False) -> nn.Module:
+                 allow_pickle: bool = False, allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT/lora_ext adapter folder into ``model`` (injecting LoRA layers as needed).
 
     Every key is mapped exactly (``base_model.model.<path>.lora_A.weight`` -> module ``<path>``);
-    missing or unexpected keys, shape or dtype problems raise a ``ValueError`` listing them,
-    before the model is changed. The loaded adapter becomes active; it is frozen unless
-    ``is_trainable``. ``adapter_model.bin`` (pickle) is read only with ``allow_pickle=True``.
+    missing or unexpected keys, shape or dtype problems, a rank above ``min(in, out)``, and NaN/Inf
+    values (unless ``allow_nonfinite``) raise a ``ValueError`` listing them, before the model is
+    changed. As in PEFT, the adapter becomes active only if the model had none; it is frozen
+    unless ``is_trainable`` (a first adapter loaded frozen puts the model in inference mode: see
+    ``set_adapter``). ``adapter_model.bin`` (pickle) is read only with ``allow_pickle=True``.
     """
+    check_adapter_name(adapter_name, "lora_ext.load_adapter")
     if adapter_name in adapter_configs(model):
         raise ValueError(f"lora_ext.load_adapter: adapter {adapter_name!r} already exists in the model")
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
     plan, saved, biases = _plan(model, config, tensors, adapter_name)
+    if not allow_nonfinite:
+        bad = _nonfinite_keys(tensors)
+        if bad:
+            raise ValueError(f"lora_ext.load_adapter: {path!r} holds NaN/Inf values in {bad}; the model was not "
+                             "changed (pass allow_nonfinite=True to load it anyway)")
+    was_active = active_adapters(model)
     inject_adapter(model, config.replace(init_lora_weights=True), adapter_name, target_names=sorted(plan))
     adapter_configs(model)[adapter_name] = config
     with torch.no_grad():
@@ -251,15 +301,6 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
         params = dict(model.named_parameters())
         for name, t in biases.items():
             _param_by_name(params, name).copy_(t)
-    if not is_trainable:
-        for _, layer in lora_layers(model):
-            if layer.has_adapter(adapter_name):
-                for w in layer.adapter_weights(adapter_name):
-                    w.requires_grad_(False)
-        for _, wrapper in saved_modules(model):
-            if wrapper.has_adapter(adapter_name):
-                for p in wrapper.modules_to_save[adapter_name].parameters():
-                    p.requires_grad_(False)
-        for name in biases:
-            _param_by_name(params, name).requires_grad_(False)
+    if not was_active:  # the loaded adapter is the active one: trainable, or inference mode
+        set_adapter(model, adapter_name, inference_mode=not is_trainable)
     return model

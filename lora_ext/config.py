@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -28,6 +29,24 @@ _OWN_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
     "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "fan_in_fan_out",
 )
+
+
+def valid_dropout(p) -> bool:
+    """A dropout probability: a real number (not a bool or a string) with 0 <= p < 1."""
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0
+
+
+def _check_regex(pattern, what: str) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"LoraConfig: expected {what} to be a regex string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoraConfig: {what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @dataclass
@@ -58,10 +77,10 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig: expected an integer r >= 1, got {self.r!r}")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)):
-            raise ValueError(f"LoraConfig: expected a finite lora_alpha, got {self.lora_alpha!r}")
-        if not (0.0 <= float(self.lora_dropout) < 1.0):
-            raise ValueError(f"LoraConfig: expected 0 <= lora_dropout < 1, got {self.lora_dropout!r}")
+        if not _positive_number(self.lora_alpha):
+            raise ValueError(f"LoraConfig: expected a finite lora_alpha > 0, got {self.lora_alpha!r}")
+        if not valid_dropout(self.lora_dropout):
+            raise ValueError(f"LoraConfig: expected a number 0 <= lora_dropout < 1, got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: expected bias in ('none', 'all', 'lora_only'), got {self.bias!r}")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
@@ -70,12 +89,25 @@ class LoraConfig:
                 setattr(self, name, sorted(v))
             elif v is not None and not isinstance(v, (str, list)):
                 raise ValueError(f"LoraConfig: expected {name} to be a list of names or a regex string, got {v!r}")
+            v = getattr(self, name)
+            if isinstance(v, list) and not all(isinstance(n, str) for n in v):
+                raise ValueError(f"LoraConfig: expected {name} to hold module names (str), got {v!r}")
+            if isinstance(v, str) and name != "modules_to_save":
+                _check_regex(v, name)
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"LoraConfig: expected {name} to be a dict of regex -> value")
+            for k in getattr(self, name):
+                _check_regex(k, f"{name} key")
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{k!r}] must be an integer >= 1, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            if not _positive_number(v):
+                raise ValueError(f"LoraConfig: alpha_pattern[{k!r}] must be a finite number > 0, got {v!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig: expected {name} to be true or false, got {getattr(self, name)!r}")
         bad = {k: v for k, v in self.extra.items() if k in _UNSUPPORTED and v not in _UNSUPPORTED[k]}
         if bad:
             raise ValueError(

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .config import valid_dropout
+from .names import adapter_name_list, check_adapter_name
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -82,7 +84,6 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._exact_codes: dict[str, tuple] = {}  # adapter -> (ExactMergeCodes, adapter versions)
         self.disable_adapters: bool = False
-        self._adapter_batch = None  # set by lora_ext.adapter_batch (per-row adapters)
         self._stack_cache = None  # stacked adapters for per-row batches (lora_ext/multi.py)
         if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
@@ -103,6 +104,13 @@ class LoraLayer(nn.Module):
     def adapter_shapes(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and B for a rank-r adapter on ``base_layer``."""
         raise NotImplementedError
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        """The largest useful rank: ``min(fan_in, fan_out)`` of ``base_layer`` (a larger ``B @ A``
+        has no more rank, only more parameters)."""
+        shape_a, shape_b = cls.adapter_shapes(base_layer, 1)
+        return min(math.prod(shape_a[1:]), shape_b[0])
 
     def _base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -151,20 +159,24 @@ class LoraLayer(nn.Module):
         init_lora_weights: Union[bool, str] = True,
     ) -> None:
         """Add an adapter named ``adapter_name``; the first adapter added becomes active."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"LoraLayer.add_adapter: expected a non-empty adapter name without '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name, f"{type(self).__name__}.add_adapter")
         if self.has_adapter(adapter_name):
             raise ValueError(f"LoraLayer.add_adapter: adapter {adapter_name!r} already exists")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoraLayer.add_adapter: expected an integer rank r >= 1, got {r!r}")
-        if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha)):
-            raise ValueError(f"LoraLayer.add_adapter: expected a finite lora_alpha, got {lora_alpha!r}")
-        if not (0.0 <= float(lora_dropout) < 1.0):
-            raise ValueError(f"LoraLayer.add_adapter: expected 0 <= lora_dropout < 1, got {lora_dropout!r}")
+        if isinstance(lora_alpha, bool) or not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha)
+                                                and lora_alpha > 0):
+            raise ValueError(f"LoraLayer.add_adapter: expected a finite lora_alpha > 0, got {lora_alpha!r}")
+        if not valid_dropout(lora_dropout):
+            raise ValueError(f"LoraLayer.add_adapter: expected a number 0 <= lora_dropout < 1, got {lora_dropout!r}")
         if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
             raise ValueError(
                 f"LoraLayer.add_adapter: expected init_lora_weights in {_INIT_CHOICES}, got {init_lora_weights!r}"
             )
+        limit = self.max_rank(self.base_layer)
+        if r > limit:
+            raise ValueError(f"{type(self).__name__}.add_adapter: expected r <= min(in, out) = {limit} for a base "
+                             f"layer of weight shape {tuple(self._base_weight().shape)}, got r={r}")
         base_w = self._base_weight()
         dtype = adapter_dtype(base_w.dtype)
         shape_a, shape_b = self.adapter_shapes(self.base_layer, r)
@@ -181,7 +193,7 @@ class LoraLayer(nn.Module):
             self._active_adapters = [adapter_name]
 
     def _check_names(self, names: Iterable[str], where: str) -> list[str]:
-        names = [names] if isinstance(names, str) else list(names)
+        names = adapter_name_list(names, f"{type(self).__name__}.{where}")
         missing = [n for n in names if not self.has_adapter(n)]
         if missing:
             raise ValueError(f"{type(self).__name__}.{where}: unknown adapter(s) {missing}; have {self.adapter_names}")
@@ -244,6 +256,10 @@ class LoraLayer(nn.Module):
         if len(todo) < len(names):
             warnings.warn(f"already merged: {[n for n in names if n in self.merged_adapters]}", stacklevel=2)
         with torch.no_grad():
+            for n in todo:  # always: a NaN/Inf adapter would poison the weight for good
+                if not all(torch.isfinite(t).all() for t in self.adapter_weights(n)):
+                    raise ValueError(f"{type(self).__name__}.merge: adapter {n!r} holds non-finite (NaN/Inf) "
+                                     "values; the weight was left unchanged")
             if safe_merge:
                 for n in todo:
                     self._check_finite_merge(n)

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import ops
 from .layer import LoraLayer
-from .multi import multi_forward
+from .multi import current_batch, multi_forward
 
 
 class LoraLinear(LoraLayer):
@@ -51,8 +51,9 @@ class LoraLinear(LoraLayer):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._adapter_batch is not None and not self.disable_adapters:
-            return multi_forward(self, x, self._adapter_batch)  # one adapter per row (adapter_batch)
+        batch = current_batch(self)  # this thread's / task's adapter_batch, if any
+        if batch is not None and not self.disable_adapters:
+            return multi_forward(self, x, batch)  # one adapter per row
         names = self._adapters_for_forward()
         if not names:
             return self.base_layer(x)

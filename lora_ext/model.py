@@ -11,11 +11,14 @@ from torch import nn
 from .config import LoraConfig
 from .gpt2_conv1d import is_gpt2_conv1d
 from .layer import LoraLayer
+from .names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
 
 CONFIGS_ATTR = "lora_ext_configs"
+ACTIVE_ATTR = "lora_ext_active"
+INFERENCE_ATTR = "lora_ext_inference_mode"
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -37,6 +40,11 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return getattr(model, CONFIGS_ATTR, {})
 
 
+def active_adapters(model: nn.Module) -> list[str]:
+    """The model-wide active adapters (set by :func:`set_adapter`; the first adapter added)."""
+    return list(getattr(model, ACTIVE_ATTR, []))
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -55,9 +63,15 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     """Add adapter ``adapter_name`` to the modules ``config`` targets, in place.
 
     Targeted ``nn.Linear`` modules are replaced by ``LoraLinear`` wrappers (no copy of the base
-    weights); already wrapped modules get one more adapter. Everything except this adapter is
-    frozen (plus biases per ``config.bias``). Returns the same model object.
+    weights); already wrapped modules get one more adapter. The first adapter of a model becomes
+    active and trainable (plus biases per ``config.bias``), everything else frozen; a later one is
+    added inactive and frozen, and what trains does not change (as PEFT). Every target is checked
+    (type, rank <= min(in, out)) before the model is changed. Returns the same model object.
     """
+    check_adapter_name(adapter_name, "lora_ext.inject_adapter")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got {type(config).__name__} "
+                        "(a dict or a PEFT config: lora_ext.LoraConfig.from_dict(d) / .from_dict(cfg.to_dict()))")
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"lora_ext.inject_adapter: adapter {adapter_name!r} already exists in the model")
@@ -66,6 +80,18 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         warnings.warn("lora_ext: target modules include GPT-2 Conv1D layers (weight stored [in, out]); "
                       "setting fan_in_fan_out=True", stacklevel=2)
         config = config.replace(fan_in_fan_out=True)
+    problems = []
+    for path in names:
+        module = model.get_submodule(path)
+        cls = layer_type_for(module)
+        if cls is None:
+            problems.append(f"{path!r} is a {type(module).__name__}, which LoRA cannot wrap")
+            continue
+        r, _ = layer_r_alpha(config, path)
+        if r > cls.max_rank(_base(module)):
+            problems.append(f"{path!r}: expected r <= min(in, out) = {cls.max_rank(_base(module))}, got r={r}")
+    if problems:
+        raise ValueError("lora_ext.inject_adapter: the model was not changed:\n  " + "\n  ".join(problems))
     save_paths = []
     if config.modules_to_save:
         save_paths = find_modules_to_save(model, config.modules_to_save)
@@ -90,7 +116,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     configs = dict(configs)
     configs[adapter_name] = config
     object.__setattr__(model, CONFIGS_ATTR, configs)
-    _mark_trainable(model, [adapter_name], config.bias)
+    # As PEFT: the first adapter becomes active; a later one is added inactive, in every layer
+    # (also in layers that held no adapter before), and what trains does not change.
+    _activate(model, active_adapters(model) or [adapter_name])
     return model
 
 
@@ -103,14 +131,34 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.M
     return inject_adapter(model, config, adapter_name)
 
 
+def _activate(model: nn.Module, names: list[str], inference_mode: Optional[bool] = None) -> None:
+    """Make ``names`` the model-wide active adapters, in every layer that has them, and make
+    exactly their parameters trainable (none in inference mode; ``None`` keeps the model's mode):
+    ``requires_grad`` always follows "active and used in forward", as in PEFT."""
+    if inference_mode is None:
+        inference_mode = bool(getattr(model, INFERENCE_ATTR, False))
+    object.__setattr__(model, ACTIVE_ATTR, list(names))
+    object.__setattr__(model, INFERENCE_ATTR, inference_mode)
+    for _, layer in lora_layers(model):
+        present = [n for n in names if layer.has_adapter(n)]
+        if layer.merged and present != layer._active_adapters:
+            layer.unmerge()  # switching what is active: the merged weight no longer matches
+        layer._active_adapters = present
+    for _, wrapper in saved_modules(model):
+        wrapper.set_adapter(names)
+    configs = adapter_configs(model)
+    biases = set() if inference_mode else {configs[n].bias for n in names if n in configs}
+    _mark_trainable(model, [] if inference_mode else names,
+                    "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none")
+
+
 def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none") -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
-        for n in adapter_names:
-            if layer.has_adapter(n):
-                for w in layer.adapter_weights(n):
-                    w.requires_grad_(True)
+        for n in layer.adapter_names:
+            for w in layer.adapter_weights(n):
+                w.requires_grad_(n in adapter_names)
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     if bias == "all":
@@ -120,10 +168,9 @@ def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "non
     for _, wrapper in saved_modules(model):
         for p in wrapper.original_module.parameters():
             p.requires_grad_(False)
-        for n in adapter_names:
-            if wrapper.has_adapter(n):
-                for p in wrapper.modules_to_save[n].parameters():
-                    p.requires_grad_(True)
+        for n in wrapper.modules_to_save:
+            for p in wrapper.modules_to_save[n].parameters():
+                p.requires_grad_(n in adapter_names)
 
 
 def _check_adapters(model: nn.Module, names: list[str], where: str) -> None:
@@ -132,19 +179,17 @@ def _check_adapters(model: nn.Module, names: list[str], where: str) -> None:
         raise ValueError(f"lora_ext.{where}: unknown adapter(s) {missing}; have {list(adapter_configs(model))}")
 
 
-def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
-    """Make the named adapter(s) active in every layer that has them; only they are trainable."""
-    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+    """Make the named adapter(s) active in every layer that has them; exactly they are trainable
+    (none with ``inference_mode=True``), as PEFT's ``set_adapter``.
+
+    This is a model-wide switch (it changes the shared modules), as in PEFT: a server that
+    handles requests for different adapters concurrently uses :func:`lora_ext.adapter_batch`,
+    whose selection is per thread / asyncio task, instead.
+    """
+    names = adapter_name_list(name_or_names, "lora_ext.set_adapter")
     _check_adapters(model, names, "set_adapter")
-    for _, layer in lora_layers(model):
-        present = [n for n in names if layer.has_adapter(n)]
-        if layer.merged:
-            layer.unmerge()
-        layer._active_adapters = present
-    for _, wrapper in saved_modules(model):
-        wrapper.set_adapter(names)
-    bias = adapter_configs(model)[names[0]].bias
-    _mark_trainable(model, names, bias)
+    _activate(model, names, inference_mode)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -161,6 +206,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = dict(adapter_configs(model))
     del configs[adapter_name]
     object.__setattr__(model, CONFIGS_ATTR, configs)
+    active = [n for n in active_adapters(model) if n != adapter_name]
+    if not active and configs:  # as PEFT: the first remaining adapter becomes active (and trainable
+        # unless the model is in inference mode: loaded with is_trainable=False or set so)
+        active = [next(iter(configs))]
+        warnings.warn(f"lora_ext.delete_adapter: adapter {adapter_name!r} was the active adapter; "
+                      f"{active[0]!r} is active now", stacklevel=2)
+    _activate(model, active)
 
 
 @contextlib.contextmanager
@@ -184,7 +236,8 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merg
     """Merge the active (or the named) adapters into the base weights of every LoRA layer
     (``exact=True``: :func:`unmerge` restores the weights bit for bit; see ``LoraLayer.merge``)."""
     if adapter_names is not None:
-        _check_adapters(model, list(adapter_names), "merge")
+        adapter_names = adapter_name_list(adapter_names, "lora_ext.merge")
+        _check_adapters(model, adapter_names, "merge")
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if layer.has_adapter(n)]
         if names:
@@ -207,8 +260,9 @@ def _replace_layers(model: nn.Module, merge_first: bool) -> nn.Module:
         _set_submodule(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         _set_submodule(model, path, wrapper.unwrap(keep_adapter=merge_first))
-    if hasattr(model, CONFIGS_ATTR):
-        object.__delattr__(model, CONFIGS_ATTR)
+    for attr in (CONFIGS_ATTR, ACTIVE_ATTR, INFERENCE_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
     return model
 
 

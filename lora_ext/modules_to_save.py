@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from .names import check_adapter_name
+
 
 class ModulesToSave(nn.Module):
     """Wraps ``original_module``; each adapter that lists the module in ``modules_to_save`` gets a
@@ -20,6 +22,7 @@ class ModulesToSave(nn.Module):
         self.disable_adapters = False
 
     def add_adapter(self, adapter_name: str) -> None:
+        check_adapter_name(adapter_name, "ModulesToSave.add_adapter")
         if adapter_name in self.modules_to_save:
             raise ValueError(f"ModulesToSave: adapter {adapter_name!r} already exists")
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)

@@ -1,33 +1,47 @@
 """Multi-adapter batches: each row of a batch uses its own adapter (or none).
 
-``with lora_ext.adapter_batch(model, ["task_a", "__base__", "task_b", ...]):`` makes every
-LoRA linear layer of ``model`` run the compiled ``lora_linear_multi`` op with one adapter name
-per batch row (the first dim of the layer's input; PEFT's ``adapter_names=`` convention, with
-``"__base__"`` for the base model). The row grouping is computed once per batch and layer
-adapter set and shared by all layers; each layer keeps its adapters stacked (zero-padded to the
-largest rank) and re-stacks only when an adapter changes. In training mode, gradients reach
-each adapter from its own rows only, so several adapters train at once on one frozen base.
+``with lora_ext.adapter_batch(model, ["task_a", "__base__", "task_b", ...]):`` (``batch.py``)
+makes every LoRA linear layer of ``model`` run the compiled ``lora_linear_multi`` op with one
+adapter name per batch row (the first dim of the layer's input; PEFT's ``adapter_names=``
+convention, with ``"__base__"`` for the base model).
+
+Which batch a layer serves is request state, so it never lives on the (shared) modules: it is
+kept in a ``contextvars.ContextVar``. Every thread and every asyncio task sees only the
+``adapter_batch`` it entered itself, so many requests can run through one model at once.
+The caches that are shared (each layer's stacked adapters) are immutable tuples replaced
+whole, so concurrent readers never see a half-built entry; the row groupings belong to one
+batch. In training mode, gradients reach each adapter from its own rows only, so several
+adapters train at once on one frozen base.
 """
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import math
-from typing import Iterator, Optional
+import threading
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import ops
+from .names import BASE
 
-BASE = "__base__"
+# id(layer) -> the AdapterBatch it serves in the current thread / asyncio task.
+_CURRENT: contextvars.ContextVar[Optional[dict[int, "AdapterBatch"]]] = contextvars.ContextVar(
+    "lora_ext_adapter_batch", default=None)
+# How many adapter_batch contexts are open in the whole process. While none is, forward does
+# not even look at the ContextVar (so torch.compile sees a plain global int, not a ContextVar).
+_open_contexts = 0
+_open_lock = threading.Lock()
 
 
 class AdapterBatch:
-    """One adapter name per batch row, and the row groupings derived from it (cached)."""
+    """One adapter name per batch row, the layers it applies to, and the row groupings
+    derived from it (cached per batch; a batch belongs to one request)."""
 
-    def __init__(self, adapter_names: list[str]):
+    def __init__(self, adapter_names: list[str], layers: tuple = ()):
         self.adapter_names = list(adapter_names)
+        self.layers = tuple(layers)  # strong refs: the ids in the context stay unique
         self._groupings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -43,9 +57,34 @@ class AdapterBatch:
             index = {n: i for i, n in enumerate(layer_adapters)}
             ids = torch.tensor([index.get(n, -1) for n in self.adapter_names], dtype=torch.long)
             ids = ids.repeat_interleave(rows_per_item).to(device)
-            hit = (ids, *ops.lora_group_rows(ids, len(layer_adapters)))
-            self._groupings[key] = hit
+            hit = self._groupings.setdefault(key, (ids, *ops.lora_group_rows(ids, len(layer_adapters))))
         return hit
+
+
+def current_batch(layer) -> Optional[AdapterBatch]:
+    """The per-row batch ``layer`` serves in this thread / asyncio task, or None."""
+    if not _open_contexts:
+        return None
+    current = _CURRENT.get()
+    return None if current is None else current.get(id(layer))
+
+
+def enter_batch(batch: AdapterBatch) -> contextvars.Token:
+    """Make ``batch`` current for its layers in this context (nested batches of other models stay)."""
+    global _open_contexts
+    current = dict(_CURRENT.get() or {})
+    current.update((id(layer), batch) for layer in batch.layers)
+    token = _CURRENT.set(current)
+    with _open_lock:
+        _open_contexts += 1
+    return token
+
+
+def exit_batch(token: contextvars.Token) -> None:
+    global _open_contexts
+    with _open_lock:
+        _open_contexts -= 1
+    _CURRENT.reset(token)
 
 
 def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,8 +92,8 @@ def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ``layer``'s adapters in ``layer.adapter_names`` order, zero-padded to the largest rank.
 
     B is a transposed view of a contiguous ``[n, r_max, out]`` stack, the layout the kernels
-    read without a copy. Without autograd the stacks are cached on the layer until an adapter
-    is added, removed or changed in place; with autograd they are rebuilt (differentiably)
+    read without a copy. Without autograd the stacks are cached on the layer (one entry: bounded)
+    until an adapter is added, removed or changed in place; with autograd they are rebuilt (differentiably)
     on every call so gradients reach each adapter's own parameters.
     """
     names = tuple(layer.adapter_names)
@@ -62,7 +101,7 @@ def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for ab in weights for t in ab)
     key = (names, tuple((id(a), a._version, id(b), b._version) for a, b in weights),
            tuple(layer.scaling[n] for n in names))
-    cached = getattr(layer, "_stack_cache", None)
+    cached = layer._stack_cache  # one read: another thread may replace it meanwhile
     if not need_grad and cached is not None and cached[0] == key:
         return cached[1]
     r_max = max(a.shape[0] for a, _ in weights)
@@ -70,7 +109,8 @@ def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Bt = torch.stack([F.pad(b.t(), (0, 0, 0, r_max - b.shape[1])) for _, b in weights])
     scales = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=A.device)
     out = (A, Bt.transpose(1, 2), scales)
-    layer._stack_cache = None if need_grad else (key, out)
+    if not need_grad:
+        layer._stack_cache = (key, out)  # replaced whole; never mutated
     return out
 
 
@@ -97,46 +137,3 @@ def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
     ids, order, offsets = batch.grouping(names, math.prod(x.shape[1:-1]), x.device)
     return ops.lora_linear_multi(x, layer._base_weight(), layer.base_layer.bias, A, B, scales, ids, p,
                                  layer.training, order, offsets)
-
-
-@contextlib.contextmanager
-def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[AdapterBatch]:
-    """Run ``model`` with one adapter per batch row: ``adapter_names[i]`` for row ``i`` of every
-    LoRA linear layer's input (``"__base__"``: no adapter). Works in eval and training mode.
-
-    Raises ``ValueError`` for unknown names or merged adapters, and ``NotImplementedError`` when
-    a batch adapter sits on an Embedding/Conv layer or in ``modules_to_save`` (per-row adapters
-    are implemented for linear layers).
-    """
-    from .linear import LoraLinear
-    from .model import lora_layers, saved_modules
-
-    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-        raise TypeError(f"adapter_batch: expected a list of adapter names (one per batch row), got {adapter_names!r}")
-    layers = list(lora_layers(model))
-    wanted = set(adapter_names) - {BASE}
-    known = {n for _, layer in layers for n in layer.adapter_names}
-    unknown = sorted(wanted - known)
-    if unknown:
-        raise ValueError(f"adapter_batch: unknown adapter(s) {unknown}; the model has {sorted(known)} "
-                         f"(use {BASE!r} for rows without an adapter)")
-    other = [p or "<root>" for p, layer in layers
-             if not isinstance(layer, LoraLinear) and wanted & set(layer.adapter_names)]
-    other += [p for p, m in saved_modules(model) if wanted & set(m.modules_to_save.keys())]
-    if other:
-        raise NotImplementedError(f"adapter_batch: per-row adapters are implemented for linear layers; "
-                                  f"{other} hold adapters of this batch (Embedding/Conv LoRA or modules_to_save)")
-    merged = [p or "<root>" for p, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"adapter_batch: {merged} have merged adapters; unmerge() first")
-    batch = AdapterBatch(adapter_names)
-    previous: list[tuple[nn.Module, Optional[AdapterBatch]]] = []
-    for _, layer in layers:
-        if isinstance(layer, LoraLinear):
-            previous.append((layer, layer._adapter_batch))
-            layer._adapter_batch = batch
-    try:
-        yield batch
-    finally:
-        for layer, prev in previous:
-            layer._adapter_batch = prev

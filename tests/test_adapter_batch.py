@@ -145,7 +145,7 @@ def test_stacks_are_cached_until_an_adapter_changes(models):
         lora_ext.set_adapter(model, names[-1])
         torch.testing.assert_close(y2[-1:], model(input_ids=ids[-1:]).logits, atol=2e-5, rtol=2e-5)
     # outside the context the layers are back to their active adapter
-    assert all(l._adapter_batch is None for _, l in lora_ext.lora_layers(model))
+    assert all(lora_ext.multi.current_batch(l) is None for _, l in lora_ext.lora_layers(model))
 
 
 def test_single_layer_and_3d_rows():
@@ -194,3 +194,29 @@ def test_bad_use_raises_clear_errors(models):
     with pytest.raises(NotImplementedError, match="model.embed_tokens"):
         with lora_ext.adapter_batch(emb, ["e"] * BATCH):
             pass
+
+
+def test_more_bad_use_raises_clear_errors():
+    """adapter_batch misuse on small layers: modules_to_save adapters, non-str names, an input
+    without a batch dim, and a merge inside the batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    lora_ext.inject_adapter(model, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]), "a")
+    with pytest.raises(NotImplementedError, match=r"adapter_batch: per-row adapters are implemented for linear "
+                                                  r"layers; \['2'\] hold adapters of this batch"):
+        with lora_ext.adapter_batch(model, ["a", "a"]):
+            pass
+    layer = lora_ext.LoraLinear(torch.nn.Linear(8, 4), r=2)
+    with pytest.raises(TypeError, match=r"adapter_batch: expected a list of adapter names \(one per batch row\), "
+                                        r"got \[0, 1\]"):
+        with lora_ext.adapter_batch(layer, [0, 1]):
+            pass
+    with pytest.raises(ValueError, match=r"adapter_batch \(LoraLinear\): expected an input whose first dim is the "
+                                         r"batch of 1 rows .* got x of shape \(8,\)"):
+        with lora_ext.adapter_batch(layer, ["default"]):
+            layer(torch.randn(8))
+    with pytest.raises(ValueError, match=r"adapter_batch \(LoraLinear\): adapters are merged into the weight; "
+                                         r"unmerge\(\) before per-row adapters"):
+        with lora_ext.adapter_batch(layer, ["default", "default"]):
+            layer.merge()
+            layer(torch.randn(2, 8))

@@ -6,26 +6,15 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import lora_ext
 from lora_ext import LoraConfig
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.l1 = nn.Linear(16, 32)
-        self.l2 = nn.Linear(32, 8)
-
-    def forward(self, ids):
-        return self.l2(torch.relu(self.l1(self.emb(ids))))
+from models import TinyNet
 
 
 def _setup(tmp_path):
     torch.manual_seed(0)
-    base = Net().eval()
+    base = TinyNet().eval()
     model = copy.deepcopy(base)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "l1", "l2"], use_rslora=True,
                      rank_pattern={"l2": 2}, alpha_pattern={"l1": 3}, init_lora_weights=False)
@@ -85,6 +74,15 @@ def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
     msg = str(e.value)
     assert "missing key base_model.model.l1.lora_A.weight" in msg and "unexpected key base_model.model.l1.bias" in msg
     assert "frame #" not in msg  # no C++ backtrace in the Python error
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_cpp_merge_refuses_non_finite_weight(tmp_path, weight):
+    _, _, scripted = _setup(tmp_path)
+    out = str(tmp_path / "never.pt")
+    with pytest.raises(RuntimeError, match=f"lora_ext::merge_adapter: expected a finite weight, got {weight}"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out, weight=weight)
     assert not os.path.exists(out)
 
 

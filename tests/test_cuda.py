@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lora_ext import ops
-from reference import (EXACT_CASES, EXACT_IDS, GRAD_TOL, TOL, make_inputs, noncontiguous, ref_lora_linear,
-                       ref_merge_exact_codes, ubits, wide_adapter, wide_weight)
+from reference import (EXACT_CASES, EXACT_IDS, GRAD_TOL, TOL, keep_mask_numpy, make_inputs, noncontiguous,
+                       ref_lora_linear, ref_merge_exact_codes, ubits, wide_adapter, wide_weight)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -122,40 +122,12 @@ def test_dropout_mask_identical_to_cpu(dtype, adtype, n, d, p):
     assert not torch.equal(h2.cpu(), h_cpu)
 
 
-def _keep_mask_numpy(seed, p, elements):
-    """The keep mask of ops/common/dropout_rng.h for flat element indices (numpy uint64)."""
-    import numpy as np
-
-    m64 = (1 << 64) - 1
-    z = (seed + 0x9E3779B97F4A7C15) & m64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
-    key = z ^ (z >> 31)
-    klo, khi = np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
-
-    def fmix32(h):
-        h = h ^ (h >> np.uint32(16))
-        h = h * np.uint32(0x85EBCA6B)
-        h = h ^ (h >> np.uint32(13))
-        h = h * np.uint32(0xC2B2AE35)
-        return h ^ (h >> np.uint32(16))
-
-    e = np.asarray(elements, dtype=np.uint64)
-    lo, hi = (e & np.uint64(0xFFFFFFFF)).astype(np.uint32), (e >> np.uint64(32)).astype(np.uint32)
-    with np.errstate(over="ignore"):
-        h = (lo ^ klo) * np.uint32(0x9E3779B1)
-        h = h ^ (hi * np.uint32(0x85EBCA77) + khi)
-        u = fmix32(fmix32(h) + klo)
-    t = round(p * 4294967296.0)
-    return u >= np.uint32(min(t, 0xFFFFFFFF))
-
-
 def test_numpy_mask_reference_matches_cpu():
     x = torch.ones(7, 33, dtype=torch.float64)
     eye = torch.eye(33, dtype=torch.float64)
     _, h = torch.ops.lora_ext._lora_linear_forward(x, torch.zeros(2, 33, dtype=torch.float64), None, eye,
                                                    torch.zeros(2, 33, dtype=torch.float64), 1.0, 0.4, _seed(99))
-    want = _keep_mask_numpy(99, 0.4, range(7 * 33)).reshape(7, 33)
+    want = keep_mask_numpy(99, 0.4, range(7 * 33)).reshape(7, 33)
     assert torch.equal(h != 0, torch.from_numpy(want))
 
 
@@ -168,7 +140,7 @@ def test_dropout_mask_past_2_32_elements():
         pytest.skip("needs a GPU with >= 48 GB")
     in_f, n, p, sd = (1 << 20) + 1, 4100, 0.5, 7
     rows = [0, 4095, 4096, 4099]
-    want = {row: _keep_mask_numpy(sd, p, np.arange(row * in_f, (row + 1) * in_f, dtype=np.uint64)) for row in rows}
+    want = {row: keep_mask_numpy(sd, p, np.arange(row * in_f, (row + 1) * in_f, dtype=np.uint64)) for row in rows}
     assert (4095 * in_f) < (1 << 32) < (4096 * in_f)
     # backward: grad_x = mask / (1 - p) * (grad_h A) with grad_h = A = 1, grad_y = W = 0
     gx = torch.ops.lora_ext._lora_linear_backward_input(

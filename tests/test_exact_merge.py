@@ -104,6 +104,13 @@ def test_exact_merge_errors():
     bad = ops.ExactMergeCodes(codes.codes, torch.tensor([1000]), torch.zeros(1))
     with pytest.raises(RuntimeError, match="outside"):
         ops.unmerge_exact_(w, bad, a, b, 1.0)
+    bad = ops.ExactMergeCodes(codes.codes.int(), codes.exc_index, codes.exc_value)  # not uint8
+    with pytest.raises(RuntimeError, match="lora_ext::unmerge_exact_: expected codes as a contiguous uint8 tensor"):
+        ops.unmerge_exact_(w, bad, a, b, 1.0)
+    bad = ops.ExactMergeCodes(codes.codes, torch.zeros(2, dtype=torch.long), torch.zeros(1))  # lengths differ
+    with pytest.raises(RuntimeError, match=r"lora_ext::unmerge_exact_: expected exc_index \(int64 \[n\]\) and "
+                                           r"exc_value \(Float \[n\]\) of the same length, got Long \[2\]"):
+        ops.unmerge_exact_(w, bad, a, b, 1.0)
     with pytest.raises(RuntimeError, match="lora_ext::merge_exact_: expected lora_A of shape"):
         ops.merge_exact_(w, torch.randn(2, 7), b, 1.0)
 

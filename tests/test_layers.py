@@ -70,6 +70,9 @@ def test_unsupported_convs_are_refused():
         LoraConv(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(NotImplementedError, match="dilation"):
         LoraConv(nn.Conv1d(4, 4, 3, dilation=2))
+    with pytest.raises(NotImplementedError, match="LoraConv: grouped, dilated or non-zero-padded convolutions are not "
+                                                  "supported, got .*padding_mode='reflect'"):
+        LoraConv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(TypeError, match="LoraEmbedding: expected a base layer of type Embedding"):
         LoraEmbedding(nn.Linear(3, 3))
 

@@ -170,3 +170,59 @@ def test_build_info():
     assert info["version"] == lora_ext.__version__
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["with_cuda"], bool) and info["compiler"] and "cxx_flags" in info
+
+
+def test_bad_forward_input_names_the_op():
+    layer = LoraLinear(nn.Linear(8, 6), r=2, init_lora_weights=False)
+    with pytest.raises(RuntimeError, match=r"lora_ext::lora_linear: expected x of shape \[\.\.\., in\] with in = 8 "
+                                           r"\(weight of shape \[6, 8\]\), got x of shape \[3, 7\]"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(RuntimeError, match=r"lora_ext::lora_linear: expected weight of dtype Double \(x's dtype\), "
+                                           r"got Float"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="lora_ext::lora_linear: expected x of dtype float32, float64, bfloat16 "
+                                           "or float16, got Long"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected an integer rank r >= 1, got 2.5"):
+        layer.add_adapter("half", r=2.5)
+    with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected 0 <= lora_dropout < 1, got -0.1"):
+        layer.add_adapter("neg", lora_dropout=-0.1)
+
+
+def test_merged_state_misuse_warns_or_raises():
+    layer = LoraLinear(nn.Linear(8, 6), r=2, init_lora_weights=False)
+    layer.add_adapter("b", r=2, init_lora_weights=False)
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"LoraLinear.merge: unknown adapter\(s\) \['nope'\]; have \['default', 'b'\]"):
+        layer.merge(["nope"])
+    assert torch.equal(layer.weight, w0) and not layer.merged
+    layer.merge()
+    w1 = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"already merged: \['default'\]"):
+        layer.merge()  # nothing is merged twice
+    assert torch.equal(layer.weight, w1)
+    with pytest.warns(UserWarning, match="LoRA adapters are merged; unmerging before switching adapters"):
+        layer.set_adapter("b")
+    assert not layer.merged and layer.active_adapter == "b"
+    torch.testing.assert_close(layer.weight, w0, atol=1e-6, rtol=1e-6)
+    layer.merge(exact=True)
+    with torch.no_grad():
+        layer.lora_A["b"].weight.mul_(2.0)  # the adapter changes while merged: the codes no longer apply
+    with pytest.warns(UserWarning, match="adapter 'b' changed while merged: unmerging it inexactly"):
+        layer.unmerge()
+    assert not layer.merged
+
+
+def test_safe_merge_refuses_an_overflowing_merge():
+    """Finite adapters whose merge would overflow the weight: only safe_merge=True checks that."""
+    base = nn.Linear(4, 4)
+    layer = LoraLinear(base, r=2, lora_alpha=8, init_lora_weights=False)
+    with torch.no_grad():
+        base.weight.fill_(3e38)
+        layer.lora_A["default"].weight.fill_(1e19)
+        layer.lora_B["default"].weight.fill_(1e19)  # scale * B @ A = 8e38: finite factors, infinite sum
+    w0 = base.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"LoraLinear.merge\(safe_merge=True\): merging adapter 'default' would "
+                                         r"produce non-finite weights; the weight was left unchanged"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(base.weight, w0) and not layer.merged

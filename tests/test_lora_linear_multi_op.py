@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_ext import ops
-from reference import GRAD_TOL, TOL, ref_lora_linear
+from reference import GRAD_TOL, TOL, ref_multi
 
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
@@ -35,24 +35,8 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), A.to(adtype), B.to(adtype), scales, ids
 
 
-def ref_multi(x, w, b, A, B, scales, ids, ranks=None):
-    """float64, row by row, with each adapter at its own (unpadded) rank."""
-    i = x.shape[-1]
-    x2 = x.reshape(-1, i)
-    rows = []
-    for k in range(x2.shape[0]):
-        a = int(ids[k])
-        if a < 0:
-            y = x2[k : k + 1].double() @ w.double().T + (0 if b is None else b.double())
-        else:
-            r = A.shape[1] if ranks is None else ranks[a]
-            y = ref_lora_linear(x2[k : k + 1], w, b, A[a, :r], B[a, :, :r], float(scales[a]))
-        rows.append(y)
-    out = torch.cat(rows) if rows else torch.zeros(0, w.shape[0], dtype=torch.float64)
-    return out.reshape(*x.shape[:-1], w.shape[0])
-
-
 SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
+          ((5,), 0, 6, [2, 1]), ((4,), 7, 0, [3]), ((0,), 0, 0, [1]),  # in or out = 0
           ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1])]
 
 
@@ -276,6 +260,11 @@ BAD = {
     "A wrong in": (dict(A=lambda A: A[:, :, :-1]), RuntimeError, "lora_A of shape"),
     "adapter dtype": (dict(A=lambda A: A.double(), B=lambda B: B.double()), RuntimeError, "lora_A/lora_B of dtype"),
     "nan scale": (dict(s=lambda s: torch.tensor([1.0, float("nan"), 1.0])), ValueError, "finite scales"),
+    "ids 2-D": (dict(ids=lambda ids: ids.view(2, 5)), RuntimeError, r"expected adapter_ids to have 1 dims \[N\]"),
+    "r_max 0": (dict(A=lambda A: A[:, :0], B=lambda B: B[:, :, :0]), ValueError, r"expected r_max >= 1"),
+    "x/weight dtype": (dict(w=lambda w: w.double()), RuntimeError, r"expected weight of dtype Float \(x's dtype\)"),
+    "dropout 1": (dict(p=lambda p: 1.0), ValueError, r"expected 0 <= dropout_p < 1, got 1"),
+    "dropout negative": (dict(p=lambda p: -0.5), ValueError, r"expected 0 <= dropout_p < 1, got -0.5"),
 }
 
 
@@ -283,11 +272,11 @@ BAD = {
 def test_bad_input_raises_clear_errors(case):
     changes, exc, match = BAD[case]
     x, w, b, A, B, s, ids = make_multi((10,), 8, 6, [2, 2, 2], torch.float32, torch.float32)
-    args = dict(x=x, w=w, b=b, A=A, B=B, s=s, ids=ids)
+    args = dict(x=x, w=w, b=b, A=A, B=B, s=s, ids=ids, p=0.0)
     for k, f in changes.items():
         args[k] = f(args[k])
     with pytest.raises(exc, match=f"lora_ext::.*{match}"):
-        multi(args["x"], args["w"], args["b"], args["A"], args["B"], args["s"], args["ids"])
+        multi(args["x"], args["w"], args["b"], args["A"], args["B"], args["s"], args["ids"], args["p"])
 
 
 def test_bad_grouping_is_refused():
@@ -308,6 +297,22 @@ def test_bad_grouping_is_refused():
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets[:-1])
     with pytest.raises(ValueError, match="group_offsets"):
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets.flip(0))
+    with pytest.raises(RuntimeError, match=r"expected group_order and group_offsets of dtype int64 \(from "
+                                           r"lora_group_rows\), got Int and Int"):
+        multi(x, w, b, A, B, s, ids, 0.0, False, order.int(), offsets.int())
+
+
+def test_group_rows_bad_input():
+    with pytest.raises(ValueError, match="lora_ext::lora_group_rows: expected n_adapters >= 0, got -1"):
+        group(torch.tensor([0, -1]), -1)
+    with pytest.raises(RuntimeError, match=r"lora_ext::lora_group_rows: expected adapter_ids of shape \[N\], got "
+                                           r"\[2, 2\]"):
+        group(torch.zeros(2, 2, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match="lora_ext::lora_group_rows: expected adapter_ids of dtype int32 or int64"):
+        group(torch.zeros(4), 3)
+    with pytest.raises(IndexError, match=r"lora_ext::lora_group_rows: expected adapter ids in \[-1, 3\) .* got "
+                                         r"adapter_ids\[1\] = 5"):
+        group(torch.tensor([0, 5]), 3)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -327,3 +332,15 @@ def test_large_outputs_take_the_run_and_fused_paths(bias, layout):
         want[m] += float(s[a]) * (x[m].double() @ A[a].double().T) @ B[a].double().T
     for Bv in (B, B.transpose(1, 2).contiguous().transpose(1, 2)):
         torch.testing.assert_close(multi(x, w, b, A, Bv, s, ids).double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("i,o", [(0, 6), (7, 0)])
+def test_gradients_with_in_or_out_zero(i, o):
+    # reshape({-1, in}) of an empty x (in = 0) or grad_y (out = 0) used to fail
+    x, w, b, A, B, s, ids = make_multi((5,), i, o, [2, 1], torch.float64, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, A, B)]
+    y = multi(leaves[0], leaves[1], b, leaves[2], leaves[3], s, ids, 0.3, True)
+    torch.testing.assert_close(y.detach(), b.expand(5, o) if i == 0 else torch.zeros(5, 0, dtype=torch.float64))
+    y.sum().backward()
+    for t in leaves:
+        assert t.grad.shape == t.shape and not t.grad.abs().gt(0).any()

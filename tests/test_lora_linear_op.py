@@ -15,6 +15,9 @@ SHAPES = [
     ((2, 0, 5), 8, 6, 2),  # empty leading dim, 4-D x
     ((65,), 40, 70, 8),
     ((300,), 300, 257, 16),  # enough rows to span several internal chunks in half precision
+    ((3,), 0, 5, 2),  # in = 0: y = bias
+    ((0, 2), 0, 0, 1),  # in = out = 0 with an empty batch (x [0, 2, 0] once failed to reshape to [-1, 0])
+    ((4,), 6, 0, 3),  # out = 0
 ]
 ADAPTER = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                       (torch.float16, torch.bfloat16)]
@@ -54,7 +57,8 @@ def test_noncontiguous_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype,adtype", ADAPTER, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [((6, 5), 20, 14, 3), ((130,), 64, 48, 1), ((0,), 8, 4, 2)], ids=str)
+@pytest.mark.parametrize("shape", [((6, 5), 20, 14, 3), ((130,), 64, 48, 1), ((0,), 8, 4, 2), ((4,), 0, 6, 2),
+                                   ((3,), 5, 0, 1)], ids=str)
 @pytest.mark.parametrize("grad_base", [False, True])
 def test_gradients_match_reference(dtype, adtype, shape, grad_base):
     lead, i, o, r = shape

@@ -1,5 +1,6 @@
 """Model-level API on a tiny Llama: targeting, freezing, adapters, merge, unload."""
 import copy
+import os
 
 import pytest
 import torch
@@ -134,3 +135,95 @@ def test_training_only_moves_adapters():
         orig = n.replace(".base_layer", "")
         assert torch.equal(p, before[orig]), n
     assert any(torch.count_nonzero(layer.lora_B["default"].weight) for _, layer in lora_ext.lora_layers(model))
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lora_dropout=1.0), r"LoraConfig: expected 0 <= lora_dropout < 1, got 1.0"),
+    (dict(lora_dropout=float("nan")), r"LoraConfig: expected 0 <= lora_dropout < 1, got nan"),
+    (dict(r=2.5), r"LoraConfig: expected an integer r >= 1, got 2.5"),
+    (dict(target_modules=5), r"LoraConfig: expected target_modules to be a list of names or a regex string, got 5"),
+    (dict(rank_pattern={"q": 0}), r"LoraConfig: rank_pattern\['q'\] must be an integer >= 1, got 0"),
+    (dict(rank_pattern=[("q", 2)]), r"LoraConfig: expected rank_pattern to be a dict of regex -> value"),
+    (dict(use_rslora="yes"), r"LoraConfig: expected use_rslora to be true or false, got 'yes'"),
+    (dict(extra={"peft_type": "IA3"}), r"LoraConfig: expected peft_type 'LORA', got 'IA3'"),
+], ids=["dropout 1", "dropout nan", "r 2.5", "target_modules int", "rank_pattern 0", "rank_pattern list",
+        "use_rslora str", "peft_type IA3"])
+def test_config_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_unknown_or_missing_names_in_model_calls(tmp_path):
+    with pytest.raises(ValueError, match="LoraConfig.target_modules is None: name the modules to adapt, or use "
+                                         "'all-linear'"):
+        lora_ext.inject_adapter(_small(), LoraConfig(r=2))
+    model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_ext.delete_adapter: unknown adapter\(s\) \['nope'\]; have \['default'\]"):
+        lora_ext.delete_adapter(model, "nope")
+    with pytest.raises(ValueError, match=r"lora_ext.merge: unknown adapter\(s\) \['nope'\]; have \['default'\]"):
+        lora_ext.merge(model, ["nope"])
+    with pytest.raises(ValueError, match=r"lora_ext.save_adapter: unknown adapter 'nope'; have \['default'\]"):
+        lora_ext.save_adapter(model, str(tmp_path), "nope")
+    assert not os.listdir(tmp_path)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_add_weighted_adapter_bad_input():
+    model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    lora_ext.add_adapter(model, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), "b")
+    lora_ext.add_adapter(model, LoraConfig(r=2, target_modules="2", init_lora_weights=False), "regex")
+    with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: expected 2 weights, got 1"):
+        lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0], "mix")
+    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: combination_type must be one of \('linear', "
+                                         r"'cat', 'svd'\), got 'bogus'"):
+        lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "mix", combination_type="bogus")
+    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: 'linear' needs equal ranks, got "
+                                         r"\{'default': 2, 'b': 4\}"):
+        lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
+    with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: cannot combine list and regex target_modules"):
+        lora_ext.add_weighted_adapter(model, ["default", "regex"], [1.0, 1.0], "mix")
+    with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: adapter 'b' already exists"):
+        lora_ext.add_weighted_adapter(model, ["default"], [1.0], "b")
+    assert sorted(lora_ext.model.adapter_configs(model)) == ["b", "default", "regex"]
+
+
+def test_lora_dropout_none_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="LoraConfig: expected a number 0 <= lora_dropout < 1, got None"):
+        LoraConfig(lora_dropout=None)
+    from safetensors.torch import save_file  # the same value in a PEFT-style file
+
+    save_file({"base_model.model.0.lora_A.weight": torch.zeros(2, 12),
+               "base_model.model.0.lora_B.weight": torch.zeros(10, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["0"], '
+                                                  '"lora_dropout": null}')
+    with pytest.raises(ValueError, match="LoraConfig: expected a number 0 <= lora_dropout < 1, got None"):
+        lora_ext.load_adapter(_small(), str(tmp_path))
+
+
+def test_merge_takes_a_single_adapter_name():
+    model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    lora_ext.merge(model, "default")
+    assert all(layer.merged for _, layer in lora_ext.lora_layers(model))
+
+
+def test_inject_adapter_refuses_a_non_config():
+    with pytest.raises(TypeError, match="lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got dict"):
+        lora_ext.inject_adapter(_small(), {"r": 2, "target_modules": ["0"]})
+
+
+def test_set_adapter_refuses_a_non_name():
+    model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises((TypeError, ValueError), match="lora_ext.set_adapter: expected an adapter name or a list of names, got 5"):
+        lora_ext.set_adapter(model, 5)
+
+
+def test_add_weighted_adapter_refuses_non_finite_weights():
+    model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: expected finite numbers as weights, got \[nan\]"):
+        lora_ext.add_weighted_adapter(model, ["default"], [float("nan")], "mix", combination_type="cat")

@@ -125,16 +125,18 @@ def test_failed_save_keeps_previous_files(tmp_path, monkeypatch):
     with torch.no_grad():
         for _, layer in lora_ext.lora_layers(model):
             layer.lora_A["default"].weight.add_(1.0)
-    import safetensors.torch
+    from lora_ext import atomic
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    real_write = os.write
+
+    def crash(fd, data):  # the disk fills up after a few bytes of the first file
+        real_write(fd, bytes(data[:7]))
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        lora_ext.save_adapter(model, str(tmp_path))
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "write", crash)
+        with pytest.raises(OSError, match="disk full"):
+            lora_ext.save_adapter(model, str(tmp_path))
     after = {f: open(os.path.join(tmp_path, f), "rb").read() for f in os.listdir(tmp_path)}
     assert after == before
     json.loads(after["adapter_config.json"])

@@ -3,10 +3,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <type_traits>
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
@@ -62,19 +64,12 @@ double AdapterConfig::scaling_for(const std::string& module_path) const {
   return use_rslora ? alpha / std::sqrt(rank) : alpha / rank;
 }
 
-AdapterConfig load_adapter_config(const std::string& path) {
-  namespace fs = std::filesystem;
-  const std::string file = fs::is_directory(path) ? (fs::path(path) / "adapter_config.json").string() : path;
-  const std::string where = "lora_ext::load_adapter_config: " + file + ": ";
-  TORCH_CHECK(fs::exists(file), "lora_ext::load_adapter_config: expected an adapter folder containing "
-              "adapter_config.json (or the file itself), got ", path, fs::exists(path) ? " (no adapter_config.json in it)"
-              : " (no such file or folder)");
-  std::ifstream in(file);
-  TORCH_CHECK(in.good(), where, "cannot open the file");
-  std::stringstream ss;
-  ss << in.rdbuf();
+namespace {
+
+// Parses adapter_config.json's text; `where` names its source in error messages.
+AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
   AdapterConfig c;
-  c.json = ss.str();
+  c.json = std::move(text);
   nlohmann::ordered_json j;  // keeps the patterns' order, which decides which one applies
   try {
     j = nlohmann::ordered_json::parse(c.json);
@@ -113,13 +108,65 @@ AdapterConfig load_adapter_config(const std::string& path) {
   return c;
 }
 
-Adapter load_adapter(const std::string& dir) {
+}  // namespace
+
+AdapterConfig load_adapter_config(const std::string& path) {
   namespace fs = std::filesystem;
-  Adapter a;
-  a.config = load_adapter_config(dir);
+  const std::string file = fs::is_directory(path) ? (fs::path(path) / "adapter_config.json").string() : path;
+  const std::string where = "lora_ext::load_adapter_config: " + file + ": ";
+  TORCH_CHECK(fs::exists(file), "lora_ext::load_adapter_config: expected an adapter folder containing "
+              "adapter_config.json (or the file itself), got ", path, fs::exists(path) ? " (no adapter_config.json in it)"
+              : " (no such file or folder)");
+  std::ifstream in(file);
+  TORCH_CHECK(in.good(), where, "cannot open the file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_adapter_config(ss.str(), where);
+}
+
+Adapter load_adapter(const std::string& dir, bool allow_nonfinite) {
+  namespace fs = std::filesystem;
+  static const char* kEmbedded = "lora_ext.adapter_config";  // written by lora_ext.save_adapter
+  const std::string where = "lora_ext::load_adapter: " + dir + ": ";
+  const auto cfg_file = fs::path(dir) / "adapter_config.json";
   const auto st = fs::path(dir) / "adapter_model.safetensors";
-  TORCH_CHECK(fs::exists(st), "lora_ext::load_adapter: ", dir, ": no adapter_model.safetensors");
-  a.tensors = read_safetensors(st.string()).tensors;
+  TORCH_CHECK(fs::is_directory(dir), "lora_ext::load_adapter: expected an adapter folder (adapter_config.json + "
+              "adapter_model.safetensors), got ", dir, fs::exists(dir) ? " (not a folder)" : " (no such file or folder)");
+  TORCH_CHECK(fs::exists(st), where, "no adapter_model.safetensors");
+  // The config first: a save running meanwhile replaces the weights first (see lora_ext/adapter_io.py).
+  std::optional<AdapterConfig> from_file;
+  if (fs::exists(cfg_file)) from_file = load_adapter_config(cfg_file.string());
+  Adapter a;
+  SafetensorsFile f = read_safetensors(st.string());
+  a.tensors = std::move(f.tensors);
+  auto emb = f.metadata.find(kEmbedded);
+  if (emb != f.metadata.end()) {
+    // lora_ext saves carry their exact config: if the folder's config differs (a save interrupted
+    // between its two renames), the weights' own config is the one that belongs to them.
+    AdapterConfig own = parse_adapter_config(emb->second, where + "the weights' " + kEmbedded + " metadata: ");
+    bool same = false;
+    if (from_file) {
+      try {
+        same = nlohmann::json::parse(from_file->json) == nlohmann::json::parse(own.json);
+      } catch (const nlohmann::json::exception&) {
+      }
+    }
+    if (!same && from_file) {
+      TORCH_WARN(where, "adapter_config.json does not match the config saved with the weights (an interrupted "
+                 "save, or the file was edited); using the weights' own config");
+    }
+    a.config = std::move(own);
+  } else {
+    TORCH_CHECK(from_file.has_value(), where, "no adapter_config.json");
+    a.config = std::move(*from_file);
+  }
+  if (!allow_nonfinite) {
+    std::string bad;
+    for (const auto& [key, t] : a.tensors) {
+      if (at::isFloatingType(t.scalar_type()) && !at::isfinite(t).all().item<bool>()) bad += "\n  " + key;
+    }
+    TORCH_CHECK(bad.empty(), where, "NaN/Inf values in (pass allow_nonfinite=true to load anyway):", bad);
+  }
   return a;
 }
 

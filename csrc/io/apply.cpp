@@ -1,5 +1,6 @@
 #include <lora_ext/apply.h>
 
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <string>
@@ -61,6 +62,10 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
       problems.push_back(ss.str());
       continue;
     }
+    if (!at::isfinite(A2).all().item<bool>() || !at::isfinite(B2).all().item<bool>()) {
+      problems.push_back("non-finite (NaN/Inf) adapter values at " + m.path);
+      continue;
+    }
     // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
     const auto wt = W.scalar_type();
     const auto adt = (wt == at::kHalf || wt == at::kBFloat16) ? at::kFloat : wt;
@@ -83,6 +88,7 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
 
 void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight, bool merge,
            const char* op) {
+  TORCH_CHECK(std::isfinite(weight), "lora_ext::", op, ": expected a finite weight, got ", weight);
   auto updates = plan(std::move(params), adapter, weight, op);
   torch::NoGradGuard no_grad;
   for (auto& u : updates) {

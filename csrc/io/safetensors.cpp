@@ -15,6 +15,8 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include "io/text.h"
+
 namespace lora_ext {
 
 namespace {
@@ -73,11 +75,13 @@ SafetensorsFile read_safetensors(const std::string& path) {
   TORCH_CHECK(f.good(), where, "could not read the ", n, "-byte header");
   const uint64_t data_size = file_size - 8 - n;
 
+  const size_t bad_byte = detail::invalid_utf8_at(header);
+  TORCH_CHECK(bad_byte == std::string::npos, where, "the header is not valid UTF-8 (byte ", bad_byte, ")");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(header);
   } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK(false, where, "the header is not valid JSON: ", e.what());
+    TORCH_CHECK(false, where, "the header is not valid JSON: ", detail::printable(e.what()));
   }
   TORCH_CHECK(j.is_object(), where, "expected the header to be a JSON object, got ", j.type_name());
 
@@ -138,6 +142,10 @@ SafetensorsFile read_safetensors(const std::string& path) {
     TORCH_CHECK(a->end <= b->begin || a->begin == a->end || b->begin == b->end, where, "tensors \"", a->name,
                 "\" [", a->begin, ", ", a->end, ") and \"", b->name, "\" [", b->begin, ", ", b->end, ") overlap");
   }
+  uint64_t covered = 0;  // no overlaps: the spans tile the data section iff their sizes add up to it
+  for (const auto& e : entries) covered += e.end - e.begin;
+  TORCH_CHECK(covered == data_size, where, "the tensors cover ", covered, " of the data section's ", data_size,
+              " bytes (the format has no unused bytes; the file is truncated, padded or corrupt)");
   for (const auto& e : entries) {
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype));
     const uint64_t nbytes = e.end - e.begin;

@@ -4,12 +4,38 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 #include <torch/script.h>
 
 #include <lora_ext/lora_ext.h>
 
 namespace py = pybind11;
+
+namespace {
+
+// The fields of a C++ AdapterConfig that decide what the adapter computes, as a Python dict.
+py::dict config_dict(const lora_ext::AdapterConfig& c) {
+  py::dict d;
+  d["r"] = c.r;
+  d["lora_alpha"] = c.lora_alpha;
+  d["use_rslora"] = c.use_rslora;
+  d["fan_in_fan_out"] = c.fan_in_fan_out;
+  py::dict rp, ap;  // in the file's order
+  for (const auto& [k, v] : c.rank_pattern) rp[py::str(k)] = v;
+  for (const auto& [k, v] : c.alpha_pattern) ap[py::str(k)] = v;
+  d["rank_pattern"] = rp;
+  d["alpha_pattern"] = ap;
+  if (c.target_modules_regex) {
+    d["target_modules"] = *c.target_modules_regex;
+  } else {
+    d["target_modules"] = c.target_modules;
+  }
+  d["modules_to_save"] = c.modules_to_save;
+  return d;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lora_ext compiled module: importing it registers the torch.ops.lora_ext operators";
@@ -72,30 +98,24 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),
       "The __metadata__ of a .safetensors file, read by the C++ reader.");
   m.def(
-      "load_adapter_config",
-      [](const std::string& path) {
-        const auto c = lora_ext::load_adapter_config(path);
-        py::dict d;
-        d["r"] = c.r;
-        d["lora_alpha"] = c.lora_alpha;
-        d["use_rslora"] = c.use_rslora;
-        d["fan_in_fan_out"] = c.fan_in_fan_out;
-        py::dict rp, ap;  // in the file's order
-        for (const auto& [k, v] : c.rank_pattern) rp[py::str(k)] = v;
-        for (const auto& [k, v] : c.alpha_pattern) ap[py::str(k)] = v;
-        d["rank_pattern"] = rp;
-        d["alpha_pattern"] = ap;
-        if (c.target_modules_regex) {
-          d["target_modules"] = *c.target_modules_regex;
-        } else {
-          d["target_modules"] = c.target_modules;
-        }
-        d["modules_to_save"] = c.modules_to_save;
-        return d;
-      },
+      "load_adapter_config", [](const std::string& path) { return config_dict(lora_ext::load_adapter_config(path)); },
       py::arg("path"),
       "Read adapter_config.json (a file or its folder) with the C++ reader: the fields that decide what the "
       "adapter computes.");
+  m.def(
+      "load_adapter_native",
+      [](const std::string& dir, bool allow_nonfinite) {
+        torch::PyWarningHandler warnings;  // TORCH_WARN -> Python warnings
+        try {
+          const auto a = lora_ext::load_adapter(dir, allow_nonfinite);
+          return py::make_tuple(config_dict(a.config), a.tensors);
+        } catch (...) {
+          warnings.set_in_exception();
+          throw;
+        }
+      },
+      py::arg("dir"), py::arg("allow_nonfinite") = false,
+      "Read an adapter folder with the C++ lora_ext::load_adapter: (config fields, {key: tensor}).");
   m.def(
       "merge_adapter_into_script_file",
       [](const std::string& model_in, const std::string& adapter_dir, const std::string& model_out, double weight,

@@ -1,14 +1,17 @@
 // Calls the lora_ext ops through the public C++ header, with no Python, and
 // checks them against plain ATen float64 computations. Prints "ALL OK" and
 // exits 0 on success; prints the failed check and exits 1 otherwise.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
 
 #include <ATen/ATen.h>
+#include <torch/nn.h>
 
 #include <lora_ext/lora_ext.h>
 
@@ -23,6 +26,25 @@ void check(bool ok, const std::string& what) {
 
 bool close(const at::Tensor& a, const at::Tensor& b, double tol) {
   return at::allclose(a.to(at::kDouble), b.to(at::kDouble), tol, tol);
+}
+
+// A known bug, as a strict xfail: prints XFAIL while `fixed` is false; once the bug is fixed it
+// prints XPASS and fails the program, so that the check is turned into a check().
+void xfail(bool fixed, const std::string& what) {
+  std::cout << (fixed ? "XPASS " : "XFAIL ") << what << "\n";
+  if (fixed) ++failures;
+}
+
+// f() throws a c10::Error whose message contains `text`.
+bool throws(const std::function<void()>& f, const std::string& text) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    if (std::string(e.what_without_backtrace()).find(text) != std::string::npos) return true;
+    std::cout << "     (threw, but without \"" << text << "\": " << e.what_without_backtrace() << ")\n";
+    return false;
+  }
+  return false;
 }
 
 }  // namespace
@@ -144,6 +166,68 @@ int main() {
     check(threw_nn, "nn::LoraLinear refuses a mismatched adapter");
     layer->delete_adapter("two");
     check(layer->adapters() == std::vector<std::string>{"one"}, "delete_adapter");
+  }
+
+  // bad input to the C++ API: a c10::Error naming the function, and nothing changed
+  {
+    lora_ext::nn::LoraLinear layer(w.clone(), b.clone());
+    layer->add_adapter("one", A.clone(), B.clone(), s);
+    check(throws([&] { layer->set_adapter("nope"); }, "lora_ext::nn::LoraLinear: unknown adapter \"nope\""),
+          "nn::LoraLinear::set_adapter refuses an unknown name");
+    check(throws([&] { layer->delete_adapter("nope"); }, "lora_ext::nn::LoraLinear: unknown adapter \"nope\""),
+          "nn::LoraLinear::delete_adapter refuses an unknown name");
+    check(throws([&] { layer->add_adapter("one", A, B, s); }, "lora_ext::nn::LoraLinear: adapter \"one\" already exists"),
+          "nn::LoraLinear::add_adapter refuses an existing name");
+    check(throws([&] { layer->add_adapter("a.b", A, B, s); }, "expected an adapter name without '.'"),
+          "nn::LoraLinear::add_adapter refuses a dotted name");
+    check(throws([&] { layer->add_adapter("p", A, B, s, 1.0); }, "lora_ext::lora_linear: expected 0 <= dropout_p < 1"),
+          "nn::LoraLinear::add_adapter refuses dropout_p = 1");
+    check(throws([&] { lora_ext::nn::LoraLinear bad(w[0]); }, "lora_ext::nn::LoraLinear: expected weight of shape [out, in]"),
+          "nn::LoraLinear refuses a 1-D weight");
+    check(layer->adapters() == std::vector<std::string>{"one"} && layer->active_adapter() == std::optional<std::string>("one"),
+          "refused calls leave the layer's adapters as they were");
+    auto wm = w.clone();
+    check(throws([&] { lora_ext::ops::merge_(wm, A.narrow(1, 0, 8), B, s); },
+                 "lora_ext::merge_: expected lora_A of shape [r, in] with in = 16") && at::equal(wm, w),
+          "ops::merge_ refuses a mismatched lora_A and leaves the weight unchanged");
+
+    torch::nn::Sequential net(torch::nn::Linear(16, 12));
+    const auto w0 = net->named_parameters()["0.weight"].detach().clone();
+    lora_ext::Adapter adapter;
+    adapter.config.r = 4;
+    adapter.config.lora_alpha = 8;
+    adapter.tensors["base_model.model.0.lora_A.weight"] = A.to(at::kFloat);
+    adapter.tensors["base_model.model.0.lora_B.weight"] = B.to(at::kFloat);
+    adapter.tensors["base_model.model.9.lora_A.weight"] = A.to(at::kFloat);
+    adapter.tensors["base_model.model.9.lora_B.weight"] = B.to(at::kFloat);
+    check(throws([&] { lora_ext::merge_adapter(*net, adapter); },
+                 "lora_ext::merge_adapter: the adapter does not fit the module (nothing was changed):\n"
+                 "  module 9 matches no parameter 9.weight") &&
+              at::equal(net->named_parameters()["0.weight"], w0),
+          "merge_adapter (torch::nn::Module) refuses an adapter key without a parameter, changing nothing");
+    adapter.tensors.erase("base_model.model.9.lora_B.weight");
+    check(throws([&] { lora_ext::adapter_modules(adapter); },
+                 "lora_ext::adapter_modules: the adapter's keys do not pair up:\n  missing key base_model.model.9.lora_B.weight"),
+          "adapter_modules refuses a lora_A without its lora_B");
+    check(throws([&] { lora_ext::merge_adapter(*net, adapter, std::nan("")); }, "lora_ext::merge_adapter: expected a finite weight"),
+          "merge_adapter refuses a NaN weight factor");
+
+    // A rank_pattern entry of 0 gives module "1" an infinite scaling (alpha / 0): the reader takes it
+    // (Python's LoraConfig refuses it), and merge_adapter merges module "0" before merge_ refuses
+    // module "1"'s scale, so "nothing was changed" does not hold.
+    torch::nn::Sequential two(torch::nn::Linear(16, 12), torch::nn::Linear(12, 12));
+    const auto two0 = two->named_parameters()["0.weight"].detach().clone();
+    lora_ext::Adapter inf_scale;
+    inf_scale.config.r = 4;
+    inf_scale.config.lora_alpha = 8;
+    inf_scale.config.rank_pattern = {{"1", 0}};
+    inf_scale.tensors["base_model.model.0.lora_A.weight"] = A.to(at::kFloat);
+    inf_scale.tensors["base_model.model.0.lora_B.weight"] = B.to(at::kFloat);
+    inf_scale.tensors["base_model.model.1.lora_A.weight"] = at::randn({4, 12});
+    inf_scale.tensors["base_model.model.1.lora_B.weight"] = at::randn({12, 4});
+    const bool refused = throws([&] { lora_ext::merge_adapter(*two, inf_scale); }, "lora_ext::merge_adapter");
+    xfail(refused && at::equal(two->named_parameters()["0.weight"], two0),
+          "merge_adapter refuses an adapter with an infinite per-module scaling before changing anything");
   }
 
   // multi-adapter batches: row i uses adapter ids[i] (-1: base), grouping computed once

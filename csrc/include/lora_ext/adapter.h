@@ -43,8 +43,11 @@ struct LORA_EXT_API Adapter {
   std::map<std::string, at::Tensor> tensors;  // PEFT's keys: base_model.model.<path>.lora_A.weight, ...
 };
 
-// Reads an adapter folder: adapter_config.json and adapter_model.safetensors.
-LORA_EXT_API Adapter load_adapter(const std::string& dir);
+// Reads an adapter folder: adapter_config.json and adapter_model.safetensors. When the weights
+// carry their own config (lora_ext saves put it in the safetensors metadata) and the folder's
+// adapter_config.json differs from it (a save interrupted between its two renames), the weights'
+// config is used, with a warning. Throws c10::Error on NaN/Inf values unless `allow_nonfinite`.
+LORA_EXT_API Adapter load_adapter(const std::string& dir, bool allow_nonfinite = false);
 
 // One module an adapter targets: PEFT's base_model.model.<path>.lora_A.weight and .lora_B.weight
 // (embeddings: .lora_embedding_A / .lora_embedding_B, stored [r, num] and [dim, r]) with PEFT's

@@ -109,8 +109,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     }
     const bool need_w = ctx->saved_data["grad_w"].toBool(), need_b = ctx->saved_data["grad_b"].toBool();
     if (need_w || need_b) {
-      const Tensor g2d = g.reshape({-1, g.size(-1)});
-      if (need_w) grad_w = at::mm(g2d.t(), x.reshape({-1, x.size(-1)}));
+      const Tensor g2d = detail::as_rows(g);
+      if (need_w) grad_w = at::mm(g2d.t(), detail::as_rows(x));
       if (need_b) grad_b = g2d.sum(0);
     }
     return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor()};

@@ -74,8 +74,8 @@ class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMulti
         std::tie(grad_A, grad_B, grad_h) = bl.call(g, x, lora_A, lora_B, scales, order, offsets, h, p, seed);
         if (need_x) grad_x = bi.call(g, weight, lora_A, grad_h, order, offsets, p, seed);
       }
-      const Tensor g2d = g.reshape({-1, g.size(-1)});
-      if (ctx->saved_data["grad_w"].toBool()) grad_w = at::mm(g2d.t(), x.reshape({-1, x.size(-1)}));
+      const Tensor g2d = detail::as_rows(g);
+      if (ctx->saved_data["grad_w"].toBool()) grad_w = at::mm(g2d.t(), detail::as_rows(x));
       if (ctx->saved_data["grad_b"].toBool()) grad_b = g2d.sum(0);
     }
     return {grad_x, grad_w, grad_b, grad_A, grad_B, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};

@@ -34,6 +34,17 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 }
 
 // Shared rules for the adapter (lora_A, lora_B) against a base dtype/size.
+// The largest scale the LoRA branch can hold: it computes in float32 unless the adapter is float64,
+// so a finite double beyond FLT_MAX would become inf there (or fail ATen's Scalar conversion).
+double max_scale(at::ScalarType adapter_dtype) {
+  return lora_acc_dtype(adapter_dtype) == at::kDouble ? std::numeric_limits<double>::max()
+                                                      : static_cast<double>(std::numeric_limits<float>::max());
+}
+
+const char* scale_dtype_note(at::ScalarType adapter_dtype) {
+  return lora_acc_dtype(adapter_dtype) == at::kDouble ? "" : " representable in float32 (the LoRA branch's dtype)";
+}
+
 void check_adapter(
     const char* op,
     const char* base_name,
@@ -74,11 +85,8 @@ void check_adapter(
       at_ == bt || (is_half_like(bt) && (at_ == at::kFloat || is_half_like(at_))), "lora_ext::", op,
       ": expected lora_A/lora_B of dtype ", bt, " (the ", base_name, "'s dtype)",
       (is_half_like(bt) ? ", float32, bfloat16 or float16" : ""), ", got ", at_);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "lora_ext::", op, ": expected a finite scale, got ", scale);
-  // the LoRA branch of a float32/bfloat16/float16 base computes in float32
-  TORCH_CHECK_VALUE(
-      bt == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(), "lora_ext::", op,
-      ": expected a finite scale within float32's range for a ", bt, " ", base_name, ", got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= max_scale(at_), "lora_ext::", op,
+                    ": expected a finite scale", scale_dtype_note(at_), ", got ", scale);
 }
 
 }  // namespace
@@ -310,12 +318,14 @@ void check_grouping_values(const char* op, const at::Tensor& ids, const at::Tens
   }
 }
 
-void check_finite_scales(const char* op, const at::Tensor& scales) {
+void check_finite_scales(const char* op, const at::Tensor& scales, at::ScalarType adapter_dtype) {
   TORCH_INTERNAL_ASSERT(scales.is_cpu(), "check_finite_scales: a host tensor");
   const at::Tensor s = scales.to(at::kDouble).contiguous();
   const double* v = s.const_data_ptr<double>();
+  const double limit = max_scale(adapter_dtype);
   for (int64_t a = 0; a < s.numel(); ++a) {
-    TORCH_CHECK_VALUE(std::isfinite(v[a]), "lora_ext::", op, ": expected finite scales, got scales[", a, "] = ", v[a]);
+    TORCH_CHECK_VALUE(std::isfinite(v[a]) && std::abs(v[a]) <= limit, "lora_ext::", op, ": expected finite scales",
+                      scale_dtype_note(adapter_dtype), ", got scales[", a, "] = ", v[a]);
   }
 }
 

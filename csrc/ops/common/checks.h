@@ -61,8 +61,9 @@ int64_t check_multi_backward_input_args(
 // messages on every backend. O(N).
 void check_grouping_values(const char* op, const at::Tensor& ids, const at::Tensor& order, const at::Tensor& offsets,
                            int64_t n);
-// Every element of a host scales tensor is finite.
-void check_finite_scales(const char* op, const at::Tensor& scales);
+// Every element of a host scales tensor is finite, and fits the LoRA branch's dtype (float32 unless the
+// adapter is float64).
+void check_finite_scales(const char* op, const at::Tensor& scales, at::ScalarType adapter_dtype);
 // group_order int64 [rows], group_offsets int64 [n_adapters + 2] (shapes only).
 void check_grouping(
     const char* op, const at::Tensor& order, const at::Tensor& offsets, const c10::SymInt& rows,

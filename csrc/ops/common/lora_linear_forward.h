@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
   const typename Backend::Guard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
   const auto acc = lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor x2d = as_rows(x);
   const int64_t N = x2d.size(0);
   const auto out_shape = with_last(x.sizes(), out);
   if (N == 0) {

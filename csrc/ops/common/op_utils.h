@@ -30,6 +30,14 @@ inline c10::SymInt leading_numel(c10::SymIntArrayRef sizes) {
   return n;
 }
 
+// t [..., k] as [N, k], N the product of the leading dims. Unlike reshape({-1, k}), which
+// cannot infer N from an empty tensor, this also works for k = 0 (in or out = 0).
+inline at::Tensor as_rows(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) n *= t.size(d);
+  return t.reshape({n, t.size(-1)});
+}
+
 // The 8-byte dropout seed, or nullopt without dropout. A factory op (not a
 // C++-side draw) so that traced graphs draw a fresh seed on every call;
 // reproducible under torch.manual_seed.

@@ -80,8 +80,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
   const int64_t in = lora_A.size(1), out = lora_B.size(0), r = lora_A.size(0);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const int64_t N = detail::check_backward_lora_args(op, grad_y, x, lora_A, lora_B, h);
-  const Tensor g2d = grad_y.reshape({-1, out});
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor g2d = detail::as_rows(grad_y);
+  const Tensor x2d = detail::as_rows(x);
   if (N == 0) {
     return {at::zeros_like(lora_A), at::zeros_like(lora_B), at::empty({0, r}, lora_A.options().dtype(acc))};
   }
@@ -148,7 +148,7 @@ Tensor lora_linear_backward_input_cpu(
   const int64_t in = weight.size(1), out = weight.size(0);
   const int64_t N = detail::check_backward_input_args(op, grad_y, weight, lora_A, grad_h);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor g2d = detail::as_rows(grad_y);
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const auto drop = detail::dropout_from_seed(seed, dropout_p);

@@ -108,8 +108,8 @@ std::vector<Run> row_runs(const Groups& g, int64_t N) {
   return runs;
 }
 
-std::vector<double> read_scales(const char* op, const Tensor& scales) {
-  detail::check_finite_scales(op, scales);
+std::vector<double> read_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {
+  detail::check_finite_scales(op, scales, adapter_dtype);
   const Tensor s = scales.to(at::kDouble).contiguous();
   return std::vector<double>(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
 }
@@ -182,7 +182,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
     const std::vector<double>& scales, const Groups& g, double dropout_p, const optional<Tensor>& seed) {
   const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(1), n = lora_A.size(0);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor x2d = detail::as_rows(x);
   const int64_t N = x2d.size(0);
   const auto out_shape = detail::with_last(x.sizes(), out);
   Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
@@ -274,7 +274,7 @@ Tensor lora_linear_multi_cpu(
                        : std::apply([&](const Tensor& o, const Tensor& off) { return host_groups(o, off, n); },
                                     group_rows_cpu(adapter_ids, n));
   const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, p, detail::draw_dropout_seed(p)));
+  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, p, detail::draw_dropout_seed(p)));
 }
 
 std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
@@ -286,7 +286,7 @@ std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
                                        offsets);
   detail::check_seed(op, seed, dropout_p);
   const Groups g = read_groups(op, adapter_ids, order, offsets, lora_A.size(0));
-  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales), g, dropout_p, seed);
+  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, dropout_p, seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
@@ -297,14 +297,14 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
   const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
-  const Tensor g2d = grad_y.reshape({-1, out});
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor g2d = detail::as_rows(grad_y);
+  const Tensor x2d = detail::as_rows(x);
   Tensor gA = at::zeros({n, r, in}, lora_A.options().dtype(acc));
   Tensor gB = at::zeros({n, out, r}, lora_A.options().dtype(acc));
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
   if (N > 0) {
     const Groups g = host_groups(order, offsets, n);
-    const auto sc = read_scales(op, scales);
+    const auto sc = read_scales(op, scales, lora_A.scalar_type());
     const auto drop = detail::dropout_from_seed(seed, dropout_p);
     const Tensor B_acc = lora_B.to(acc);
     const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
@@ -330,7 +330,7 @@ Tensor lora_linear_multi_backward_input_cpu(
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
   const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor g2d = detail::as_rows(grad_y);
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const Groups g = host_groups(order, offsets, n);

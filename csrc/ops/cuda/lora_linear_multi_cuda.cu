@@ -294,7 +294,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor x2d = detail::as_rows(x);
   const int64_t N = x2d.size(0);
   Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
   const auto out_shape = detail::with_last(x.sizes(), out);
@@ -312,7 +312,7 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
   }
   if (N == 0) return {at::empty(out_shape, x.options()), h};
   if (!capturing && !checked_scales.contains({scales})) {
-    detail::check_finite_scales(op, scales.cpu());
+    detail::check_finite_scales(op, scales.cpu(), lora_A.scalar_type());
     checked_scales.insert({scales});
   }
   const bool has_bias = bias_.has_value() && bias_->defined();
@@ -365,8 +365,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
   const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
   const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
-  const Tensor g2d = grad_y.reshape({-1, out});
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor g2d = detail::as_rows(grad_y);
+  const Tensor x2d = detail::as_rows(x);
   const DeviceGroups g = device_groups(order, offsets, N, n);
   const Tensor B = lora_B.to(acc);
   const optional<Tensor> s = scales.to(acc).contiguous();
@@ -394,7 +394,7 @@ Tensor lora_linear_multi_backward_input_cuda(
   const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
   const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor g2d = detail::as_rows(grad_y);
   const auto shape = detail::with_last(grad_y.sizes(), in);
   if (N == 0) return at::empty(shape, grad_y.options());
   const DeviceGroups g = device_groups(order, offsets, N, n);
