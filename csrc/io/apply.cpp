@@ -12,6 +12,8 @@
 
 #include <lora_ext/ops.h>
 
+#include "ops/common/checks.h"
+
 namespace lora_ext {
 
 namespace {
@@ -85,7 +87,17 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
       problems.push_back("non-finite (NaN/Inf) adapter values at " + m.path);
       continue;
     }
-    out.push_back({target, A2.to(W.device()), B2.to(W.device()), weight * m.scaling});
+    // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
+    const auto wt = W.scalar_type();
+    const auto adt = (wt == at::kHalf || wt == at::kBFloat16) ? at::kFloat : wt;
+    Update u{target, A2.to(W.device(), adt), B2.to(W.device(), adt), weight * m.scaling};
+    try {  // merge_'s own checks (dtypes, a finite scale in range) here, so it cannot throw halfway through
+      detail::check_merge_args("merge_", u.target, u.A, u.B, u.scale);
+    } catch (const c10::Error& e) {
+      problems.push_back("module " + m.path + ": " + e.what_without_backtrace());
+      continue;
+    }
+    out.push_back(std::move(u));
   }
   if (!problems.empty()) {
     std::string msg;
@@ -101,15 +113,10 @@ void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, dou
   auto updates = plan(std::move(params), adapter, weight, op);
   torch::NoGradGuard no_grad;
   for (auto& u : updates) {
-    // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
-    const auto wt = u.target.scalar_type();
-    const bool half = wt == at::kHalf || wt == at::kBFloat16;
-    at::Tensor A = half ? u.A.to(at::kFloat) : u.A.to(wt);
-    at::Tensor B = half ? u.B.to(at::kFloat) : u.B.to(wt);
     if (merge) {
-      ops::merge_(u.target, A, B, u.scale);
+      ops::merge_(u.target, u.A, u.B, u.scale);
     } else {
-      ops::unmerge_(u.target, A, B, u.scale);
+      ops::unmerge_(u.target, u.A, u.B, u.scale);
     }
   }
 }

@@ -1,5 +1,7 @@
 #include "ops/common/checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 #include <limits>
 #include <string>
@@ -262,6 +264,8 @@ void check_merge_exact_args(
   const auto wt = weight.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf, "lora_ext::", op,
               ": expected a float32, bfloat16 or float16 weight for an exact merge, got ", wt);
+  // an expanded (broadcast) weight: several elements share memory, so their updates would pile up
+  at::assert_no_internal_overlap(weight);
 }
 
 void check_unmerge_exact_args(

@@ -131,8 +131,10 @@ std::tuple<Tensor, Tensor, Tensor> merge_exact_codes_cpu(
     const auto m = static_cast<int64_t>(exc_idx.size());
     idx = at::empty({m}, idx.options());
     val = at::empty({m}, val.options());
-    std::memcpy(idx.data_ptr<int64_t>(), exc_idx.data(), m * sizeof(int64_t));
-    std::memcpy(val.data_ptr(), exc_val.data(), m * sizeof(U));
+    if (m > 0) {  // an empty list has null data pointers, and memcpy from/to null is undefined even for 0 bytes
+      std::memcpy(idx.data_ptr<int64_t>(), exc_idx.data(), m * sizeof(int64_t));
+      std::memcpy(val.data_ptr(), exc_val.data(), m * sizeof(U));
+    }
   });
   if (idx.numel() > 1) {  // sorted by index (threads append in any order)
     auto [sorted, perm] = idx.sort();
