@@ -193,6 +193,8 @@ BAD_CONFIGS = [  # also seeds of the fuzz corpus (tests/fuzz/make_corpus.py)
     ('{"r": 8.5}', "integer rank"),
     ('{"rank_pattern": {"q": 1e300}}', "integer rank"),
     ('{"rank_pattern": {"q": 2, "v": 0}}', 'rank_pattern ranks >= 1, got 0 for "v"'),  # was an infinite scaling
+    ('{"rank_pattern": {"e**********************mb": 1}}', "multiple repeat"),  # std::regex took minutes on it
+    ('{"alpha_pattern": {"q+{2}": 1}}', "multiple repeat"),
 ]
 
 

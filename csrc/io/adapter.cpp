@@ -1,5 +1,6 @@
 #include <lora_ext/adapter.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -34,6 +35,34 @@ int64_t rank_of(const nlohmann::ordered_json& v) {
   if (!v.is_number_integer()) throw nlohmann::json::type_error::create(302, "expected an integer rank, got " +
                                                                              v.dump(), &v);
   return v.get<int64_t>();
+}
+
+// A quantifier on a quantifier ("a**", "a+{2}", "a*??"), outside escapes and [...] classes. Python's re
+// (PEFT's matcher) refuses them ("multiple repeat"); std::regex takes them and backtracks exponentially
+// on them, so that one rank/alpha pattern could hang scaling_for (found by fuzz_adapter_config).
+bool has_multiple_repeat(const std::string& p) {
+  int quantified = 0;  // 0: after an atom, 1: after a quantifier, 2: after a lazy '?'
+  for (size_t i = 0; i < p.size(); ++i) {
+    const char ch = p[i];
+    if (ch == '*' || ch == '+' || ch == '?' || ch == '{') {
+      if (quantified == 2 || (quantified == 1 && ch != '?')) return true;
+      if (ch == '{') i = std::min(p.find('}', i), p.size());
+      quantified = quantified == 1 ? 2 : 1;
+      continue;
+    }
+    quantified = 0;
+    if (ch == '\\') {
+      ++i;
+    } else if (ch == '(' && i + 1 < p.size() && p[i + 1] == '?') {
+      ++i;  // "(?:", "(?=", "(?!": group syntax, not a quantifier
+    } else if (ch == '[') {  // skip the class; "[]...]" and "[^]...]" start with a literal ']'
+      size_t j = i + 1 + (i + 1 < p.size() && p[i + 1] == '^');
+      if (j < p.size() && p[j] == ']') ++j;
+      while (j < p.size() && p[j] != ']') j += p[j] == '\\' ? 2 : 1;
+      i = j;
+    }
+  }
+  return false;
 }
 
 template <typename V>
@@ -103,6 +132,12 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
     for (const auto& [p, alpha] : c.alpha_pattern)
       TORCH_CHECK(std::isfinite(alpha) && alpha > 0, where, "expected alpha_pattern values that are finite and > 0, got ",
                   alpha, " for \"", p, "\"");
+    std::vector<std::string> patterns;
+    for (const auto& [p, _] : c.rank_pattern) patterns.push_back(p);
+    for (const auto& [p, _] : c.alpha_pattern) patterns.push_back(p);
+    for (const auto& p : patterns)
+      TORCH_CHECK(!has_multiple_repeat(p), where, "expected rank/alpha pattern keys Python's re accepts, got \"", p,
+                  "\" (a quantifier on a quantifier: multiple repeat)");
     if (j.contains("target_modules") && !j["target_modules"].is_null()) {
       if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
       else c.target_modules = j["target_modules"].get<std::vector<std::string>>();
