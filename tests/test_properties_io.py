@@ -87,7 +87,16 @@ def assert_loaded_exactly(model, name, folder, before):
 # strict xfail below sees, reason). The properties accept these (still requiring an unchanged model where
 # the model was not touched); test_known_python_reader_bug replays each reproduction without that
 # allowance, so a fixed bug XPASSes, which fails the run: then delete its row.
-KNOWN_BUGS: dict = {}  # all six found so far are fixed (see git log); add a row for a new one
+KNOWN_BUGS: dict = {}  # none open; a new one gets a row in the format above
+# Reader bugs these properties found, fixed since: each reproduction is replayed without the known-bug allowance.
+FIXED_BUGS = {
+    "safetensors-error-leaks": ("llama", [("cut", WEIGHTS, 0.5)]),
+    "config-not-an-object": ("net", [("document", [])]),
+    "lora-dropout-type": ("net", [("set", "lora_dropout", None)]),
+    "modules-to-save-type": ("net", [("set", "modules_to_save", [None])]),
+    "pattern-regex-error": ("net", [("set", "rank_pattern", {"(": 2})]),
+    "alpha-pattern-partial-inject": ("net", [("set", "alpha_pattern", {"l2": "x"})]),
+}
 
 
 def known_bug(e):
@@ -149,8 +158,18 @@ def test_harmless_changes_load_exactly(sc, mutations, preloaded):
     assert check_load(scenario(sc), mutated_copy(scenario(sc), mutations), preloaded, "default")
 
 
-@pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=row[3], reason=row[4]))
-                                 for b, row in KNOWN_BUGS.items()])
-def test_known_python_reader_bug(bug):
-    sc, mutations = KNOWN_BUGS[bug][2]
-    check_load(scenario(sc), mutated_copy(scenario(sc), mutations), False, "default", allow_known=False)
+@pytest.mark.parametrize("bug", sorted(FIXED_BUGS))
+def test_fixed_python_reader_bug_stays_fixed(bug):
+    sc, mutations = FIXED_BUGS[bug]
+    for metadata in (None, {}):  # as lora_ext saved it, and as a PEFT-style folder (no embedded config)
+        extra = [] if metadata is None else [("metadata", metadata)]
+        check_load(scenario(sc), mutated_copy(scenario(sc), extra + mutations), False, "default", allow_known=False)
+
+
+if KNOWN_BUGS:
+    @pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=row[3],
+                                                                              reason=row[4]))
+                                     for b, row in KNOWN_BUGS.items()])
+    def test_known_python_reader_bug(bug):
+        sc, mutations = KNOWN_BUGS[bug][2]
+        check_load(scenario(sc), mutated_copy(scenario(sc), mutations), False, "default", allow_known=False)

@@ -135,9 +135,17 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
     std::vector<std::string> patterns;
     for (const auto& [p, _] : c.rank_pattern) patterns.push_back(p);
     for (const auto& [p, _] : c.alpha_pattern) patterns.push_back(p);
-    for (const auto& p : patterns)
+    for (const auto& p : patterns) {
       TORCH_CHECK(!has_multiple_repeat(p), where, "expected rank/alpha pattern keys Python's re accepts, got \"", p,
                   "\" (a quantifier on a quantifier: multiple repeat)");
+      try {  // compiled here once, so that a bad key is a lora_ext error, not a std::regex_error at merge time
+        const std::regex compiled("(.*\\.)?(" + p + ")");
+        (void)compiled;
+      } catch (const std::regex_error& e) {
+        TORCH_CHECK(false, where, "rank/alpha pattern key \"", detail::printable(p),
+                    "\" is not a valid regular expression: ", e.what());
+      }
+    }
     if (j.contains("target_modules") && !j["target_modules"].is_null()) {
       if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
       else c.target_modules = j["target_modules"].get<std::vector<std::string>>();
