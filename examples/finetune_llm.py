@@ -49,7 +49,7 @@ PROMPTS = {  # the opening of a held-out document of each task (the topic 'with'
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(smollm2.REPO_ROOT / "runs" / "finetune_llm"), help="output folder")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (each trains both adapters)")
+    p.add_argument("--steps", type=int, default=48, help="optimizer steps (each trains both adapters)")
     p.add_argument("--rows", type=int, default=2, help="batch rows per adapter and step")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
 
     # 7. results -------------------------------------------------------------------------------------------
     timings["total"] = time.perf_counter() - t_start
-    llm_train.plot_losses(curves, out / "loss.png")
+    llm_train.plot_losses(curves, out / "loss.png", {task: (base_ppl[task], table[task][task]) for task in TASKS})
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     log.summary(results, out)
     return results

@@ -135,18 +135,22 @@ def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int)
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tokenizer.pad_token_id)
     n_in = enc["input_ids"].shape[1]
-    t = time.perf_counter()
-    with lora_ext.adapter_batch(model, [name for _, name in rows]):
-        out = model.generate(**enc, **kwargs)[:, n_in:]
-    seconds = time.perf_counter() - t
-    alone = {}
-    for name in {name for _, name in rows}:
-        if name == BASE:
-            with lora_ext.disable_adapters(model):
+    names = list(dict.fromkeys(name for _, name in rows))
+    with tqdm(total=1 + len(names), desc="generate", unit="batch", leave=False) as bar:
+        t = time.perf_counter()
+        with lora_ext.adapter_batch(model, [name for _, name in rows]):
+            out = model.generate(**enc, **kwargs)[:, n_in:]
+        seconds = time.perf_counter() - t
+        bar.update()
+        alone = {}
+        for name in names:
+            if name == BASE:
+                with lora_ext.disable_adapters(model):
+                    alone[name] = model.generate(**enc, **kwargs)[:, n_in:]
+            else:
+                lora_ext.set_adapter(model, name, inference_mode=True)
                 alone[name] = model.generate(**enc, **kwargs)[:, n_in:]
-        else:
-            lora_ext.set_adapter(model, name, inference_mode=True)
-            alone[name] = model.generate(**enc, **kwargs)[:, n_in:]
+            bar.update()
     result = {"seconds_per_row_batch": seconds, "rows": []}
     for i, (task, name) in enumerate(rows):
         result["rows"].append({"task": task, "adapter": name, "prompt": prompts[task],
@@ -156,10 +160,21 @@ def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int)
     return result
 
 
+# Equal logits, for fp32 through 30 layers computed in another order (merged weights, PEFT's modules):
+# |a - b| <= ATOL + RTOL * |b| elementwise (logits are O(10); measured differences are ~1e-4), and the same
+# greedy token at every position.
+RTOL, ATOL = 1e-4, 1e-3
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
-    return {"max_abs_diff": (a - b).abs().max().item(), "allclose_1e-4": bool(torch.allclose(a, b, rtol=1e-4,
-                                                                                           atol=1e-4)),
+    return {"max_abs_diff": (a - b).abs().max().item(), "max_abs_logit": b.abs().max().item(),
+            "allclose": bool(torch.allclose(a, b, rtol=RTOL, atol=ATOL)),
             "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
+
+
+def _said(what: str, d: dict) -> str:
+    return (f"{what}: max |logit diff| {d['max_abs_diff']:.2e} (logits up to {d['max_abs_logit']:.1f}), "
+            f"equal within rtol {RTOL:g}/atol {ATOL:g}: {d['allclose']}, same argmax everywhere: {d['same_argmax']}")
 
 
 def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> dict:
@@ -191,24 +206,23 @@ def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> 
         for name in names:
             peft_model.set_adapter(name)
             out[f"peft_vs_lora_ext_{name}"] = d = _max_diff(peft_model(input_ids=ids).logits, ours[name])
-            say(f"PEFT PeftModel.from_pretrained({name!r}) vs lora_ext: max |logit diff| "
-                f"{d['max_abs_diff']:.2e}, allclose(1e-4) {d['allclose_1e-4']}, same argmax {d['same_argmax']}")
+            say(_said(f"PEFT PeftModel.from_pretrained({name!r}) vs lora_ext", d))
         first, last = names[0], names[-1]
         lora_ext.set_adapter(model, first, inference_mode=True)
         merged = lora_ext.merge_and_unload(model)
         out[f"lora_ext_merged_{first}"] = d = _max_diff(merged(input_ids=ids).logits, ours[first])
-        say(f"lora_ext.merge_and_unload({first!r}) vs unmerged: max |logit diff| {d['max_abs_diff']:.2e}, "
-            f"allclose(1e-4) {d['allclose_1e-4']}, same argmax {d['same_argmax']}")
+        say(_said(f"lora_ext.merge_and_unload({first!r}) vs unmerged", d))
         peft_model.set_adapter(last)
         merged_peft = peft_model.merge_and_unload()
         out[f"peft_merged_{last}"] = d = _max_diff(merged_peft(input_ids=ids).logits, ours[last])
-        say(f"PEFT merge_and_unload({last!r}) vs lora_ext unmerged: max |logit diff| {d['max_abs_diff']:.2e}, "
-            f"allclose(1e-4) {d['allclose_1e-4']}, same argmax {d['same_argmax']}")
+        say(_said(f"PEFT merge_and_unload({last!r}) vs lora_ext unmerged", d))
     return out
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
-    """Per-adapter training loss per step (and its running mean) into ``path`` (PNG)."""
+def plot_losses(curves: dict[str, list[float]], path: Path,
+                heldout: Optional[dict[str, tuple[float, float]]] = None) -> None:
+    """Per-adapter training loss per step (and its running mean) into ``path`` (PNG); ``heldout``: each
+    adapter's held-out perplexity on its own task ``(base, after training)``, drawn as its loss (ln ppl)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,8 +233,12 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
         k = max(1, len(c) // 10)
         smooth = [sum(c[max(0, i - k + 1):i + 1]) / len(c[max(0, i - k + 1):i + 1]) for i in range(len(c))]
         ax.plot(range(1, len(c) + 1), smooth, color=line.get_color(), label=f"{name} (mean of {k})")
+        if heldout and name in heldout:
+            before, after = (math.log(v) for v in heldout[name])
+            ax.plot([0, len(c)], [before, after], "o--", color=line.get_color(), linewidth=2,
+                    label=f"{name}: held-out loss, base -> adapter")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title("Two LoRA adapters trained at once on one frozen SmolLM2-135M")
     ax.legend()
     fig.tight_layout()

@@ -210,7 +210,7 @@ def test_peft_round_trip_of_real_adapters(model, loaded, tmp_path):
     ids = torch.cat([windows(tokenizer, t, 1, heldout=True) for t in ("docs", "code")])
     out = llm_train.peft_round_trip(model, tmp_path, ["docs", "code"], ids, log=None)
     for key in ("peft_vs_lora_ext_docs", "peft_vs_lora_ext_code", "lora_ext_merged_docs", "peft_merged_code"):
-        assert out[key]["allclose_1e-4"] and out[key]["same_argmax"], (key, out[key])
+        assert out[key]["allclose"] and out[key]["same_argmax"], (key, out[key])
     cfg = json.loads((tmp_path / "docs" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     assert out["adapters"]["docs"]["bytes"] < 6 * 2**20  # r=4, all 210 linears: 4.7 MiB
