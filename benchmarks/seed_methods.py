@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,7 +124,7 @@ class Setup:
     save: Callable[[Path], None]
     merge: Optional[Callable[[], nn.Module]] = None
     adapter_name: Optional[str] = None
-    extra: nn.Module = None  # modules outside ``net`` that hold trainable parameters (the adapters)
+    extra: Optional[nn.Module] = None  # modules outside ``net`` that hold trainable parameters (the adapters)
 
 
 def _save_full(model: nn.Module, folder: Path) -> None:
@@ -151,12 +153,14 @@ def setup(method: str, model: nn.Module, prompt_init: str = "TEXT", tokenizer_di
         from peft import PromptTuningConfig, get_peft_model
         kw = {}
         if prompt_init == "TEXT":
-            kw = dict(prompt_tuning_init_text=PROMPT_INIT_TEXT, tokenizer_name_or_path=str(tokenizer_dir or smollm2.cache_dir()))
+            kw = dict(prompt_tuning_init_text=PROMPT_INIT_TEXT,
+                      tokenizer_name_or_path=str(tokenizer_dir or smollm2.cache_dir()))
         cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
                                  prompt_tuning_init=prompt_init, **kw)
         pm = get_peft_model(model, cfg)
         net = DropVirtualTokens(pm, NUM_VIRTUAL_TOKENS)
-        return Setup(net, [p for p in pm.parameters() if p.requires_grad], model, lambda d: pm.save_pretrained(str(d)))
+        return Setup(net, [p for p in pm.parameters() if p.requires_grad], model,
+                     lambda d: pm.save_pretrained(str(d)))
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
         pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS[method], **LORA))
@@ -200,6 +204,50 @@ def forgetting_kl(net: nn.Module, sequences: list, base_logits: list) -> float:
     finally:
         net.train(was_training)
     return total / count
+
+
+# -- forgetting set, inference time, checkpoint size ----------------------------------------------------
+
+def unrelated_text() -> tuple[str, str]:
+    """CPython's LICENSE.txt (the stdlib folder's copy), or IDLE's CREDITS.txt where a distribution drops it."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in (stdlib / "LICENSE.txt", stdlib / "idlelib" / "CREDITS.txt"):
+        if path.is_file():
+            return str(path), path.read_text(encoding="utf-8", errors="replace")
+    raise FileNotFoundError(f"seed_methods: neither LICENSE.txt nor idlelib/CREDITS.txt in {stdlib}")
+
+
+def chat_sequences(model, tokenizer, prompts, new_tokens: int) -> tuple[list, list]:
+    """Each prompt in the chat template (generation prompt added) + the base model's greedy answer."""
+    seqs, answers = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            seqs.append(out)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return seqs, answers
+
+
+def time_forward(net, ids: torch.Tensor, reps: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds of ``reps`` no-grad eval forwards after one warm-up, and the logits."""
+    net.eval()
+    times = []
+    with torch.no_grad():
+        logits = net(input_ids=ids).logits
+        for _ in range(reps):
+            t = time.perf_counter()
+            net(input_ids=ids)
+            times.append(time.perf_counter() - t)
+    return times, logits
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 # -- peak memory ---------------------------------------------------------------------------------------------

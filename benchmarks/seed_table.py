@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +38,11 @@ SWEEP = {"full": (1e-5, 3e-5, 1e-4), "adapters": (3e-4, 1e-3, 3e-3), "prompt": (
          "peft_lora": (3e-4, 1e-3, 3e-3), "lora_ext_all": (3e-4, 1e-3, 3e-3), "lora_ext_qv": (3e-4, 1e-3, 3e-3)}
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying healthy.",
                 "Write a short poem about the sea.", "How do I make a cup of tea?")
-# Seconds measured by --quick runs on this project's 2-core machine (for the estimate printed at the start):
-# training step (4 x 128 tokens) per method, one no-grad forward of 4 x 128, a run's fixed cost, the prep.
-STEP_S = {"full": 25.0, "adapters": 8.0, "prompt": 8.0, "peft_lora": 9.0, "lora_ext_all": 8.0, "lora_ext_qv": 7.0}
-FORWARD_S, RUN_OVERHEAD_S, PREP_OVERHEAD_S = 3.6, 25.0, 30.0
+# Seconds measured by a --quick run on this project's 2-core machine with nothing else running (for the
+# estimate printed at the start): a training step (4 x 128 tokens) per method, a no-grad forward of 4 x 128, a
+# run's fixed cost (process start, imports, model load, set-up, hashes, checkpoint), the prep's fixed cost.
+STEP_S = {"full": 3.7, "adapters": 2.3, "prompt": 3.0, "peft_lora": 2.9, "lora_ext_all": 2.5, "lora_ext_qv": 2.1}
+FORWARD_S, RUN_OVERHEAD_S, PREP_OVERHEAD_S = 1.0, 8.0, 15.0
 
 
 def parse_args(argv=None):
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 24; --quick 3)")
     p.add_argument("--eval-windows", type=int, help="held-out windows of 128 tokens (default 24; --quick 4)")
     p.add_argument("--text-windows", type=int, help="LICENSE windows for forgetting (default 8; --quick 2)")
-    p.add_argument("--chat-prompts", type=int, help=f"chat prompts for forgetting (default {len(CHAT_PROMPTS)}; --quick 2)")
+    p.add_argument("--chat-prompts", type=int,
+                   help=f"chat prompts for forgetting (default {len(CHAT_PROMPTS)}; --quick 2)")
     p.add_argument("--infer-reps", type=int, help="timed forwards after one warm-up (default 5; --quick 2)")
     p.add_argument("--methods", default=",".join(sm.METHODS))
     p.add_argument("--rows", type=int, default=4)
@@ -85,44 +86,6 @@ def say(text: str) -> None:
 
 # -- prep: data, forgetting set, base model figures ----------------------------------------------------------
 
-def unrelated_text() -> tuple[str, str]:
-    """CPython's LICENSE.txt (the stdlib folder's copy), or IDLE's CREDITS.txt where a distribution drops it."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in (stdlib / "LICENSE.txt", stdlib / "idlelib" / "CREDITS.txt"):
-        if path.is_file():
-            return str(path), path.read_text(encoding="utf-8", errors="replace")
-    raise FileNotFoundError(f"seed_table: neither LICENSE.txt nor idlelib/CREDITS.txt in {stdlib}")
-
-
-def chat_sequences(model, tokenizer, prompts, new_tokens: int) -> tuple[list, list]:
-    """Each prompt in the chat template (generation prompt added) + the base model's greedy answer."""
-    seqs, answers = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id)
-            seqs.append(out)
-            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return seqs, answers
-
-
-def time_forward(net, ids: torch.Tensor, reps: int) -> tuple[list[float], torch.Tensor]:
-    """Seconds of ``reps`` no-grad eval forwards after one warm-up, and the logits."""
-    net.eval()
-    times = []
-    with torch.no_grad():
-        logits = net(input_ids=ids).logits
-        for _ in range(reps):
-            t = time.perf_counter()
-            net(input_ids=ids)
-            times.append(time.perf_counter() - t)
-    return times, logits
-
-
 def safe_perplexity(net, heldout: torch.Tensor, adapter_name) -> float:
     try:
         return llm_train.perplexity(net, {adapter_name or BASE: heldout}, desc="held-out")[adapter_name or BASE]
@@ -134,18 +97,19 @@ def prep(args) -> dict:
     folder = Path(args.prep)
     model, tokenizer = smollm2.load_smollm2()
     data = llm_train.task_data(tokenizer, "docs", args.seq_len, args.eval_windows)
-    license_path, text = unrelated_text()
-    text_windows = corpora.spread(corpora.token_windows(tokenizer, {"license": text}, args.seq_len), args.text_windows)
+    license_path, text = sm.unrelated_text()
+    text_windows = corpora.token_windows(tokenizer, {"license": text}, args.seq_len)
+    text_windows = corpora.spread(text_windows, args.text_windows)
     say(f"prep: forgetting set: {text_windows.shape[0]} windows of {license_path}, {args.chat_prompts} chat prompts "
         f"+ the base model's greedy {args.new_tokens}-token answers")
-    chats, answers = chat_sequences(model, tokenizer, CHAT_PROMPTS[:args.chat_prompts], args.new_tokens)
+    chats, answers = sm.chat_sequences(model, tokenizer, CHAT_PROMPTS[:args.chat_prompts], args.new_tokens)
     with torch.no_grad():
         base_text = torch.cat([model(input_ids=text_windows[i:i + 1]).logits for i in range(text_windows.shape[0])])
         base_chat = [model(input_ids=c).logits for c in chats]
     torch.save({"train": data["train"], "heldout": data["heldout"], "text": text_windows, "base_text": base_text,
                 "chats": chats, "base_chat": base_chat}, folder / "prep.pt")
     ppl = safe_perplexity(model, data["heldout"], None)
-    times, _ = time_forward(model, data["heldout"][:args.rows], args.infer_reps)
+    times, _ = sm.time_forward(model, data["heldout"][:args.rows], args.infer_reps)
     say(f"prep: base held-out perplexity {ppl:.3f}")
     return {"data": {"train_windows": data["train"].shape[0], "heldout_windows": data["heldout"].shape[0],
                      "train_docs": data["train_docs"], "heldout_docs": data["heldout_docs"]},
@@ -158,68 +122,86 @@ def prep(args) -> dict:
 
 # -- one (method, learning rate) run ------------------------------------------------------------------------
 
-def folder_bytes(folder: Path) -> dict[str, int]:
-    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+def _median_after_warmup(xs: list[float]) -> float:
+    return statistics.median(xs[2:] if len(xs) > 2 else xs)
+
+
+def train(s: sm.Setup, windows: torch.Tensor, args, lr: float) -> dict:
+    """``args.steps`` AdamW steps on ``args.rows`` training windows each (the same windows for every run), the
+    peak RSS increase sampled meanwhile, gradient and optimizer bytes after the first step."""
+    opt = torch.optim.AdamW(s.params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)  # the same windows in the same order for every run
+    warmup = max(1, args.steps // 10)
+    losses, step_s, step_cpu_s = [], [], []
+    s.net.train()
+    sampler = sm.PeakRSS().start()
+    for step in range(args.steps):
+        ids, _ = llm_train.batch_for_step({"docs": windows}, args.rows, generator)
+        t, c = time.perf_counter(), time.process_time()
+        for group in opt.param_groups:
+            group["lr"] = llm_train.lr_at(step, args.steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss = (llm_train.row_nll(s.net(input_ids=ids).logits, ids) / (ids.shape[1] - 1)).mean()
+        loss.backward()
+        opt.step()
+        step_s.append(time.perf_counter() - t)
+        step_cpu_s.append(time.process_time() - c)  # all threads' CPU time: less sensitive to other load
+        losses.append(loss.item())
+        if step == 0:
+            grad_bytes, opt_bytes = sm.grad_and_optimizer_bytes(s.params, opt)
+        say(f"  {args.worker} lr={lr:g} step {step + 1}/{args.steps}: loss {losses[-1]:.4f}, {step_s[-1]:.2f} s")
+    peak = sampler.stop()
+    s.net.eval()
+    return {"losses": losses, "step_s": step_s, "median_step_s": _median_after_warmup(step_s),
+            "step_cpu_s": step_cpu_s, "median_step_cpu_s": _median_after_warmup(step_cpu_s),
+            "rss_before_bytes": sampler.before, "peak_rss_increase_bytes": peak, "rss_samples": sampler.samples,
+            "grad_bytes": grad_bytes, "optimizer_bytes": opt_bytes,
+            "grad_plus_optimizer_bytes": grad_bytes + opt_bytes}
 
 
 def worker(args) -> dict:
-    method, lr, t_start, load_start = args.worker, args.lr, time.perf_counter(), os.getloadavg()
+    method, lr, load_start = args.worker, args.lr, os.getloadavg()
+    phases, t = {}, time.perf_counter()
+
+    def phase(name):
+        nonlocal t
+        phases[name], t = time.perf_counter() - t, time.perf_counter()
+
     d = torch.load(Path(args.dir) / "prep.pt")
-    model, tokenizer = smollm2.load_smollm2()
+    model, _ = smollm2.load_smollm2()
     n_base = sm.unique_parameters(model)
     hash_before = smollm2.base_weights_hash(model)
     torch.manual_seed(args.seed)
     s = sm.setup(method, model)
     trainable = sum(p.numel() for p in s.params)
-    opt = torch.optim.AdamW(s.params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed)  # the same windows in the same order for every run
-    warmup = max(1, args.steps // 10)
-    seq_len = d["train"].shape[1]
-    losses, step_s = [], []
-    s.net.train()
-    sampler = sm.PeakRSS().start()
-    for step in range(args.steps):
-        ids, _ = llm_train.batch_for_step({"docs": d["train"]}, args.rows, generator)
-        t = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = llm_train.lr_at(step, args.steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss = (llm_train.row_nll(s.net(input_ids=ids).logits, ids) / (seq_len - 1)).mean()
-        loss.backward()
-        opt.step()
-        step_s.append(time.perf_counter() - t)
-        losses.append(loss.item())
-        if step == 0:
-            grad_bytes, opt_bytes = sm.grad_and_optimizer_bytes(s.params, opt)
-        say(f"  {method} lr={lr:g} step {step + 1}/{args.steps}: loss {losses[-1]:.4f}, {step_s[-1]:.2f} s")
-    peak = sampler.stop()
-    del opt
-    s.net.eval()
     r = {"method": method, "lr": lr, "steps": args.steps, "base_parameters": n_base, "trainable": trainable,
-         "trainable_percent": 100 * trainable / n_base, "losses": losses, "step_s": step_s,
-         "median_step_s": statistics.median(step_s[2:] if len(step_s) > 2 else step_s),
-         "rss_before_bytes": sampler.before, "peak_rss_increase_bytes": peak, "rss_samples": sampler.samples,
-         "grad_bytes": grad_bytes, "optimizer_bytes": opt_bytes, "grad_plus_optimizer_bytes": grad_bytes + opt_bytes,
-         "train_s": sum(step_s)}
+         "trainable_percent": 100 * trainable / n_base}
+    phase("setup")
+    r.update(train(s, d["train"], args, lr))
+    phase("train")
     r["perplexity"] = safe_perplexity(s.net, d["heldout"], s.adapter_name)
+    phase("eval")
     r["kl_text"] = sm.forgetting_kl(s.net, [d["text"]], [d["base_text"]])
     r["kl_chat"] = sm.forgetting_kl(s.net, d["chats"], d["base_chat"])
+    phase("forgetting")
     r["base_sha256_after"] = smollm2.base_weights_hash(s.base)
     r["base_changed"] = r["base_sha256_after"] != hash_before
     with tempfile.TemporaryDirectory(prefix="seed_table_ckpt_") as tmp:
         s.save(Path(tmp))
-        r["checkpoint_files"] = folder_bytes(Path(tmp))
+        r["checkpoint_files"] = sm.folder_bytes(Path(tmp))
     r["checkpoint_bytes"] = sum(r["checkpoint_files"].values())
+    phase("hash_checkpoint")
     if args.time_inference:
         ids = d["heldout"][:args.rows]
-        r["infer_unmerged_s"], logits = time_forward(s.net, ids, args.infer_reps)
+        r["infer_unmerged_s"], logits = sm.time_forward(s.net, ids, args.infer_reps)
         r["infer_unmerged_median_s"] = statistics.median(r["infer_unmerged_s"])
         if s.merge is not None:
-            r["infer_merged_s"], merged_logits = time_forward(s.merge(), ids, args.infer_reps)
+            r["infer_merged_s"], merged_logits = sm.time_forward(s.merge(), ids, args.infer_reps)
             r["infer_merged_median_s"] = statistics.median(r["infer_merged_s"])
             r["merged_max_abs_logit_diff"] = (merged_logits - logits).abs().max().item()
+        phase("inference")
+    r["phases_s"], r["wall_s"] = phases, sum(phases.values())
     r["loadavg_start"], r["loadavg_end"] = load_start, os.getloadavg()
-    r["wall_s"] = time.perf_counter() - t_start
     return r
 
 
@@ -240,10 +222,13 @@ def plan(args) -> list[tuple[str, float, bool]]:
 
 
 def estimate_s(args, runs) -> float:
-    fwd = FORWARD_S * args.rows / 4
-    t = PREP_OVERHEAD_S + fwd * (args.eval_windows / 4 + args.infer_reps + 1 + args.text_windows / 4)
+    """Seconds the runs should take on an otherwise idle machine (see :data:`STEP_S`)."""
+    fwd = FORWARD_S * args.rows / 4 * args.seq_len / 128
+    forgetting = args.text_windows + args.chat_prompts / 2  # chat sequences are ~70 tokens
+    t = PREP_OVERHEAD_S + fwd / args.rows * (args.eval_windows + forgetting) + fwd * (args.infer_reps + 1)
     for m, _, infer in runs:
-        t += RUN_OVERHEAD_S + args.steps * STEP_S[m] + fwd * (args.eval_windows + args.text_windows) / 4
+        t += RUN_OVERHEAD_S + args.steps * STEP_S[m] * fwd / FORWARD_S
+        t += fwd / args.rows * (args.eval_windows + forgetting)
         t += fwd * (args.infer_reps + 1) * (2 if m in sm.LORA_TARGETS else 1) if infer else 0
     return t
 
@@ -301,8 +286,8 @@ def report(results: dict) -> str:
                   f"{os.cpu_count()} cores; the time columns compare methods only while it stays near the "
                   f"{a['threads']} threads used here.", "",
                   "| method | trainable | trainable % | peak RSS increase (MiB) | grads + AdamW state (MiB) | "
-                  "median step (s) | step / full FT | checkpoint (MiB) | base weights changed | held-out ppl | "
-                  "KL text | KL chat | inference unmerged (s) | inference merged (s) |",
+                  "median step, s (CPU s) | step / full FT | checkpoint (MiB) | base weights changed | "
+                  "held-out ppl | KL text | KL chat | inference unmerged (s) | inference merged (s) |",
                   "|" + "---|" * 14,
                   f"| base model, no training | 0 | 0 | | | | | | | {base['perplexity']:.3f} | 0 | 0 | "
                   f"{base['infer_median_s']:.2f} | |"]
@@ -310,10 +295,10 @@ def report(results: dict) -> str:
             ratio = f"{r['median_step_s'] / full_step:.2f}x" if full_step else "n/a"
             lines.append(
                 f"| {m} | {r['trainable']:,} | {r['trainable_percent']:.3g} | {_mib(r['peak_rss_increase_bytes'])} | "
-                f"{_mib(r['grad_plus_optimizer_bytes'])} | {r['median_step_s']:.2f} | {ratio} | "
-                f"{_mib(r['checkpoint_bytes'])} | {'yes' if r['base_changed'] else 'no'} | {r['perplexity']:.3f} "
-                f"(lr {r['lr']:g}) | {r['kl_text']:.4f} | {r['kl_chat']:.4f} | {_cell(r, 'infer_unmerged_median_s')} | "
-                f"{_cell(r, 'infer_merged_median_s')} |")
+                f"{_mib(r['grad_plus_optimizer_bytes'])} | {r['median_step_s']:.2f} ({r['median_step_cpu_s']:.1f}) | "
+                f"{ratio} | {_mib(r['checkpoint_bytes'])} | {'yes' if r['base_changed'] else 'no'} | "
+                f"{r['perplexity']:.3f} (lr {r['lr']:g}) | {r['kl_text']:.4f} | {r['kl_chat']:.4f} | "
+                f"{_cell(r, 'infer_unmerged_median_s')} | {_cell(r, 'infer_merged_median_s')} |")
         lrs = max(len(SWEEP[m]) for m in best)
         lines += ["", "### Learning-rate sweep: held-out perplexity (final training loss); * = best", "",
                   "| method |" + "".join(f" lr {i + 1} |" for i in range(lrs)), "|---|" + "---|" * lrs]
@@ -329,7 +314,8 @@ def report(results: dict) -> str:
     c = results["computed"]
     lines += ["", "### Computed, not measured: parameters and bytes of weights + gradients + AdamW state",
               "", "Models built on the meta device from their configs, each method set up on them. Optimizer "
-              f"state: the AdamW moments, plus the fp32 master weights for full fine-tuning. Precision: {c['precision']}.",
+              "state: the AdamW moments, plus the fp32 master weights for full fine-tuning. Precision: "
+              f"{c['precision']}.",
               "",
               "| model | method | parameters | trainable | trainable % | weights (GiB) | gradients (GiB) | "
               "optimizer state (GiB) | total (GiB) |", "|" + "---|" * 9]
@@ -354,8 +340,8 @@ def main(argv=None) -> dict:
     if not args.computed_only:
         runs = plan(args)
         say(f"seed_table: {len(runs)} runs of {args.steps} steps x {args.rows} x {args.seq_len} tokens, one process "
-            f"each, {args.threads} threads; estimated {estimate_s(args, runs) / 60:.0f} min (from --quick runs on "
-            f"this project's 2-core machine)")
+            f"each, {args.threads} threads; estimated {estimate_s(args, runs) / 60:.1f} min on an otherwise idle "
+            "2-core machine like this project's (another busy process makes it several times longer)")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="seed_table_") as tmp:
             say("[prep] data, forgetting set, base model")
@@ -379,7 +365,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float))
     out.with_suffix(".md").write_text(text)
-    say(f"wrote {out} and {out.with_suffix('.md')}" + (f"; {results['total_s'] / 60:.1f} min" if "total_s" in results else ""))
+    took = f"; the runs took {results['total_s'] / 60:.1f} min" if "total_s" in results else ""
+    say(f"wrote {out} and {out.with_suffix('.md')}{took}")
     return results
 
 

@@ -16,8 +16,8 @@ import smollm2  # noqa: E402
 def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=101, tie_word_embeddings=True)
+    cfg = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=101, tie_word_embeddings=True)
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
 
 
