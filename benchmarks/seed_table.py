@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
                 r = subprocess_json(["--worker", m, "--lr", repr(lr)] + (["--time-inference"] if infer else []),
                                     Path(tmp) / f"{m}_{lr:g}.json", args)
                 results["runs"].append({"method": m, "lr": lr, **r})
-                say(f"    -> " + (r["error"] if "error" in r else f"held-out ppl {r['perplexity']:.3f}, median step "
+                say("    -> " + (r["error"] if "error" in r else f"held-out ppl {r['perplexity']:.3f}, median step "
                                     f"{r['median_step_s']:.2f} s, {r['wall_s']:.0f} s in all"))
         results["total_s"] = time.perf_counter() - t0
         results["best"] = best_runs(results["runs"])

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ (python -P does not add it)
 import corpora  # noqa: E402
@@ -61,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--min-drop", type=float, default=0.15,
+                   help="the check: each adapter lowers its own task's held-out perplexity by at least this")
     return p.parse_args(argv)
 
 
@@ -159,10 +159,21 @@ def main(argv=None) -> dict:
     # 7. results -------------------------------------------------------------------------------------------
     timings["total"] = time.perf_counter() - t_start
     llm_train.plot_losses(curves, out / "loss.png", {task: (base_ppl[task], table[task][task]) for task in TASKS})
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     log.summary(results, out)
+    checks = {
+        "base weights bit-identical after training": results["base_unchanged"],
+        **{f"{task} adapter: held-out {task} perplexity >= {100 * args.min_drop:g}% lower than the base's":
+           drops[task] >= args.min_drop for task in TASKS},
+        "each per-row generation equals that adapter alone": all(r["equals_adapter_alone"] for r in gen["rows"]),
+        **{f"logits equal ({k})": v["allclose"] and v["same_argmax"]
+           for k, v in results["interop"].items() if k != "adapters"},
+    }
+    results["checks"] = checks
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    for what, ok in checks.items():
+        log.say(f"[{'ok' if ok else 'FAILED'}] {what}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if all(main()["checks"].values()) else 1)

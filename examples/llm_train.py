@@ -64,7 +64,9 @@ def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, des
     finally:
         model.train(was_training)
     tokens = {name: ws.shape[0] * (ws.shape[1] - 1) for name, ws in windows.items()}
-    return {name: math.exp(nll[name] / tokens[name]) for name in windows}
+    # a diverged model: an infinite (mean loss above ~709 nats) or NaN perplexity, not an OverflowError
+    mean = {name: nll[name] / tokens[name] for name in windows}
+    return {name: math.inf if v > 700 else math.exp(v) for name, v in mean.items()}
 
 
 def adapter_parameters(model, adapter_name: str) -> int:
