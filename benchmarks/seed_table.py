@@ -34,8 +34,10 @@ import smollm2  # noqa: E402
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402
 
-SWEEP = {"full": (1e-5, 3e-5, 1e-4), "adapters": (3e-4, 1e-3, 3e-3), "prompt": (3e-3, 1e-2, 3e-2),
-         "peft_lora": (3e-4, 1e-3, 3e-3), "lora_ext_all": (3e-4, 1e-3, 3e-3), "lora_ext_qv": (3e-4, 1e-3, 3e-3)}
+# A fourth, larger rate per method was added after the first full run found the third best for every method.
+SWEEP = {"full": (1e-5, 3e-5, 1e-4, 3e-4), "adapters": (3e-4, 1e-3, 3e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2, 1e-1),
+         "peft_lora": (3e-4, 1e-3, 3e-3, 1e-2), "lora_ext_all": (3e-4, 1e-3, 3e-3, 1e-2),
+         "lora_ext_qv": (3e-4, 1e-3, 3e-3, 1e-2)}
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying healthy.",
                 "Write a short poem about the sea.", "How do I make a cup of tea?")
 # Seconds measured by a --quick run on this project's 2-core machine with nothing else running (for the
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="greedy answer tokens per chat prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", metavar="RESULTS_JSON",
+                   help="keep the runs of an earlier full run (same settings) and do only the (method, lr) pairs it "
+                        "lacks, e.g. after the sweep was extended")
     # internal: one process per run
     p.add_argument("--prep", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--worker", metavar="METHOD", help=argparse.SUPPRESS)
@@ -349,6 +354,22 @@ def main(argv=None) -> dict:
             if "error" in results["prep"]:
                 raise SystemExit(f"seed_table: the prep process failed: {results['prep']}")
             results["runs"] = []
+            if args.resume:
+                earlier = json.loads(Path(args.resume).read_text())
+                keep = ("steps", "eval_windows", "text_windows", "chat_prompts", "rows", "seq_len", "seed", "threads")
+                if any(earlier["args"][k] != getattr(args, k) for k in keep):
+                    raise SystemExit(f"seed_table --resume: {args.resume} was run with other settings "
+                                     f"{ {k: earlier['args'][k] for k in keep} }")
+                results["runs"] = [r for r in earlier["runs"] if "error" not in r]
+                # the base model's row is the earlier prep's (the base does not change; a run's prep figures are
+                # from the same conditions as the runs they are compared with)
+                results["prep_resumed"] = results["prep"]
+                results["prep"] = {**results["prep"], "base": earlier["prep"]["base"]}
+                results["resumed_from_total_s"] = earlier.get("total_s")
+                done = {(r["method"], r["lr"]) for r in results["runs"]}
+                timed = {r["method"] for r in results["runs"] if any(k.startswith("infer_") for k in r)}
+                runs = [(m, lr, infer and m not in timed) for m, lr, infer in runs if (m, lr) not in done]
+                say(f"--resume: {len(results['runs'])} runs kept from {args.resume}; {len(runs)} to do")
             for k, (m, lr, infer) in enumerate(runs):
                 say(f"[{k + 1}/{len(runs)}] {m} lr={lr:g} ({(time.perf_counter() - t0) / 60:.1f} min so far)")
                 r = subprocess_json(["--worker", m, "--lr", repr(lr)] + (["--time-inference"] if infer else []),

@@ -118,7 +118,7 @@ def test_drop_virtual_tokens_keeps_the_input_positions():
 def test_plan_interleaves_methods_and_times_inference_once_per_method():
     args = seed_table.parse_args([])
     runs = seed_table.plan(args)
-    assert len(runs) == 3 * len(sm.METHODS)
+    assert len(runs) == len(seed_table.SWEEP["full"]) * len(sm.METHODS)
     assert [m for m, _, _ in runs[:6]] == list(sm.METHODS) and [m for m, _, _ in runs[6:12]] == list(sm.METHODS)[::-1]
     assert sorted(m for m, _, infer in runs if infer) == sorted(sm.METHODS)
     for m in sm.METHODS:
