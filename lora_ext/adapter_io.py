@@ -84,12 +84,28 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
         raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
     cfg = json.dumps(configs[adapter_name].to_dict(), indent=2, sort_keys=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    data = save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg})
+    data = _sorted_metadata(save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg}))
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temporaries(out_dir)
     atomic_write_bytes(os.path.join(out_dir, WEIGHTS_NAME), data)  # weights first: they carry their config
     atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME), cfg.encode())
     return out_dir
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with the safetensors header's metadata in sorted key order. The safetensors library
+    writes the metadata from a hash map, in an order that changes from call to call; sorted, the
+    same adapter always gives the same bytes (whatever wraps the model). Same header length: the
+    tensors' offsets do not move."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if not header.get("__metadata__"):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not the library's JSON conventions: keep its bytes
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def _load_json(text, where: str) -> dict:
