@@ -30,6 +30,7 @@ from .model import active_adapters, adapter_configs, inject_adapter, lora_layers
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .names import check_adapter_name
 from .targeting import candidate_modules, layer_r_alpha
+from .wrappers import check_not_wrapped, path_cleaner, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,7 +49,9 @@ def _adapter_dir(path: str, adapter_name: str, where: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's file keys."""
+    """The adapter's tensors under PEFT's file keys, whatever wraps the model (DDP, torch.compile,
+    activation checkpointing, FSDP1: their ``module.`` / ``_orig_mod.`` / ... never get in)."""
+    model = unwrap(model)
     out = {}
     config = adapter_configs(model).get(adapter_name)
     for path, layer in lora_layers(model):
@@ -66,7 +69,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         for name, p in model.named_parameters():
             if name.endswith("bias") and "lora_" not in name and not any(name.startswith(w + ".") for w in wrapped):
                 out[f"{PREFIX}{name}"] = p.detach()
-    return out
+    clean = path_cleaner(model)
+    return {PREFIX + clean(k[len(PREFIX):]): v for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
@@ -291,7 +295,10 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     changed. As in PEFT, the adapter becomes active only if the model had none; it is frozen
     unless ``is_trainable`` (a first adapter loaded frozen puts the model in inference mode: see
     ``set_adapter``). ``adapter_model.bin`` (pickle) is read only with ``allow_pickle=True``.
+    Load before wrapping the model in DDP or sharding it, as :func:`inject_adapter`.
     """
+    check_not_wrapped(model, "lora_ext.load_adapter")
+    given, model = model, unwrap(model)
     check_adapter_name(adapter_name, "lora_ext.load_adapter")
     if adapter_name in adapter_configs(model):
         raise ValueError(f"lora_ext.load_adapter: adapter {adapter_name!r} already exists in the model")
@@ -319,4 +326,4 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
             _param_by_name(params, name).copy_(t)
     if not was_active:  # the loaded adapter is the active one: trainable, or inference mode
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
-    return model
+    return given
