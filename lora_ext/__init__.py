@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - only hit with a broken/missing bu
         f"run from another directory). Original error: {e}"
     ) from e
 
-from . import ops
+from . import distributed, ops
 from .adapter_io import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .layer import LoraLayer
@@ -57,7 +57,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "cmake_prefix_path", "LoraConfig", "LoraLayer", "LoraLinear", "ops", "build_info", "__version__",
+    "cmake_prefix_path", "LoraConfig", "LoraLayer", "LoraLinear", "ops", "distributed", "build_info", "__version__",
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
     "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter", "adapter_batch", "AdapterBatch", "BASE",

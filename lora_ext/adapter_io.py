@@ -30,6 +30,7 @@ from .model import active_adapters, adapter_configs, inject_adapter, lora_layers
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .names import check_adapter_name
 from .targeting import candidate_modules, layer_r_alpha
+from .wrappers import check_not_wrapped, path_cleaner, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,7 +49,9 @@ def _adapter_dir(path: str, adapter_name: str, where: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's file keys."""
+    """The adapter's tensors under PEFT's file keys, whatever wraps the model (DDP, torch.compile,
+    activation checkpointing, FSDP1: their ``module.`` / ``_orig_mod.`` / ... never get in)."""
+    model = unwrap(model)
     out = {}
     config = adapter_configs(model).get(adapter_name)
     for path, layer in lora_layers(model):
@@ -66,7 +69,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         for name, p in model.named_parameters():
             if name.endswith("bias") and "lora_" not in name and not any(name.startswith(w + ".") for w in wrapped):
                 out[f"{PREFIX}{name}"] = p.detach()
-    return out
+    clean = path_cleaner(model)
+    return {PREFIX + clean(k[len(PREFIX):]): v for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
@@ -84,12 +88,28 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
         raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
     cfg = json.dumps(configs[adapter_name].to_dict(), indent=2, sort_keys=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    data = save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg})
+    data = _sorted_metadata(save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg}))
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temporaries(out_dir)
     atomic_write_bytes(os.path.join(out_dir, WEIGHTS_NAME), data)  # weights first: they carry their config
     atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME), cfg.encode())
     return out_dir
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with the safetensors header's metadata in sorted key order. The safetensors library
+    writes the metadata from a hash map, in an order that changes from call to call; sorted, the
+    same adapter always gives the same bytes (whatever wraps the model). Same header length: the
+    tensors' offsets do not move."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if not header.get("__metadata__"):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not the library's JSON conventions: keep its bytes
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def _load_json(text, where: str) -> dict:
@@ -275,7 +295,10 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     changed. As in PEFT, the adapter becomes active only if the model had none; it is frozen
     unless ``is_trainable`` (a first adapter loaded frozen puts the model in inference mode: see
     ``set_adapter``). ``adapter_model.bin`` (pickle) is read only with ``allow_pickle=True``.
+    Load before wrapping the model in DDP or sharding it, as :func:`inject_adapter`.
     """
+    check_not_wrapped(model, "lora_ext.load_adapter")
+    given, model = model, unwrap(model)
     check_adapter_name(adapter_name, "lora_ext.load_adapter")
     if adapter_name in adapter_configs(model):
         raise ValueError(f"lora_ext.load_adapter: adapter {adapter_name!r} already exists in the model")
@@ -303,4 +326,4 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
             _param_by_name(params, name).copy_(t)
     if not was_active:  # the loaded adapter is the active one: trainable, or inference mode
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
-    return model
+    return given

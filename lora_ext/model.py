@@ -15,6 +15,7 @@ from .names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
+from .wrappers import check_not_wrapped, check_trainable_fixed, unwrap
 
 CONFIGS_ATTR = "lora_ext_configs"
 ACTIVE_ATTR = "lora_ext_active"
@@ -37,12 +38,12 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters injected into ``model``, by adapter name."""
-    return getattr(model, CONFIGS_ATTR, {})
+    return getattr(unwrap(model), CONFIGS_ATTR, {})
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """The model-wide active adapters (set by :func:`set_adapter`; the first adapter added)."""
-    return list(getattr(model, ACTIVE_ATTR, []))
+    return list(getattr(unwrap(model), ACTIVE_ATTR, []))
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -67,7 +68,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     active and trainable (plus biases per ``config.bias``), everything else frozen; a later one is
     added inactive and frozen, and what trains does not change (as PEFT). Every target is checked
     (type, rank <= min(in, out)) before the model is changed. Returns the same model object.
+
+    Inject before wrapping the model in DDP or sharding it (FSDP, tensor parallel): a model they
+    already hold is refused. A ``torch.compile``, DataParallel or activation-checkpointing
+    wrapper around the model is looked through; saved keys never hold wrappers' prefixes.
     """
+    check_not_wrapped(model, "lora_ext.inject_adapter")
+    given, model = model, unwrap(model)
     check_adapter_name(adapter_name, "lora_ext.inject_adapter")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got {type(config).__name__} "
@@ -119,7 +126,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     # As PEFT: the first adapter becomes active; a later one is added inactive, in every layer
     # (also in layers that held no adapter before), and what trains does not change.
     _activate(model, active_adapters(model) or [adapter_name])
-    return model
+    return given
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -128,6 +135,7 @@ def _base(module: nn.Module) -> nn.Module:
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     """Add another adapter (it does not become active: see :func:`set_adapter`)."""
+    check_not_wrapped(model, "lora_ext.add_adapter")
     return inject_adapter(model, config, adapter_name)
 
 
@@ -135,6 +143,7 @@ def _activate(model: nn.Module, names: list[str], inference_mode: Optional[bool]
     """Make ``names`` the model-wide active adapters, in every layer that has them, and make
     exactly their parameters trainable (none in inference mode; ``None`` keeps the model's mode):
     ``requires_grad`` always follows "active and used in forward", as in PEFT."""
+    model = unwrap(model)
     if inference_mode is None:
         inference_mode = bool(getattr(model, INFERENCE_ATTR, False))
     object.__setattr__(model, ACTIVE_ATTR, list(names))
@@ -185,15 +194,20 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]], inferenc
 
     This is a model-wide switch (it changes the shared modules), as in PEFT: a server that
     handles requests for different adapters concurrently uses :func:`lora_ext.adapter_batch`,
-    whose selection is per thread / asyncio task, instead.
+    whose selection is per thread / asyncio task, instead. Refused on a DDP-wrapped model (DDP
+    fixed the parameters it all-reduces when it was built): set the adapter before wrapping.
     """
+    check_trainable_fixed(model, "lora_ext.set_adapter", "switching the active adapters")
     names = adapter_name_list(name_or_names, "lora_ext.set_adapter")
     _check_adapters(model, names, "set_adapter")
     _activate(model, names, inference_mode)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter from every layer (unmerging it first where it is merged)."""
+    """Remove an adapter from every layer (unmerging it first where it is merged); refused on a
+    DDP-wrapped model, as :func:`set_adapter`."""
+    check_trainable_fixed(model, "lora_ext.delete_adapter", "removing an adapter")
+    model = unwrap(model)
     _check_adapters(model, [adapter_name], "delete_adapter")
     for _, layer in lora_layers(model):
         if layer.has_adapter(adapter_name):
@@ -250,7 +264,8 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def _replace_layers(model: nn.Module, merge_first: bool) -> nn.Module:
+def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
+    model = unwrap(given)
     for path, layer in list(lora_layers(model)):
         if merge_first and not layer.disable_adapters:
             if not layer.merged and layer.active_adapters:
@@ -263,7 +278,7 @@ def _replace_layers(model: nn.Module, merge_first: bool) -> nn.Module:
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR, INFERENCE_ATTR):
         if hasattr(model, attr):
             object.__delattr__(model, attr)
-    return model
+    return given
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

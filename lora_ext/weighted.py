@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .model import adapter_configs, inject_adapter, lora_layers
+from .wrappers import check_not_wrapped
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -34,6 +35,7 @@ def add_weighted_adapter(
     The new adapter has ``lora_alpha = r`` (so scaling 1 unless rsLoRA), targets the union of the
     modules, is not activated (see :func:`set_adapter`) and is frozen.
     """
+    check_not_wrapped(model, "lora_ext.add_weighted_adapter")
     configs = adapter_configs(model)
     missing = [a for a in adapters if a not in configs]
     if not adapters or missing:
