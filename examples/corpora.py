@@ -6,8 +6,8 @@
 
 Documents (a topic, a module) are assigned to the held-out side by a fixed hash rule on their name
 (:func:`is_heldout`), so the split is the same on every machine and for every run. Topics repeat whole
-paragraphs of each other (grammar snippets, shared notes: ~20% of held-out paragraphs), so held-out
-paragraphs that occur verbatim in the training text are dropped (:func:`remove_overlap`). Text becomes
+paragraphs of each other (grammar snippets, shared notes: 377 of the 644 held-out "docs" paragraphs are
+kept), so held-out paragraphs that occur verbatim in the training text are dropped (:func:`remove_overlap`). Text becomes
 fixed-length token windows with :func:`token_windows`.
 """
 from __future__ import annotations
@@ -77,7 +77,9 @@ def _norm(s: str) -> str:
 def remove_overlap(heldout: dict[str, str], train: dict[str, str], min_chars: int = 1) -> dict[str, str]:
     """The held-out documents without every paragraph (of at least ``min_chars`` characters) that occurs
     verbatim in the training text: equal to a training paragraph up to whitespace, or a substring of a
-    training document. Documents left empty are dropped."""
+    training document starting at the beginning of a line (its first line, stripped, is a whole training
+    line); a paragraph that occurs only from the middle of a training line is not caught. Documents left
+    empty are dropped."""
     train_pars = {_norm(p) for text in train.values() for p in paragraphs(text)}
     train_lines = {line.strip() for text in train.values() for line in text.splitlines() if line.strip()}
     train_texts = list(train.values())
@@ -89,8 +91,7 @@ def remove_overlap(heldout: dict[str, str], train: dict[str, str], min_chars: in
                 if _norm(p) in train_pars:
                     continue
                 first = p.splitlines()[0].strip()
-                # a substring of the training text must start with (a suffix of) a training line; the
-                # set lookup on the first line rules out almost every paragraph before the full search
+                # the set lookup on the first line rules out almost every paragraph before the full search
                 if first in train_lines and any(p in t for t in train_texts):
                     continue
             kept.append(p)

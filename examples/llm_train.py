@@ -130,7 +130,8 @@ def train_per_row(model, windows: dict[str, torch.Tensor], steps: int, rows: int
 def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int) -> dict:
     """Greedy generation from each task's prompt with the base and with the task's adapter, all rows in one
     batch with per-row adapters; each row is checked against the same batch generated with only that row's
-    adapter active (``set_adapter``) or with adapters disabled."""
+    adapter active (``set_adapter``) or with adapters disabled. Leaves the last adapter active, in inference
+    mode."""
     rows = [(task, name) for task in prompts for name in (BASE, task)]
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[task] for task, _ in rows], return_tensors="pt", padding=True)

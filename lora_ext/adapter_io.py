@@ -14,7 +14,6 @@ exactly the new adapter. Files written by PEFT (no such metadata) are read as th
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 

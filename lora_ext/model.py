@@ -5,7 +5,6 @@ import contextlib
 import warnings
 from typing import Iterator, Optional, Union
 
-import torch
 from torch import nn
 
 from .config import LoraConfig

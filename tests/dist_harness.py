@@ -61,6 +61,15 @@ def _child(fn, rank: int, world_size: int, store_port: int, timeout: float, conn
         dist.destroy_process_group()
 
 
+def timed_world(fn, world_size: int, tmp_path_factory, label: str, timeout: float = 120.0) -> list:
+    """``run_ranks(fn, world_size, <a fresh tmp folder>)`` for a module-scoped fixture: one process world
+    serving many checks; prints how long it took."""
+    start = time.perf_counter()
+    ranks = run_ranks(fn, world_size, str(tmp_path_factory.mktemp(label)), timeout=timeout)
+    print(f"\n{label} world ({world_size} ranks): {time.perf_counter() - start:.1f} s")
+    return ranks
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined in a gloo
     process group; returns the ranks' return values, by rank. ``fn`` and ``args`` are inherited

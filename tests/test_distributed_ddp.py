@@ -15,7 +15,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -25,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import run_ranks
+from dist_harness import timed_world
 from lora_ext import LoraConfig
 from models import LLAMA_TARGETS, tiny_llama
 
@@ -262,10 +261,7 @@ def _world(rank, world_size, tmp):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    start = time.perf_counter()
-    ranks = run_ranks(_world, WORLD, str(tmp_path_factory.mktemp("ddp")), timeout=150)
-    print(f"\nDDP world ({WORLD} ranks): {time.perf_counter() - start:.1f} s")
-    return ranks
+    return timed_world(_world, WORLD, tmp_path_factory, "ddp", timeout=150)
 
 
 # -- the single-process reference ---------------------------------------------------------------

@@ -9,7 +9,6 @@ before anything changes.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import run_ranks
+from dist_harness import timed_world
 from lora_ext import LoraConfig
 from lora_ext.adapter_io import adapter_state_dict
 from lora_ext.distributed import (broadcast_adapters, load_training_state, read_training_state, save_training_state,
@@ -249,10 +248,7 @@ def _ranks(rank, world_size, tmp):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    start = time.perf_counter()
-    ranks = run_ranks(_ranks, WORLD, str(tmp_path_factory.mktemp("state")), timeout=120)
-    print(f"\ntraining-state world ({WORLD} ranks): {time.perf_counter() - start:.1f} s")
-    return ranks
+    return timed_world(_ranks, WORLD, tmp_path_factory, "training-state", timeout=120)
 
 
 def test_broadcast_adapters_makes_ranks_equal_to_rank_0(world):
