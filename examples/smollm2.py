@@ -11,7 +11,8 @@ Loading from GGUF takes 15-60 s, so the dequantized model and its tokenizer are 
 ``.cache/models/`` at the repository root (git-ignored; ``LORA_EXT_MODEL_CACHE`` moves it). The cache folder
 is keyed on the transformers major version (a cache written by transformers 5.x has rope settings 4.x reads
 differently), is written to a temporary folder and renamed into place, and counts only once its stamp file
-(GGUF size and modification time, versions) is there: an interrupted build is rebuilt, never half-read.
+(GGUF size and modification time, versions) is there: an interrupted build is rebuilt, never half-read, and
+its temporary folder is deleted by the next build once it is an hour old.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -87,10 +89,28 @@ def _load_gguf(dtype: torch.dtype):
     return model, tokenizer
 
 
+STALE_TMP_S = 3600
+
+
+def remove_stale_builds(folder: Path) -> list[Path]:
+    """Delete temporary build folders of ``folder`` (``<name>.tmp-*``) untouched for an hour: left by a
+    build that was killed (each is a ~540 MB model); a younger one may belong to a build running now."""
+    removed = []
+    for tmp in folder.parent.glob(folder.name + ".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
 def build_cache(folder: Optional[Path] = None) -> Path:
     """Load the GGUF and write the fp32 safetensors cache into ``folder`` (atomically); returns it."""
     folder = Path(folder or cache_dir())
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
     model, tokenizer = _load_gguf(torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
