@@ -3,6 +3,7 @@
 # internet needed): build lora_ext for this GPU, run the CUDA tests, then the GPU benchmark table.
 #
 #   bash scripts/gpu_check.sh            # uses `python3`; PYTHON=/path/to/python to choose
+#   GPU_CHECK_JUNIT=report.xml GPU_CHECK_WORKERS=8 bash scripts/gpu_check.sh --quick
 #
 # Finishes in a few minutes (the build is most of it). Prints the table benchmarks/RESULTS.md keeps.
 set -euo pipefail
@@ -18,7 +19,15 @@ TORCH_CUDA_ARCH_LIST="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
 echo "[gpu-check] built in $(( $(date +%s) - start )) s" >&2
 "$PY" -P -c "import lora_ext; info = lora_ext.build_info(); assert info['with_cuda'], info; print(info)"
 echo "[gpu-check] CUDA tests" >&2
-"$PY" -P -m pytest tests/test_cuda.py -q -x -p no:cacheprovider || { echo "[gpu-check] CUDA tests FAILED" >&2; FAILED=1; }
+# Every failure is reported (no -x): a GPU is lent rarely, and one run should show all that is wrong.
+# pytest-xdist, when installed, runs the tests in several processes sharing the one GPU.
+PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=10)
+if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_ARGS+=(-n "${GPU_CHECK_WORKERS:-8}"); fi
+if [ -n "${GPU_CHECK_JUNIT:-}" ]; then PYTEST_ARGS+=(--junitxml "$GPU_CHECK_JUNIT"); fi
+start=$(date +%s)
+"$PY" -P -m pytest tests/test_cuda.py tests/test_cuda_multi.py tests/test_lora_linear_module.py "${PYTEST_ARGS[@]}" \
+  || { echo "[gpu-check] CUDA tests FAILED" >&2; FAILED=1; }
+echo "[gpu-check] tests took $(( $(date +%s) - start )) s" >&2
 echo "[gpu-check] benchmark" >&2
-"$PY" -P benchmarks/bench_gpu.py "$@"
+"$PY" -P benchmarks/bench_gpu.py "$@" || { echo "[gpu-check] benchmark FAILED" >&2; FAILED=1; }
 exit "${FAILED:-0}"

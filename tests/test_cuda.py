@@ -44,7 +44,7 @@ def _tol(dtype, in_f, table=TOL):
 
 
 def _seed(v=987654321):
-    return torch.tensor([v], dtype=torch.long)  # on the CPU, as the autograd kernel draws it
+    return torch.tensor(v, dtype=torch.long)  # a 0-dim CPU tensor, as the autograd kernel draws it
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_dropout_training_matches_cpu(dtype, adtype):
     g = torch.randn(4, 25, 72, dtype=torch.float64).to(dtype)
     res = {}
     for dev in ("cpu", DEV):
-        leaves = [t.to(dev).requires_grad_(True) for t in (x, a, bb)]
+        leaves = [t.detach().to(dev).requires_grad_(True) for t in (x, a, bb)]
         torch.manual_seed(11)
         y = ops.lora_linear(leaves[0], w.to(dev), b.to(dev), leaves[1], leaves[2], 0.5, 0.35, True)
         y.backward(g.to(dev))
@@ -378,21 +378,27 @@ def _merge_ref(w, a, b, s):
     return w.cpu().double() + s * b.cpu().double() @ a.cpu().double()
 
 
-def _assert_merged(got, want, dtype):
+def _assert_merged(got, want, dtype, w=None, a=None, b=None, s=None):
+    """``got`` against the float64 ``want``. For half/bf16 weights, Delta W is accumulated in float32
+    and rounded once: elements may differ from the correctly rounded value by one ulp, plus the float32
+    accumulation's error, which is bounded by the size of the terms, not of the result (where W and
+    Delta W cancel, the result is small and the terms are not)."""
     got = got.cpu()
     if dtype in (torch.float32, torch.float64):
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
         return
-    # float32 Delta W rounded once: the correctly rounded result but for <= 1 ulp at ties
     rounded = want.to(dtype)
     differ = got != rounded
-    if got.numel():
+    if got.numel() >= 10_000:  # rare: ties and cancellations only
         assert differ.double().mean().item() < 1e-3
     if differ.any():
         fi = torch.finfo(dtype)
-        one_ulp = want.abs() * fi.eps + fi.smallest_normal
-        assert ((got.double() - rounded.double()).abs() <= one_ulp).all()
+        bound = want.abs() * fi.eps + fi.smallest_normal
+        if w is not None:
+            terms = w.cpu().double().abs() + abs(s) * (b.cpu().double().abs() @ a.cpu().double().abs())
+            bound = bound + (a.shape[0] + 2) * 2.0**-24 * terms
+        assert ((got.double() - rounded.double()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("dtype,adtype", MERGE_ADAPTER, ids=IDS)
@@ -404,12 +410,11 @@ def test_merge_matches_reference(dtype, adtype, shape):
     want = _merge_ref(w, a, b, 1.7)
     wg = w.to(DEV)
     ops.merge_(wg, a.to(DEV), b.to(DEV), 1.7)
-    _assert_merged(wg, want, dtype)
-    # and the same as the CPU kernel (which rounds once too)
+    _assert_merged(wg, want, dtype, w, a, b, 1.7)
+    # and the CPU kernel within the same bound (both accumulate in float32 and round once)
     w_cpu = w.clone()
     ops.merge_(w_cpu, a, b, 1.7)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
-    torch.testing.assert_close(wg.cpu().double(), w_cpu.double(), atol=tol, rtol=tol)
+    _assert_merged(w_cpu, want, dtype, w, a, b, 1.7)
 
 
 @pytest.mark.parametrize("dtype,adtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -424,7 +429,7 @@ def test_merge_transposed_weight_view(dtype, adtype, shape):
     assert not view.is_contiguous() or min(out, in_) == 1
     want = _merge_ref(w, a, b, 0.3)
     ops.merge_(view, noncontiguous(a.to(DEV)), noncontiguous(b.to(DEV)), 0.3)
-    _assert_merged(storage.T, want, dtype)
+    _assert_merged(storage.T, want, dtype, w, a, b, 0.3)
     ops.unmerge_(view, a.to(DEV), b.to(DEV), 0.3)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(storage.T.cpu().float(), w.float(), atol=tol, rtol=tol)
@@ -437,7 +442,7 @@ def test_merge_strided_slice_of_weight():
     view = big[:, 10:110:2]
     view.copy_(w)
     ops.merge_(view, a.to(DEV), b.to(DEV), 0.9)
-    _assert_merged(view, _merge_ref(w, a, b, 0.9), torch.bfloat16)
+    _assert_merged(view, _merge_ref(w, a, b, 0.9), torch.bfloat16, w, a, b, 0.9)
     untouched = big.clone()
     untouched[:, 10:110:2] = 0
     assert (untouched == 0).all()
@@ -655,4 +660,4 @@ def test_second_device():
     torch.testing.assert_close(y.cpu().double(), ref_lora_linear(x, w, b, a, bb, 0.5), atol=3e-2, rtol=2e-2)
     wv = xs[1].clone()
     ops.merge_(wv, xs[3], xs[4], 0.5)
-    _assert_merged(wv, _merge_ref(w, a, b, 0.5), torch.bfloat16)
+    _assert_merged(wv, _merge_ref(w, a, b, 0.5), torch.bfloat16, w, a, b, 0.5)

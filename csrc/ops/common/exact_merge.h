@@ -114,14 +114,26 @@ LORA_EXT_HOST_DEVICE U step(U u, int dir) {
   return neg ? U(u + 1) : U(u - 1);
 }
 
+// round(x + y) in Fmt. IEEE 754 leaves the bits of a NaN result to the hardware (x86 keeps an
+// operand's payload, CUDA returns its own canonical NaN), so a NaN sum is written as the positive
+// quiet NaN here: every backend then gives the same bits.
+template <typename Fmt>
+LORA_EXT_HOST_DEVICE typename Fmt::U rounded_sum(float x, float y) {
+  const float s = x + y;
+  if ((float_bits(s) & 0x7FFFFFFFu) > 0x7F800000u) return Fmt::from_float(float_from_bits(0x7FC00000u));
+  return Fmt::from_float(s);
+}
+
+// A NaN weight element stays exactly itself (merging adds a number to it; its payload is kept).
 template <typename Fmt>
 LORA_EXT_HOST_DEVICE typename Fmt::U merged(typename Fmt::U w0, float d) {
-  return Fmt::from_float(Fmt::to_float(w0) + d);
+  if (Fmt::is_nan(w0)) return w0;
+  return rounded_sum<Fmt>(Fmt::to_float(w0), d);
 }
 
 template <typename Fmt>
 LORA_EXT_HOST_DEVICE typename Fmt::U base_candidate(typename Fmt::U m, float d) {
-  return Fmt::from_float(Fmt::to_float(m) - d);
+  return rounded_sum<Fmt>(Fmt::to_float(m), -d);  // x - d and x + (-d) round identically
 }
 
 // The 2-bit code of weight element w0 (3: keep it in the sparse list).

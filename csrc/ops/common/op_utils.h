@@ -43,7 +43,9 @@ inline at::Tensor as_rows(const at::Tensor& t) {
 // reproducible under torch.manual_seed.
 inline std::optional<at::Tensor> draw_dropout_seed(double p) {
   if (p <= 0.0) return std::nullopt;
-  return at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions().dtype(at::kLong));
+  // A 0-dim CPU tensor: FakeTensor (torch.compile, opcheck) accepts CPU scalars next to CUDA tensors,
+  // not a one-element 1-D CPU tensor. The value drawn is the same either way.
+  return at::randint(std::numeric_limits<int64_t>::max(), {}, at::TensorOptions().dtype(at::kLong));
 }
 
 // The mask parameters for a seed tensor (one int64 element on the host, as
