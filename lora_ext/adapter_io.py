@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import dtensors
 from .atomic import atomic_write_bytes, remove_stale_temporaries
 
 from .config import LoraConfig
@@ -29,7 +30,7 @@ from .model import active_adapters, adapter_configs, inject_adapter, lora_layers
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .names import check_adapter_name
 from .targeting import candidate_modules, layer_r_alpha
-from .wrappers import check_not_wrapped, path_cleaner, unwrap
+from .wrappers import check_not_wrapped, path_cleaner, reshard_fsdp, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,21 +79,49 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
 
     Replacing an existing adapter is atomic as a whole (see the module docstring); files get
     the permissions ``open()`` would give them (``0666 & ~umask``).
-    """
-    from safetensors.torch import save
 
+    When the adapter's tensors are DTensors (FSDP2, tensor parallel) the save is **collective**:
+    every rank calls it, only the adapter's tensors are gathered (never the base weights), rank 0
+    of the default process group writes, and all ranks wait for the write (a barrier). The files
+    are byte for byte those a single process holding the same values writes.
+    """
     out_dir = _adapter_dir(path, adapter_name, "lora_ext.save_adapter")
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"lora_ext.save_adapter: unknown adapter {adapter_name!r}; have {list(configs)}")
     cfg = json.dumps(configs[adapter_name].to_dict(), indent=2, sort_keys=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    reshard_fsdp(unwrap(model))  # FSDP2 after a forward without resharding: save from the sharded parameters
+    tensors = adapter_state_dict(model, adapter_name)
+    if not dtensors.any_dtensor(tensors.values()):
+        _write_adapter(out_dir, tensors, cfg)
+        return out_dir
+    import torch.distributed as dist
+
+    tensors = dtensors.gathered(tensors)  # every rank, the same keys in the same order
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _write_adapter(out_dir, tensors, cfg)
+        except Exception as e:  # every rank must learn it: the others would think the adapter saved
+            failure = e
+    status = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(status, src=0)  # also the barrier: the files exist when this returns
+    if failure is not None:
+        raise failure
+    if status[0] is not None:
+        raise OSError(f"lora_ext.save_adapter: rank 0 failed to write {out_dir!r}: {status[0]}")
+    return out_dir
+
+
+def _write_adapter(out_dir: str, tensors: dict[str, torch.Tensor], cfg: str) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     data = _sorted_metadata(save(tensors, metadata={"format": "pt", CONFIG_METADATA_KEY: cfg}))
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temporaries(out_dir)
     atomic_write_bytes(os.path.join(out_dir, WEIGHTS_NAME), data)  # weights first: they carry their config
     atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME), cfg.encode())
-    return out_dir
 
 
 def _sorted_metadata(data: bytes) -> bytes:

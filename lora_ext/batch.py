@@ -9,6 +9,7 @@ from torch import nn
 from .linear import LoraLinear
 from .model import lora_layers, saved_modules
 from .multi import BASE, AdapterBatch, enter_batch, exit_batch
+from .wrappers import shards_parameters
 
 
 @contextlib.contextmanager
@@ -44,7 +45,9 @@ def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[Adapte
     merged = [p or "<root>" for p, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"adapter_batch: {merged} have merged adapters; unmerge() first")
-    batch = AdapterBatch(adapter_names, [layer for _, layer in layers if isinstance(layer, LoraLinear)])
+    # FSDP2 re-gathers parameters in place without moving their version counters: no cached stacks
+    batch = AdapterBatch(adapter_names, [layer for _, layer in layers if isinstance(layer, LoraLinear)],
+                         cache_stacks=not shards_parameters(model))
     token = enter_batch(batch)
     try:
         yield batch

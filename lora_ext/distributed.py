@@ -20,9 +20,17 @@ FSDP2, or adapters added before a later re-wrap). :func:`training_state` / :func
 / :func:`load_training_state` checkpoint LoRA training (adapters, optimizer, each rank's RNG) so that
 a resumed run continues bitwise as the uninterrupted one.
 
-Not here yet (issue 13's later parts): FSDP2 (``fully_shard``), tensor parallel, merging into
-DTensor weights, collective save. They belong in this module, which
-may import the model-level API (``model.py`` and ``adapter_io.py`` import only ``wrappers.py``).
+**FSDP2**: :func:`shard_lora_model` (``fsdp.py``) applies ``fully_shard`` per transformer block, then
+to the root; each step then reduce-scatters only the adapters' gradients. ``save_adapter`` on a
+sharded model is collective (only the adapter is gathered; rank 0 writes the file one process would
+write), ``lora_ext.merge`` / ``unmerge`` work on the sharded weights (``dtensors.py``: local merges
+plus one all-gather of the small factor, bit for bit the single-process result), and per-row
+batches never serve stale stacked adapters (FSDP2 refills parameters without moving their version
+counters). :func:`load_adapter_values` puts a saved adapter's values into the matching adapter of a
+model that is already sharded or wrapped.
+
+This module may import the model-level API (``model.py`` and ``adapter_io.py`` import only
+``wrappers.py`` and ``dtensors.py``).
 
 Importing this module does not import ``torch.distributed``: it works, and ``is_wrapped`` is
 False for every model, where ``torch.distributed.is_available()`` is False.
@@ -36,13 +44,15 @@ import os
 import torch
 from torch import nn
 
-from .adapter_io import adapter_state_dict
+from . import dtensors
+from .adapter_io import adapter_state_dict, read_adapter
 from .atomic import atomic_write_bytes, remove_stale_temporaries
 from .model import adapter_configs
+from .fsdp import shard_lora_model, transformer_blocks
 from .wrappers import is_wrapped, unwrap, wrapped_by
 
 __all__ = ["unwrap", "is_wrapped", "wrapped_by", "broadcast_adapters", "training_state", "save_training_state",
-           "read_training_state", "load_training_state"]
+           "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "load_adapter_values"]
 
 FORMAT = "lora_ext.training_state"
 FORMAT_VERSION = 1
@@ -108,6 +118,61 @@ def broadcast_adapters(model: nn.Module, src: int = 0, adapter_names=None) -> nn
             dist.broadcast(buf, src=src)
             if buf is not t:
                 t.copy_(buf)
+    return model
+
+
+_COMPUTE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "modules_to_save")
+
+
+def load_adapter_values(model: nn.Module, path: str, adapter_name: str = "default", allow_pickle: bool = False,
+                        allow_nonfinite: bool = False) -> nn.Module:
+    """Copy the adapter saved in ``path`` into the model's existing adapter ``adapter_name``, on a plain,
+    DDP, FSDP2 or tensor-parallel model (DTensor parameters: each rank keeps its own shard of the
+    file's values; no communication). Every rank reads the file.
+
+    Everything is checked before anything changes, and every problem is listed in one ``ValueError``:
+    the file's keys must be exactly the adapter's keys, each shape the (global) shape, the config's
+    fields that decide what the adapter computes (r, alpha, rsLoRA, rank/alpha patterns, bias,
+    modules_to_save) equal, and the values finite (unless ``allow_nonfinite``). Values are cast to
+    the parameters' dtypes. Use it to resume or reset an adapter after the model was wrapped or
+    sharded, where ``lora_ext.load_adapter`` (which adds a new adapter) is refused."""
+    where = "lora_ext.distributed.load_adapter_values"
+    inner = unwrap(model)
+    configs = adapter_configs(inner)
+    if adapter_name not in configs:
+        raise ValueError(f"{where}: expected the name of an adapter the model has ({list(configs)}), got "
+                         f"{adapter_name!r}")
+    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    targets = adapter_state_dict(inner, adapter_name)
+    problems = []
+    have, want = configs[adapter_name].to_dict(), config.to_dict()
+    differ = [f for f in _COMPUTE_FIELDS if have.get(f) != want.get(f)]
+    if differ:
+        problems.append("the config differs in " + ", ".join(f"{f} (model {have.get(f)!r}, file {want.get(f)!r})"
+                                                             for f in differ))
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing:
+        problems.append(f"{len(missing)} of the adapter's tensors are not in the file: {missing[:5]}")
+    if unexpected:
+        problems.append(f"the file has {len(unexpected)} tensors the adapter lacks: {unexpected[:5]}")
+    for key in sorted(set(targets) & set(tensors)):
+        t, value = targets[key], tensors[key]
+        if tuple(value.shape) != tuple(t.shape):
+            problems.append(f"{key}: expected shape {tuple(t.shape)}, got {tuple(value.shape)}")
+        elif not value.is_floating_point():
+            problems.append(f"{key}: expected a floating-point tensor, got {value.dtype}")
+        elif not allow_nonfinite and not torch.isfinite(value).all():
+            problems.append(f"{key}: holds NaN/Inf values (allow_nonfinite=True loads them anyway)")
+    if problems:
+        raise ValueError(f"{where}: {path!r} does not fit adapter {adapter_name!r}; nothing was changed:\n  "
+                         + "\n  ".join(problems))
+    with torch.no_grad():
+        for key, t in targets.items():
+            value = tensors[key].to(t.dtype)
+            if dtensors.is_dtensor(t):
+                t.to_local().copy_(dtensors.distributed_like(t, value).to_local())
+            else:
+                t.copy_(value.to(t.device))
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import dtensors, ops
 from .config import valid_dropout
 from .names import adapter_name_list, check_adapter_name
 
@@ -257,7 +257,7 @@ class LoraLayer(nn.Module):
             warnings.warn(f"already merged: {[n for n in names if n in self.merged_adapters]}", stacklevel=2)
         with torch.no_grad():
             for n in todo:  # always: a NaN/Inf adapter would poison the weight for good
-                if not all(torch.isfinite(t).all() for t in self.adapter_weights(n)):
+                if not all(dtensors.all_finite(t) for t in self.adapter_weights(n)):
                     raise ValueError(f"{type(self).__name__}.merge: adapter {n!r} holds non-finite (NaN/Inf) "
                                      "values; the weight was left unchanged")
             if safe_merge:
@@ -265,11 +265,14 @@ class LoraLayer(nn.Module):
                     self._check_finite_merge(n)
             for n in todo:
                 w, a, b = self._merge_operands(n)
-                if exact:
-                    codes = ops.merge_exact_codes(w, a, b, self.scaling[n])
-                    ops.merge_exact_(w, a, b, self.scaling[n])
+                if exact:  # sharded weights: each rank keeps the side information of its own shard
+                    lw, la, lb = dtensors.local_operands(w, a, b)
+                    codes = ops.merge_exact_codes(lw, la, lb, self.scaling[n])
+                    ops.merge_exact_(lw, la, lb, self.scaling[n])
                     self._exact_codes[n] = (codes, (a._version, b._version))
                 else:
+                    if dtensors.is_dtensor(w):
+                        dtensors.register_strategies()  # local merge + one all-gather of a factor
                     ops.merge_(w, a, b, self.scaling[n])
                 self.merged_adapters.append(n)
 
@@ -278,16 +281,19 @@ class LoraLayer(nn.Module):
         return sum(c.nbytes() for c, _ in self._exact_codes.values())
 
     def _check_finite_merge(self, name: str, rows: int = 256) -> None:
-        w, a, b = self._merge_operands(name)
+        operands = self._merge_operands(name)
+        w, a, b = dtensors.local_operands(*operands)  # this rank's shard of a sharded weight
         a = a.float()
         s = self.scaling[name]
+        finite = True
         for i in range(0, w.shape[0], rows):
             chunk = w[i : i + rows].float() + s * (b[i : i + rows].float() @ a)
-            if not torch.isfinite(chunk.to(w.dtype)).all():
-                raise ValueError(
-                    f"{type(self).__name__}.merge(safe_merge=True): merging adapter {name!r} would produce "
-                    "non-finite weights; the weight was left unchanged"
-                )
+            finite = finite and bool(torch.isfinite(chunk.to(w.dtype)).all())
+        if not dtensors.all_ranks_true(finite, operands[0]):  # every rank raises, or none
+            raise ValueError(
+                f"{type(self).__name__}.merge(safe_merge=True): merging adapter {name!r} would produce "
+                "non-finite weights; the weight was left unchanged"
+            )
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight (in reverse merge order)."""
@@ -297,8 +303,11 @@ class LoraLayer(nn.Module):
                 w, a, b = self._merge_operands(n)
                 exact = self._exact_codes.pop(n, None)
                 if exact is not None and exact[1] == (a._version, b._version):
-                    ops.unmerge_exact_(w, exact[0].to(w.device), a, b, self.scaling[n])
+                    lw, la, lb = dtensors.local_operands(w, a, b)
+                    ops.unmerge_exact_(lw, exact[0].to(lw.device), la, lb, self.scaling[n])
                 else:
                     if exact is not None:
                         warnings.warn(f"adapter {n!r} changed while merged: unmerging it inexactly", stacklevel=2)
+                    if dtensors.is_dtensor(w):
+                        dtensors.register_strategies()
                     ops.unmerge_(w, a, b, self.scaling[n])

@@ -14,7 +14,7 @@ from .names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
-from .wrappers import check_not_wrapped, check_trainable_fixed, unwrap
+from .wrappers import check_not_wrapped, check_trainable_fixed, reshard_fsdp, unwrap
 
 CONFIGS_ATTR = "lora_ext_configs"
 ACTIVE_ATTR = "lora_ext_active"
@@ -251,6 +251,7 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merg
     if adapter_names is not None:
         adapter_names = adapter_name_list(adapter_names, "lora_ext.merge")
         _check_adapters(model, adapter_names, "merge")
+    reshard_fsdp(model)  # FSDP2: merge into the sharded weights, not into gathered copies
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if layer.has_adapter(n)]
         if names:
@@ -259,12 +260,14 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merg
 
 def unmerge(model: nn.Module) -> None:
     """Undo every merge in every LoRA layer."""
+    reshard_fsdp(model)
     for _, layer in lora_layers(model):
         layer.unmerge()
 
 
 def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
     model = unwrap(given)
+    reshard_fsdp(model)
     for path, layer in list(lora_layers(model)):
         if merge_first and not layer.disable_adapters:
             if not layer.merged and layer.active_adapters:

@@ -39,9 +39,12 @@ class AdapterBatch:
     """One adapter name per batch row, the layers it applies to, and the row groupings
     derived from it (cached per batch; a batch belongs to one request)."""
 
-    def __init__(self, adapter_names: list[str], layers: tuple = ()):
+    def __init__(self, adapter_names: list[str], layers: tuple = (), cache_stacks: bool = True):
         self.adapter_names = list(adapter_names)
         self.layers = tuple(layers)  # strong refs: the ids in the context stay unique
+        # False where parameters change without their version counter moving (FSDP2's
+        # re-gathered parameters): the layers' stacked adapters are then rebuilt on every forward
+        self.cache_stacks = cache_stacks
         self._groupings: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -87,7 +90,7 @@ def exit_batch(token: contextvars.Token) -> None:
     _CURRENT.reset(token)
 
 
-def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lora_A [n, r_max, in], lora_B [n, out, r_max], scales float32 [n])`` of all of
     ``layer``'s adapters in ``layer.adapter_names`` order, zero-padded to the largest rank.
 
@@ -95,21 +98,29 @@ def stacked_adapters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     read without a copy. Without autograd the stacks are cached on the layer (one entry: bounded)
     until an adapter is added, removed or changed in place; with autograd they are rebuilt (differentiably)
     on every call so gradients reach each adapter's own parameters.
+
+    The cache is keyed on each parameter's identity, storage address and version counter, which
+    every in-place op (an optimizer step, ``load_adapter``) moves. Writes that bypass the counter
+    are not seen: FSDP2 fills the same unsharded parameters with new values at every all-gather,
+    so ``adapter_batch`` on a model holding FSDP2 modules or DTensors passes ``cache=False``
+    (``AdapterBatch.cache_stacks``); so do writes through ``param.data`` (set
+    ``layer._stack_cache = None`` after them).
     """
     names = tuple(layer.adapter_names)
     weights = [layer.adapter_weights(n) for n in names]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for ab in weights for t in ab)
-    key = (names, tuple((id(a), a._version, id(b), b._version) for a, b in weights),
-           tuple(layer.scaling[n] for n in names))
+    cache = cache and not need_grad
+    key = (names, tuple((id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version) for a, b in weights),
+           tuple(layer.scaling[n] for n in names)) if cache else None
     cached = layer._stack_cache  # one read: another thread may replace it meanwhile
-    if not need_grad and cached is not None and cached[0] == key:
+    if cache and cached is not None and cached[0] == key:
         return cached[1]
     r_max = max(a.shape[0] for a, _ in weights)
     A = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _ in weights])
     Bt = torch.stack([F.pad(b.t(), (0, 0, 0, r_max - b.shape[1])) for _, b in weights])
     scales = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=A.device)
     out = (A, Bt.transpose(1, 2), scales)
-    if not need_grad:
+    if cache:
         layer._stack_cache = (key, out)  # replaced whole; never mutated
     return out
 
@@ -133,7 +144,7 @@ def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
             raise ValueError(f"{where}: the adapters in this batch have different lora_dropout {sorted(ps)}; "
                              "per-row adapters share one dropout probability in training")
         p = ps.pop() if ps else 0.0
-    A, B, scales = stacked_adapters(layer)
+    A, B, scales = stacked_adapters(layer, batch.cache_stacks)
     ids, order, offsets = batch.grouping(names, math.prod(x.shape[1:-1]), x.device)
     return ops.lora_linear_multi(x, layer._base_weight(), layer.base_layer.bias, A, B, scales, ids, p,
                                  layer.training, order, offsets)

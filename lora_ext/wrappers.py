@@ -145,3 +145,21 @@ def check_trainable_fixed(model: nn.Module, where: str, what: str) -> None:
             "at once with lora_ext.adapter_batch, which picks an adapter per batch row"
         )
 
+
+
+def shards_parameters(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or tensor parallel (DTensor parameters) holds any of ``model``'s
+    parameters: their values may then change without their version counters moving (FSDP2
+    re-gathers into the same unsharded tensors), so nothing may be cached on a version."""
+    return any(not w.startswith("DistributedDataParallel") for w in wrapped_by(model))
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 module in ``model`` (``FSDPModule.reshard()``).
+    After a forward with ``reshard_after_forward=False`` the modules hold gathered copies, which FSDP2
+    drops at the next reshard: merging must write into the sharded parameters instead."""
+    cls = _class("torch.distributed.fsdp", "FSDPModule") or _class("torch.distributed._composable.fsdp", "FSDPModule")
+    if cls is not None:
+        for m in model.modules():
+            if isinstance(m, cls):
+                m.reshard()

@@ -136,3 +136,21 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
         for c in conns:
             c.close()
         del store
+
+
+def sgd_then_adamw(step: int, params, opt, sgd_steps: int):
+    """The distributed tests' optimizer schedule: SGD(lr 0.1) for ``sgd_steps`` steps, then AdamW(lr 1e-2)."""
+    if step == 0:
+        return torch.optim.SGD(params, lr=0.1)
+    if step == sgd_steps:
+        return torch.optim.AdamW(params, lr=1e-2)
+    return opt
+
+
+def value_error(fn) -> str | None:
+    """The message of the ``ValueError`` ``fn()`` raises, or None (ranks return it for the parent to check)."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None

@@ -17,6 +17,32 @@ class TinyNet(torch.nn.Module):
         return self.l2(torch.relu(self.l1(self.emb(ids))))
 
 
+class Block(torch.nn.Module):
+    """A residual MLP block (the distributed tests' transformer-block stand-in)."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, d)
+        self.fc2 = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class BlockNet(torch.nn.Module):
+    """Two :class:`Block` s in ``blocks`` (a ``ModuleList``: FSDP2's per-block rule finds them) and a head."""
+
+    def __init__(self, d: int = 64, out: int = 4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(d), Block(d)])
+        self.head = torch.nn.Linear(d, out)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -24,9 +24,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import timed_world
+from dist_harness import sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
-from models import LLAMA_TARGETS, tiny_llama
+from models import LLAMA_TARGETS, Block, BlockNet as Net, tiny_llama
 
 WORLD = 2
 D = 64
@@ -37,28 +37,6 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=
 LORA_B = dict(r=2, lora_alpha=4, target_modules=["fc2"], init_lora_weights=False)
 # adapter_batch: rank 0 gets rows of a, b and the base; rank 1 only rows of b (no row of a anywhere)
 BATCH_NAMES = ["a", "b", "__base__", "a", "b", "b", "b", "b"]
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(D, D)
-        self.fc2 = nn.Linear(D, D)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(D, 4)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 def _net(*adapters, active=None):
@@ -108,11 +86,7 @@ def _loss(mode, model, batch, rows):
 
 
 def _optimizer(step, params, opt):
-    if step == 0:
-        return torch.optim.SGD(params, lr=0.1)
-    if step == SGD_STEPS:
-        return torch.optim.AdamW(params, lr=1e-2)
-    return opt
+    return sgd_then_adamw(step, params, opt, SGD_STEPS)
 
 
 def _trainable(model):
@@ -176,14 +150,6 @@ def _dropout_outputs(rank):
     return dict(y=y, y_ref=y_ref, y_eval=y_eval)
 
 
-def _error(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def _files(folder):
     """sha256 of every file under ``folder``, by relative path."""
     out = {}
@@ -216,7 +182,7 @@ def _guards(rank, tmp):
         "inject into a model holding DDP": lambda: lora_ext.inject_adapter(nn.ModuleDict({"ddp": ddp}),
                                                                            LoraConfig(**LORA_B), "new"),
     }
-    out["errors"] = {k: _error(f) for k, f in calls.items()}
+    out["errors"] = {k: value_error(f) for k, f in calls.items()}
     out["unchanged"] = before == _state(model)
     for name, wrapped in (("ddp", ddp), ("ddp(compile)", DDP(torch.compile(model)))):
         lora_ext.save_adapter(wrapped, os.path.join(tmp, name), "a")
@@ -230,10 +196,10 @@ def _guards(rank, tmp):
     mesh = init_device_mesh("cpu", (WORLD,))
     sharded = MODES["lora"]()
     fully_shard(sharded, mesh=mesh)
-    out["errors"]["fully_shard"] = _error(lambda: lora_ext.add_adapter(sharded, LoraConfig(**LORA_B), "new"))
+    out["errors"]["fully_shard"] = value_error(lambda: lora_ext.add_adapter(sharded, LoraConfig(**LORA_B), "new"))
     tp = Net()
     tp.head.weight = nn.Parameter(distribute_tensor(tp.head.weight.detach(), mesh, [Replicate()]))
-    out["errors"]["DTensor parameter"] = _error(lambda: lora_ext.inject_adapter(tp, LoraConfig(**LORA)))
+    out["errors"]["DTensor parameter"] = value_error(lambda: lora_ext.inject_adapter(tp, LoraConfig(**LORA)))
     # FSDP1, with nested units (LoRA mixes frozen and trainable parameters: use_orig_params=True)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -243,7 +209,7 @@ def _guards(rank, tmp):
         warnings.simplefilter("ignore")  # FSDP1's note that some parameters are frozen
         fsdp1 = FSDP(MODES["modules_to_save+lora_only"](), device_id=torch.device("cpu"), use_orig_params=True,
                      auto_wrap_policy=ModuleWrapPolicy({Block}))
-    out["errors"]["FSDP1"] = _error(lambda: lora_ext.add_adapter(fsdp1, LoraConfig(**LORA_B), "new"))
+    out["errors"]["FSDP1"] = value_error(lambda: lora_ext.add_adapter(fsdp1, LoraConfig(**LORA_B), "new"))
     with FSDP.summon_full_params(fsdp1, writeback=False):
         lora_ext.save_adapter(fsdp1, os.path.join(tmp, "fsdp1"))
     out["files"] |= {k: _files(os.path.join(tmp, k)) for k in ("plain lora_only", "fsdp1")}
