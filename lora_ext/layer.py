@@ -57,6 +57,9 @@ class LoraLayer(nn.Module):
     # suffixes of PEFT's file keys: base_model.model.<path><suffix>
     file_suffixes: tuple[str, str] = (".lora_A.weight", ".lora_B.weight")
     base_types: tuple[type, ...] = ()
+    # Set by lora_ext.tensor_parallel's styles on a layer they parallelized: gives a new adapter's
+    # A and B that layer's DTensor placements (``place(a, b)``). None: a plain layer.
+    _tp_layout = None
 
     def __init__(
         self,
@@ -183,6 +186,8 @@ class LoraLayer(nn.Module):
         a = torch.empty(shape_a, dtype=dtype, device=base_w.device)
         b = torch.empty(shape_b, dtype=dtype, device=base_w.device)
         self._init_weights(a, b, r, init_lora_weights)
+        if self._tp_layout is not None:  # tensor parallel: the same placements as the layer's other adapters
+            a, b = self._tp_layout.place(a, b)
         self._store(adapter_name, a, b)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha

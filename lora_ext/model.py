@@ -14,7 +14,8 @@ from .names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
-from .wrappers import check_not_wrapped, check_trainable_fixed, reshard_fsdp, unwrap
+from .wrappers import (check_not_wrapped, check_trainable_fixed, holds_dtensors, is_tensor_parallel_layer,
+                       reshard_fsdp, unwrap)
 
 CONFIGS_ATTR = "lora_ext_configs"
 ACTIVE_ATTR = "lora_ext_active"
@@ -69,10 +70,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     (type, rank <= min(in, out)) before the model is changed. Returns the same model object.
 
     Inject before wrapping the model in DDP or sharding it (FSDP, tensor parallel): a model they
-    already hold is refused. A ``torch.compile``, DataParallel or activation-checkpointing
+    already hold is refused, except a tensor-parallel one whose targets are LoRA layers that
+    ``lora_ext.tensor_parallel``'s styles parallelized (the new adapter gets their placements; with
+    the styles' default ``src_data_rank=0`` rank 0's initial values, so every rank calls it) or
+    hold no DTensor. A ``torch.compile``, DataParallel or activation-checkpointing
     wrapper around the model is looked through; saved keys never hold wrappers' prefixes.
     """
-    check_not_wrapped(model, "lora_ext.inject_adapter")
+    check_not_wrapped(model, "lora_ext.inject_adapter", tensor_parallel_ok=True)
     given, model = model, unwrap(model)
     check_adapter_name(adapter_name, "lora_ext.inject_adapter")
     if not isinstance(config, LoraConfig):
@@ -93,6 +97,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         if cls is None:
             problems.append(f"{path!r} is a {type(module).__name__}, which LoRA cannot wrap")
             continue
+        if holds_dtensors(module) and not is_tensor_parallel_layer(module):
+            problems.append(f"{path!r}: expected a LoRA layer that LoraColwiseParallel/LoraRowwiseParallel "
+                            f"parallelized or a module without DTensor parameters, got a {type(module).__name__} "
+                            "holding DTensors placed by something else (e.g. torch's ColwiseParallel)")
+            continue
         r, _ = layer_r_alpha(config, path)
         if r > cls.max_rank(_base(module)):
             problems.append(f"{path!r}: expected r <= min(in, out) = {cls.max_rank(_base(module))}, got r={r}")
@@ -103,6 +112,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         save_paths = find_modules_to_save(model, config.modules_to_save)
         if not save_paths:
             raise ValueError(f"lora_ext.inject_adapter: modules_to_save={config.modules_to_save!r} matches no module")
+        held = [p for p in save_paths if holds_dtensors(model.get_submodule(p))]
+        if held:
+            raise ValueError(f"lora_ext.inject_adapter: expected modules_to_save without DTensor parameters "
+                             f"(tensor parallel), got {held}; the model was not changed")
     for path in names:
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else _wrap(module, path)
@@ -134,7 +147,7 @@ def _base(module: nn.Module) -> nn.Module:
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     """Add another adapter (it does not become active: see :func:`set_adapter`)."""
-    check_not_wrapped(model, "lora_ext.add_adapter")
+    check_not_wrapped(model, "lora_ext.add_adapter", tensor_parallel_ok=True)
     return inject_adapter(model, config, adapter_name)
 
 

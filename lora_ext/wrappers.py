@@ -11,7 +11,9 @@ Two kinds of wrapper matter to the model-level API:
   buckets hold the parameters that require grad), FSDP1/FSDP2 (``fully_shard``) and DTensor
   parameters (tensor parallel). :func:`wrapped_by` finds them anywhere in a model; adapters must be
   injected before (``check_not_wrapped``), and DDP's set of trainable parameters must not change
-  after it (``check_trainable_fixed``).
+  after it (``check_trainable_fixed``). The one exception: ``inject_adapter``/``add_adapter`` on a
+  model that only tensor parallel holds, with LoRA layers that ``lora_ext.tensor_parallel``'s styles
+  parallelized (a new adapter there gets the layer's placements).
 
 Nothing here imports ``torch.distributed`` (or ``torch._dynamo``): a model can only hold an
 instance of a class whose module has been imported, so each class is looked up in
@@ -87,11 +89,26 @@ def path_cleaner(model: nn.Module) -> Callable[[str], str]:
     return clean
 
 
+def _dtensor_class() -> Optional[type]:
+    return _class("torch.distributed.tensor", "DTensor") or _class("torch.distributed._tensor.api", "DTensor")
+
+
+def holds_dtensors(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a DTensor."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def is_tensor_parallel_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a LoRA layer that ``lora_ext.tensor_parallel``'s styles parallelized."""
+    return getattr(module, "_tp_layout", None) is not None
+
+
 def wrapped_by(model: nn.Module) -> list[str]:
     """What in ``model`` fixed its parameters: DDP, FSDP1 or FSDP2 modules (also inside the
     model) and DTensor parameters, as ``"<what> at '<path>'"``; empty when nothing did."""
     classes = [(c, what) for m, n, what in _FIXING if (c := _class(m, n)) is not None]
-    dtensor = _class("torch.distributed.tensor", "DTensor") or _class("torch.distributed._tensor.api", "DTensor")
+    dtensor = _dtensor_class()
     found = []
     if classes:
         for path, m in model.named_modules():
@@ -112,9 +129,16 @@ def is_wrapped(model: nn.Module) -> bool:
     return bool(wrapped_by(model))
 
 
-def check_not_wrapped(model: nn.Module, where: str) -> None:
-    """Raise when adapters would be added to a model whose parameters a wrapper has fixed."""
+def check_not_wrapped(model: nn.Module, where: str, tensor_parallel_ok: bool = False) -> None:
+    """Raise when adapters would be added to a model whose parameters a wrapper has fixed.
+
+    ``tensor_parallel_ok``: pass a model whose only "wrapper" is tensor parallel (DTensor parameters,
+    no DDP/FSDP) with at least one LoRA layer ``lora_ext.tensor_parallel`` parallelized; the caller
+    then refuses targets holding DTensors that are not such layers."""
     found = wrapped_by(model)
+    if found and tensor_parallel_ok and len(found) == 1 and found[0].startswith("DTensor parameters") \
+            and any(is_tensor_parallel_layer(m) for m in model.modules()):
+        return
     if found:
         raise ValueError(
             f"{where}: inject adapters before fully_shard/DDP: expected a model that no DDP, FSDP or "
