@@ -53,6 +53,17 @@ from .wrappers import is_wrapped, unwrap, wrapped_by
 
 __all__ = ["unwrap", "is_wrapped", "wrapped_by", "broadcast_adapters", "training_state", "save_training_state",
            "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "load_adapter_values"]
+# Also LoraColwiseParallel, LoraRowwiseParallel and reduce_replicated_grads (tensor_parallel.py, which imports
+# torch.distributed.tensor): loaded on first use, so this module imports where torch.distributed is missing.
+_TENSOR_PARALLEL = ("LoraColwiseParallel", "LoraRowwiseParallel", "reduce_replicated_grads")
+
+
+def __getattr__(name: str):
+    if name in _TENSOR_PARALLEL:
+        from . import tensor_parallel
+
+        return getattr(tensor_parallel, name)
+    raise AttributeError(f"module 'lora_ext.distributed' has no attribute {name!r}")
 
 FORMAT = "lora_ext.training_state"
 FORMAT_VERSION = 1

@@ -12,6 +12,7 @@ all-reduces r*in (colwise) / out*r (rowwise) elements per layer. One process wor
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 
@@ -197,7 +198,30 @@ def _train(mode, mesh):
         frozen_with_grad=[n for n, p in named if not p.requires_grad and p.grad is not None],
         trainable_without_grad=[n for n, p in named if p.requires_grad and p.grad is None],
         local_shapes={n: tuple(p.to_local().shape) for n, p in named if isinstance(p, DTensor)},
+        model=model,
     )
+
+
+def _files(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+
+
+def _save_and_merge(model, folder):
+    """A collective save, then merges into the tensor-parallel weights: exact (and its unmerge), then plain."""
+    from torch.distributed.tensor import DTensor
+
+    files = _files(lora_ext.save_adapter(model, folder))
+    base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight") and isinstance(p, DTensor)}
+    local = {n: p.to_local().clone() for n, p in base.items()}
+    out = dict(files=files, base={n: _whole(p) for n, p in base.items()})
+    lora_ext.merge(model, exact=True)
+    out["exact_merged"] = {n: _whole(p) for n, p in base.items()}
+    lora_ext.unmerge(model)
+    out["restored"] = all(torch.equal(p.to_local(), local[n]) for n, p in base.items())
+    lora_ext.merge(model)
+    out["merged"] = {n: _whole(p) for n, p in base.items()}
+    lora_ext.unmerge(model)
+    return out
 
 
 def _plain_tp_phases(mesh):
@@ -389,6 +413,10 @@ def _world(rank, world_size, tmp):
 
     mesh = init_device_mesh("cpu", (world_size,))
     out = {mode: _train(mode, mesh) for mode, (worlds, _) in MODES.items() if world_size in worlds}
+    for mode in list(out):
+        model = out[mode].pop("model")
+        if mode in ("lora", "uneven, rank 1"):
+            out[mode]["save and merge"] = _save_and_merge(model, os.path.join(tmp, mode.replace(" ", "_")))
     out["plain phases"] = _plain_tp_phases(mesh)
     if world_size == 2:
         out["layer comms"] = _layer_comms(mesh)
@@ -600,3 +628,28 @@ def test_guards_and_what_torch_colwise_parallel_does_with_a_lora_layer(world2):
         assert g["twice"].startswith("ValueError: LoraColwiseParallel: expected a LoraLinear that is not "
                                      "parallelized yet"), g["twice"]
         assert g["embedding"].startswith("TypeError: LoraRowwiseParallel: expected a LoraLinear"), g["embedding"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "uneven, rank 1"])
+def test_save_and_merge_of_a_tensor_parallel_model_match_a_single_process(world2, world3, mode, tmp_path):
+    """A collective save_adapter writes the single-process file (sha256); merging into the colwise/rowwise
+    sharded weights is the single-process merge bit for bit, and the exact merge's unmerge restores every
+    shard bit for bit."""
+    for out in _ranks(world2, world3, mode):
+        got = out[mode]["save and merge"]
+        model = _net(MODES[mode][1])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in out[mode]["trained"]:
+                    p.copy_(out[mode]["trained"][name])
+        assert got["files"] == _files(lora_ext.save_adapter(model, str(tmp_path / "single")))
+        weights = {n: p for n, p in model.named_parameters() if n in got["base"]}
+        assert weights and all(torch.equal(p, got["base"][n]) for n, p in weights.items())
+        lora_ext.merge(model, exact=True)
+        for name, p in weights.items():
+            assert torch.equal(p, got["exact_merged"][name]), name
+        lora_ext.unmerge(model)
+        lora_ext.merge(model)
+        for name, p in weights.items():
+            assert torch.equal(p, got["merged"][name]), name
+        assert got["restored"]
