@@ -151,3 +151,15 @@ def distributed_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
     return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
                              src_data_rank=None)
+
+
+def full_tensors(obj):
+    """``obj`` (nested dicts / lists) with every DTensor replaced by its full tensor (a collective, in
+    iteration order: every rank must call it with the same structure, e.g. an optimizer's state_dict)."""
+    if is_dtensor(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tensors(v) for v in obj)
+    return obj

@@ -150,8 +150,45 @@ def _merge_checks(model):
     return dict(trained=trained, exact_merged=exact_merged, merged=merged, restored=restored, base=full_before)
 
 
+def _resume(rank, world, tmp):
+    """2 AdamW steps + save_training_state + a fresh sharded model and optimizer + load + 2 steps, against
+    4 uninterrupted steps (with dropout: the restored RNG streams must match too)."""
+    per = ROWS // world
+    rows = slice(rank * per, (rank + 1) * per)
+    batches = _batches()[:4]
+
+    def fresh():
+        model = _net()
+        for m in model.modules():
+            if isinstance(m, lora_ext.LoraLinear):
+                m.lora_dropout = {k: 0.2 for k in m.lora_dropout}
+        model = lora_ext.distributed.shard_lora_model(model)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def steps(model, opt, todo):
+        for batch in todo:
+            opt.zero_grad()
+            _loss(model, batch, rows).backward()
+            opt.step()
+
+    torch.manual_seed(100 + rank)
+    model, opt = fresh()
+    steps(model, opt, batches)
+    straight = _trainable(model)
+    torch.manual_seed(100 + rank)
+    model, opt = fresh()
+    steps(model, opt, batches[:2])
+    path = lora_ext.distributed.save_training_state(os.path.join(tmp, "state.pt"), model, opt)
+    torch.manual_seed(12345)  # a different stream: the load must restore each rank's own
+    model, opt = fresh()
+    lora_ext.distributed.load_training_state(model, opt, path)
+    steps(model, opt, batches[2:])
+    resumed = _trainable(model)
+    return all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
 def _world(rank, world_size, tmp):
-    out = {}
+    out = {"resume": _resume(rank, world_size, tmp)}
     for reshard in (True, False):
         run = _train(rank, world_size, reshard)
         model = run.pop("model")
@@ -313,3 +350,8 @@ def test_transformer_blocks_rule():
     assert [p for p, _ in lora_ext.distributed.transformer_blocks(Net(), [Block])] == ["blocks.0", "blocks.1"]
     with pytest.raises(ValueError, match="expected block_types as nn.Module subclasses"):
         lora_ext.distributed.transformer_blocks(Net(), [int])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_resume_from_a_training_state_equals_uninterrupted_training(world, request):
+    assert all(out["resume"] for out in request.getfixturevalue(world))
