@@ -301,6 +301,7 @@ def test_dropout_masks_differ_between_ranks_and_match_a_seeded_reference(world):
 
 
 def test_ddp_guards_refuse_what_would_break_the_buckets(world):
+    """Each refused call raised a ValueError (``value_error`` returned its message; None: no error)."""
     for rank in range(WORLD):
         g = world[rank]["guards"]
         e = g["errors"]
