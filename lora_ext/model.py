@@ -279,6 +279,9 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
+    what = "merge_and_unload" if merge_first else "unload"
+    check_trainable_fixed(given, f"lora_ext.{what}", "removing the LoRA layers (for export, call it on the unwrapped "
+                          "model; the DDP wrapper cannot train that model afterwards)")
     model = unwrap(given)
     reshard_fsdp(model)
     for path, layer in list(lora_layers(model)):

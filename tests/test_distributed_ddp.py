@@ -175,6 +175,8 @@ def _guards(rank, tmp):
     calls = {
         "set_adapter": lambda: lora_ext.set_adapter(ddp, "b"),
         "delete_adapter": lambda: lora_ext.delete_adapter(ddp, "b"),
+        "merge_and_unload": lambda: lora_ext.merge_and_unload(ddp),
+        "unload": lambda: lora_ext.unload(ddp),
         "inject_adapter": lambda: lora_ext.inject_adapter(ddp, LoraConfig(**LORA_B), "new"),
         "add_adapter": lambda: lora_ext.add_adapter(ddp, LoraConfig(**LORA_B), "new"),
         "load_adapter": lambda: lora_ext.load_adapter(ddp, os.path.join(tmp, "plain", "a"), "new"),
@@ -305,7 +307,7 @@ def test_ddp_guards_refuse_what_would_break_the_buckets(world):
     for rank in range(WORLD):
         g = world[rank]["guards"]
         e = g["errors"]
-        for call in ("set_adapter", "delete_adapter"):
+        for call in ("set_adapter", "delete_adapter", "merge_and_unload", "unload"):
             assert e[call] is not None and e[call].startswith(f"lora_ext.{call}: "), (rank, call, e[call])
             assert "DDP fixed its gradient buckets" in e[call] and "adapter_batch" in e[call], e[call]
         for call in ("inject_adapter", "add_adapter", "load_adapter", "add_weighted_adapter"):
