@@ -49,12 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(smollm2.REPO_ROOT / "runs" / "finetune_llm"), help="output folder")
     p.add_argument("--steps", type=int, default=48, help="optimizer steps (each trains both adapters)")
     p.add_argument("--rows", type=int, default=2, help="batch rows per adapter and step")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--targets", default="all-linear", help='"all-linear" or a comma list, e.g. q_proj,v_proj')
+    llm_train.add_lora_args(p, lr=2e-3)
     p.add_argument("--eval-windows", type=int, default=24, help="held-out windows per task")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -81,8 +76,7 @@ def main(argv=None) -> dict:
     model, tokenizer = smollm2.load_smollm2()
     timings["load"] = time.perf_counter() - t
     data = {task: llm_train.task_data(tokenizer, task, args.seq_len, args.eval_windows) for task in TASKS}
-    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    config = lora_ext.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets)
+    config = llm_train.lora_config(args)
     n_base = sum(p.numel() for p in model.parameters())
     hash_before = smollm2.base_weights_hash(model)
     log.say(f"model: LlamaForCausalLM, {n_base / 1e6:.1f}M parameters (fp32, dequantized from Q4_1), "

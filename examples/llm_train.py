@@ -18,6 +18,23 @@ import lora_ext
 from lora_ext import BASE
 
 
+def add_lora_args(parser, lr: float) -> None:
+    """The LLM examples' shared options: ``--seq-len``, ``--lr`` (default ``lr``) and the LoRA config's
+    ``--r``, ``--alpha``, ``--dropout``, ``--targets`` (read back with :func:`lora_config`)."""
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--targets", default="all-linear", help='"all-linear" or a comma list, e.g. q_proj,v_proj')
+
+
+def lora_config(args) -> lora_ext.LoraConfig:
+    """The ``LoraConfig`` of the options :func:`add_lora_args` added."""
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    return lora_ext.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets)
+
+
 def task_data(tokenizer, task: str, seq_len: int, eval_windows: int) -> dict:
     """Training windows (all) and ``eval_windows`` held-out windows spread over the held-out documents."""
     train, heldout = corpora.task_split(task)
@@ -37,10 +54,12 @@ def has_lora(model) -> bool:
     return next(lora_ext.lora_layers(model), None) is not None
 
 
-def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc: str = "eval") -> dict[str, float]:
-    """Held-out perplexity of ``model`` with each named adapter (``BASE``: none) on its windows, all
-    evaluated in mixed batches of ``batch_rows`` rows, each row through its own adapter
-    (``lora_ext.adapter_batch``). A model without lora_ext layers takes only ``BASE``."""
+def nll_sums(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc: str = "eval",
+             progress: bool = True) -> tuple[dict[str, float], dict[str, int]]:
+    """The parts of :func:`perplexity`: per named adapter (``BASE``: none), the summed next-token negative
+    log-likelihood over its windows and the number of tokens predicted, all evaluated in mixed batches of
+    ``batch_rows`` rows, each row through its own adapter (``lora_ext.adapter_batch``). A model without
+    lora_ext layers takes only ``BASE``. Ranks that each evaluate their share of the windows add these up."""
     rows = [(name, w) for name, ws in windows.items() for w in ws]
     nll = {name: 0.0 for name in windows}
     per_row = has_lora(model)
@@ -49,7 +68,7 @@ def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, des
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(rows), desc=desc, unit="seq", leave=False) as bar:
+        with torch.no_grad(), tqdm(total=len(rows), desc=desc, unit="seq", leave=False, disable=not progress) as bar:
             for i in range(0, len(rows), batch_rows):
                 chunk = rows[i:i + batch_rows]
                 ids = torch.stack([w for _, w in chunk])
@@ -63,10 +82,21 @@ def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, des
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
-    tokens = {name: ws.shape[0] * (ws.shape[1] - 1) for name, ws in windows.items()}
-    # a diverged model: an infinite (mean loss above ~709 nats) or NaN perplexity, not an OverflowError
-    mean = {name: nll[name] / tokens[name] for name in windows}
+    return nll, {name: ws.shape[0] * (ws.shape[1] - 1) for name, ws in windows.items()}
+
+
+def to_perplexity(nll: dict[str, float], tokens: dict[str, int]) -> dict[str, float]:
+    """``exp(nll / tokens)`` per name; a diverged model: an infinite (mean loss above ~709 nats) or NaN
+    perplexity, not an OverflowError."""
+    mean = {name: nll[name] / tokens[name] for name in nll}
     return {name: math.inf if v > 700 else math.exp(v) for name, v in mean.items()}
+
+
+def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc: str = "eval") -> dict[str, float]:
+    """Held-out perplexity of ``model`` with each named adapter (``BASE``: none) on its windows, all
+    evaluated in mixed batches of ``batch_rows`` rows, each row through its own adapter
+    (``lora_ext.adapter_batch``). A model without lora_ext layers takes only ``BASE``."""
+    return to_perplexity(*nll_sums(model, windows, batch_rows, desc))
 
 
 def adapter_parameters(model, adapter_name: str) -> int:
@@ -169,13 +199,13 @@ def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int)
 RTOL, ATOL = 1e-4, 1e-3
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
+def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_abs_diff": (a - b).abs().max().item(), "max_abs_logit": b.abs().max().item(),
             "allclose": bool(torch.allclose(a, b, rtol=RTOL, atol=ATOL)),
             "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
 
 
-def _said(what: str, d: dict) -> str:
+def describe_comparison(what: str, d: dict) -> str:
     return (f"{what}: max |logit diff| {d['max_abs_diff']:.2e} (logits up to {d['max_abs_logit']:.1f}), "
             f"equal within rtol {RTOL:g}/atol {ATOL:g}: {d['allclose']}, same argmax everywhere: {d['same_argmax']}")
 
@@ -208,17 +238,17 @@ def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> 
         peft_model.eval()
         for name in names:
             peft_model.set_adapter(name)
-            out[f"peft_vs_lora_ext_{name}"] = d = _max_diff(peft_model(input_ids=ids).logits, ours[name])
-            say(_said(f"PEFT PeftModel.from_pretrained({name!r}) vs lora_ext", d))
+            out[f"peft_vs_lora_ext_{name}"] = d = compare_logits(peft_model(input_ids=ids).logits, ours[name])
+            say(describe_comparison(f"PEFT PeftModel.from_pretrained({name!r}) vs lora_ext", d))
         first, last = names[0], names[-1]
         lora_ext.set_adapter(model, first, inference_mode=True)
         merged = lora_ext.merge_and_unload(model)
-        out[f"lora_ext_merged_{first}"] = d = _max_diff(merged(input_ids=ids).logits, ours[first])
-        say(_said(f"lora_ext.merge_and_unload({first!r}) vs unmerged", d))
+        out[f"lora_ext_merged_{first}"] = d = compare_logits(merged(input_ids=ids).logits, ours[first])
+        say(describe_comparison(f"lora_ext.merge_and_unload({first!r}) vs unmerged", d))
         peft_model.set_adapter(last)
         merged_peft = peft_model.merge_and_unload()
-        out[f"peft_merged_{last}"] = d = _max_diff(merged_peft(input_ids=ids).logits, ours[last])
-        say(_said(f"PEFT merge_and_unload({last!r}) vs lora_ext unmerged", d))
+        out[f"peft_merged_{last}"] = d = compare_logits(merged_peft(input_ids=ids).logits, ours[last])
+        say(describe_comparison(f"PEFT merge_and_unload({last!r}) vs lora_ext unmerged", d))
     return out
 
 
@@ -252,13 +282,18 @@ def plot_losses(curves: dict[str, list[float]], path: Path,
 
 
 class Logger:
-    """Prints phases and lines without breaking tqdm's bars."""
+    """Prints phases and lines without breaking tqdm's bars; prints nothing when not ``enabled`` (the
+    ranks other than 0 of a distributed run)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     def phase(self, text: str) -> None:
-        tqdm.write(f"\n== {text}")
+        self.say(f"\n== {text}")
 
     def say(self, text: str) -> None:
-        tqdm.write(text)
+        if self.enabled:
+            tqdm.write(text)
 
     def table(self, table: dict[str, dict[str, float]], base_before: dict[str, float]) -> None:
         tasks = list(table)
