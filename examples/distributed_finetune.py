@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ (python -P does not add it)
 import corpora  # noqa: E402
@@ -134,9 +133,7 @@ def finetune(model, make_fresh: Callable[[], torch.nn.Module], data: dict, args,
     # train_per_row gives its optimizer model.parameters(): after a forward with reshard_after_forward=False
     # (the evaluation above) those are FSDP2's gathered copies, which each all-gather overwrites and whose
     # gradients it moves to the shards: nothing would train. Back to the sharded parameters first.
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    lora_ext.distributed.reshard(model)
     curve = llm_train.train_per_row(model, {task: train}, steps=args.steps, rows=args.rows, lr=args.lr,
                                     seed=args.seed, progress=rank == 0)[task]
     timings["train"] = time.perf_counter() - t

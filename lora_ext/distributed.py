@@ -45,13 +45,14 @@ from torch import nn
 from . import dtensors
 from .adapter_io import adapter_state_dict, read_adapter
 from .model import adapter_configs
-from .fsdp import shard_lora_model, transformer_blocks
+from .fsdp import reshard, shard_lora_model, transformer_blocks
 from .training_state import (_dist, _names, load_training_state, read_training_state, save_training_state,
                              training_state)
 from .wrappers import is_wrapped, unwrap, wrapped_by
 
 __all__ = ["unwrap", "is_wrapped", "wrapped_by", "broadcast_adapters", "training_state", "save_training_state",
-           "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "load_adapter_values"]
+           "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "reshard",
+           "load_adapter_values"]
 # Also LoraColwiseParallel, LoraRowwiseParallel and reduce_replicated_grads (tensor_parallel.py, which imports
 # torch.distributed.tensor): loaded on first use, so this module imports where torch.distributed is missing.
 _TENSOR_PARALLEL = ("LoraColwiseParallel", "LoraRowwiseParallel", "reduce_replicated_grads")

@@ -21,9 +21,9 @@ from typing import Iterable, Optional
 from torch import nn
 
 from . import dtensors
-from .wrappers import wrapped_by
+from .wrappers import reshard_fsdp, wrapped_by
 
-__all__ = ["shard_lora_model", "transformer_blocks"]
+__all__ = ["shard_lora_model", "transformer_blocks", "reshard"]
 
 # A transformer block: the i-th module of a ModuleList named like the block lists of LLaMA/Mistral/Qwen
 # (model.layers.<i>), GPT-2 (transformer.h.<i>), BERT (encoder.layer.<i>) and T5 (encoder.block.<i>).
@@ -78,7 +78,12 @@ def shard_lora_model(model: nn.Module, *, mesh=None, block_types: Optional[Itera
     ``mp_policy``, ``offload_policy``, ...). Raises ``ValueError`` when the model is already held by
     DDP or FSDP, or when a group would train parameters of several dtypes (FSDP2 asserts on that;
     keep the adapters in one dtype, e.g. float32 on a bfloat16 base with bfloat16 ``modules_to_save``
-    cast to float32)."""
+    cast to float32).
+
+    With ``reshard_after_forward=False``, a forward leaves FSDP2's gathered copies registered as the
+    modules' parameters, so ``model.parameters()`` then returns those copies: an optimizer built from
+    them never sees the gradients (which go to the shards) and trains nothing. Build the optimizer
+    right after sharding, or call :func:`reshard` first."""
     where = "lora_ext.distributed.shard_lora_model"
     held = [w for w in wrapped_by(model) if not w.startswith("DTensor")]  # tensor parallel first is fine
     if held:
@@ -97,4 +102,13 @@ def shard_lora_model(model: nn.Module, *, mesh=None, block_types: Optional[Itera
     for _, block in blocks:
         fully_shard(block, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    return model
+
+
+def reshard(model: nn.Module) -> nn.Module:
+    """Register the sharded parameters of every FSDP2 module in ``model`` again (``FSDPModule.reshard()``),
+    freeing gathered copies; returns ``model``. ``lora_ext.merge`` / ``unmerge`` / ``save_adapter`` do
+    this themselves; call it before building an optimizer from ``model.parameters()`` after a forward
+    with ``reshard_after_forward=False``."""
+    reshard_fsdp(model)
     return model
