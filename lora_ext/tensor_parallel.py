@@ -43,8 +43,8 @@ The strategies are registered for ``lora_linear`` (no-grad and inference calls) 
 its C++ autograd calls: ``_lora_linear_forward``, ``_lora_linear_backward_lora`` and
 ``_lora_linear_backward_input`` (the frozen weight's and bias's gradients, when asked for, are
 plain ``mm``/``sum`` that DTensor already shards). Each op also has an all-``Replicate`` strategy.
-Not covered: per-row adapter batches (``lora_linear_multi``), merging into sharded weights, other
-LoRA layer types (embedding, conv, GPT-2 ``Conv1D``).
+Merging into the sharded weights is ``dtensors.py``'s (``lora_ext.merge`` / ``unmerge``). Not covered:
+per-row adapter batches (``lora_linear_multi``), other LoRA layer types (embedding, conv, GPT-2 ``Conv1D``).
 """
 from __future__ import annotations
 
