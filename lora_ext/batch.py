@@ -42,6 +42,12 @@ def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[Adapte
     if other:
         raise NotImplementedError(f"adapter_batch: per-row adapters are implemented for linear layers; "
                                   f"{other} hold adapters of this batch (Embedding/Conv LoRA or modules_to_save)")
+    sharded = [p or "<root>" for p, layer in layers if getattr(layer, "_tp_layout", None) is not None]
+    if sharded:
+        raise NotImplementedError(f"adapter_batch: per-row adapters are not implemented for tensor-parallel layers "
+                                  f"(the per-row op has no DTensor sharding strategy); {sharded[:3]} were "
+                                  "parallelized by LoraColwiseParallel/LoraRowwiseParallel. Use set_adapter, or "
+                                  "FSDP2/DDP, for several adapters")
     merged = [p or "<root>" for p, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"adapter_batch: {merged} have merged adapters; unmerge() first")

@@ -404,6 +404,8 @@ def _guards(mesh):
     emb = lora_ext.inject_adapter(nn.ModuleDict({"e": nn.Embedding(10, D)}), LoraConfig(r=2, target_modules=["e"]))
     out["embedding"] = _error(lambda: parallelize_module(emb, mesh, {"e": LoraRowwiseParallel()}), (TypeError,))
     out["all DTensors"] = all(isinstance(p, DTensor) for p in q.parameters())
+    out["adapter_batch"] = _error(lambda: lora_ext.adapter_batch(model, ["default"] * ROWS).__enter__(),
+                                  (NotImplementedError,))
     out["rank"], out["k"] = rank, k
     return out
 
@@ -628,6 +630,8 @@ def test_guards_and_what_torch_colwise_parallel_does_with_a_lora_layer(world2):
         assert g["twice"].startswith("ValueError: LoraColwiseParallel: expected a LoraLinear that is not "
                                      "parallelized yet"), g["twice"]
         assert g["embedding"].startswith("TypeError: LoraRowwiseParallel: expected a LoraLinear"), g["embedding"]
+        assert g["adapter_batch"].startswith("NotImplementedError: adapter_batch: per-row adapters are not "
+                                             "implemented for tensor-parallel layers"), g["adapter_batch"]
 
 
 @pytest.mark.parametrize("mode", ["lora", "uneven, rank 1"])
