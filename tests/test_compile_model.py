@@ -68,7 +68,8 @@ def test_compiled_training_steps_equal_eager(dropout):
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-6)
     assert want[-1] < want[0]  # the steps train
     if dropout:  # the compiled graph applies dropout: its masks (drawn from the same RNG) matter
-        assert not torch.equal(torch.stack(want), torch.stack(train_steps(*2 * (lora_llama(0.0),), ids)))
+        no_dropout = lora_llama(0.0)
+        assert not torch.equal(torch.stack(want), torch.stack(train_steps(no_dropout, no_dropout, ids)))
     trained, initial = adapters_of(model), adapters_of(lora_llama(dropout))
     for name, p in adapters_of(eager).items():
         torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -127,7 +128,8 @@ def test_adding_adapters_does_not_recompile_and_switching_compiles_once_per_adap
             fwd(input_ids=ids, labels=ids).loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         want = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
-        assert grads.keys() == want.keys() and grads, f"{what}: gradients reach {sorted(grads)}, expected {sorted(want)}"
+        assert grads.keys() == want.keys() and grads, (
+            f"{what}: gradients reach {sorted(grads)}, expected {sorted(want)}")
         for n in want:
             torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, {n}: {m}")
         return counter.frame_count - before
