@@ -23,6 +23,9 @@ def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[Adapte
     started inside the ``with`` start with an empty context and do not see it.) Model-wide
     switches (``set_adapter``, ``merge``, ``disable_adapters``) are not per request.
 
+    With activation checkpointing, call ``backward()`` inside the ``with``: the recomputed forward
+    needs the same batch, and a recomputation after the ``with`` raises ``RuntimeError``.
+
     Raises ``ValueError`` for unknown names or merged adapters, and ``NotImplementedError`` when
     a batch adapter sits on an Embedding/Conv layer or in ``modules_to_save`` (per-row adapters
     are implemented for linear layers).
@@ -58,4 +61,4 @@ def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[Adapte
     try:
         yield batch
     finally:
-        exit_batch(token)
+        exit_batch(token, batch)

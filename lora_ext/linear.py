@@ -8,7 +8,7 @@ from torch import nn
 
 from . import ops
 from .layer import LoraLayer
-from .multi import current_batch, multi_forward
+from .multi import current_batch, multi_forward, training_batch
 
 
 class LoraLinear(LoraLayer):
@@ -28,6 +28,7 @@ class LoraLinear(LoraLayer):
     """
 
     base_types = (nn.Linear,)
+    _train_batch = None  # the adapter_batch of the last training forward (multi.training_batch)
 
     @property
     def in_features(self) -> int:
@@ -52,6 +53,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = current_batch(self)  # this thread's / task's adapter_batch, if any
+        if self.training and (batch is not None or self._train_batch is not None):
+            batch = training_batch(self, batch)  # also in a recomputation (activation checkpointing)
         if batch is not None and not self.disable_adapters:
             return multi_forward(self, x, batch)  # one adapter per row
         names = self._adapters_for_forward()

@@ -83,11 +83,48 @@ def enter_batch(batch: AdapterBatch) -> contextvars.Token:
     return token
 
 
-def exit_batch(token: contextvars.Token) -> None:
+def exit_batch(token: contextvars.Token, batch: AdapterBatch) -> None:
     global _open_contexts
     with _open_lock:
         _open_contexts -= 1
     _CURRENT.reset(token)
+    for layer in batch.layers:  # the batch's training forwards can no longer be recomputed with it
+        if layer._train_batch is batch:
+            layer._train_batch = EXITED
+
+
+class _Exited:
+    """``layer._train_batch`` once the ``adapter_batch`` of the layer's last training forward closed."""
+
+    def __reduce__(self):  # one object, also through copy.deepcopy and pickle
+        return "EXITED"
+
+
+EXITED = _Exited()
+
+
+def training_batch(layer, batch: Optional[AdapterBatch]) -> Optional[AdapterBatch]:
+    """The per-row batch of a training-mode forward of ``layer``, given the current one (``batch``).
+
+    Activation checkpointing (``torch.utils.checkpoint``, reentrant or not) runs the forward again
+    during backward, where the ``adapter_batch`` of the original forward is not current when
+    backward runs after the ``with`` or on another thread (the autograd engine's device threads).
+    So every training forward notes its batch on the layer (``exit_batch`` replaces it by
+    ``EXITED``), and a recomputation with no current batch uses the noted one while its ``with`` is
+    open; after it, the recomputation is refused rather than silently run with the model's active
+    adapters (wrong gradients).
+    """
+    if torch._C._current_graph_task_id() == -1 or not torch.is_grad_enabled():  # not a recomputation
+        layer._train_batch = batch  # None clears the note
+        return batch
+    noted = layer._train_batch
+    if batch is not None or noted is not EXITED:
+        return batch if batch is not None else noted
+    raise RuntimeError(
+        f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward "
+        "during backward, and the adapter_batch it ran under has been exited; expected backward() inside that "
+        "`with lora_ext.adapter_batch(...)` (the recomputation must give each row the same adapter), got a "
+        "recomputation after the `with`")
 
 
 def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
