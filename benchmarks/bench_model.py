@@ -108,6 +108,71 @@ def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -
                 losses=losses, peak_rss_increase=peak, trainable=sum(p.numel() for p in params))
 
 
+def _category(stack: list) -> str:
+    """Where a tensor saved for backward comes from, by the modules running when it was saved."""
+    names = [type(m).__name__ for m in stack]
+    mods = [type(m).__module__ for m in stack]
+    if any(n == "LoraLinear" or (n == "Linear" and "peft" in mod) for n, mod in zip(names, mods)):
+        return "LoRA layers (inputs for the A gradient, dropout, h)"
+    for key, label in (("RMSNorm", "norms"), ("Attention", "attention (q/k/v, softmax)"), ("MLP", "MLP (gate/up/act)"),
+                       ("Embedding", "embeddings")):
+        if any(key in n for n in names[-1:]) or (names and key in names[-1]):
+            return label
+    if any("Attention" in n for n in names):
+        return "attention (q/k/v, softmax)"
+    if any("MLP" in n for n in names):
+        return "MLP (gate/up/act)"
+    return "head, logits and loss" if not names or names[-1] in ("Linear", "LlamaForCausalLM") else \
+        f"other ({names[-1]})"
+
+
+def breakdown(variant: str, dropout: float, threads: int) -> dict:
+    """Bytes saved for backward in one training step, by where they were saved (unique storages, parameters
+    excluded), plus gradients and AdamW state of the trainable parameters."""
+    import smollm2
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    model, tokenizer = smollm2.load_smollm2(torch.float32)
+    ids = _batches(tokenizer, 1)[0]
+    net, params = _setup(variant, model, dropout)
+    net.train()
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack, seen, by_cat = [], set(), {}
+
+    def pre(module, args):
+        stack.append(module)
+
+    def post(module, args, out):
+        stack.pop()
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key not in param_storages:
+            seen.add(key)
+            cat = _category(stack)
+            by_cat[cat] = by_cat.get(cat, 0) + t.untyped_storage().nbytes()
+        return t
+
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if variant.startswith("floor"):
+                x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                loss = net(inputs_embeds=x, labels=ids).loss
+            else:
+                loss = net(input_ids=ids, labels=ids).loss
+    finally:
+        h1.remove()
+        h2.remove()
+    loss.backward()
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    by_cat["gradients of the trainable parameters"] = trainable
+    by_cat["AdamW state (2 moments)"] = 2 * trainable
+    return dict(variant=variant, dropout=dropout, bytes=by_cat)
+
+
 def _run(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
     cmd = [sys.executable, "-P", __file__, "--child", variant, "--dropout", str(dropout), "--steps", str(steps),
            "--warmup", str(warmup), "--threads", str(threads)]
@@ -148,6 +213,25 @@ def table(rounds: list[dict], variants: list[str], dropouts: list[float]) -> str
     return "\n".join(lines)
 
 
+def _print_breakdown(threads: int) -> None:
+    runs = [("floor", 0.0), ("peft", 0.0), ("lora_ext", 0.0), ("peft", 0.05), ("lora_ext", 0.05)]
+    got = []
+    for v, p in runs:
+        cmd = [sys.executable, "-P", __file__, "--breakdown", v, "--dropout", str(p), "--threads", str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench_model: breakdown of {v} failed:\n{out.stderr[-3000:]}")
+        got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cats = sorted({c for g in got for c in g["bytes"]})
+    print("MiB saved for backward in one step (unique storages, parameters excluded), plus gradients and AdamW "
+          "state; batch 4 x 128, fp32\n")
+    print("| | " + " | ".join(f"{g['variant']} (dropout {g['dropout']})" for g in got) + " |")
+    print("|---|" + "---|" * len(got))
+    for c in cats:
+        print(f"| {c} | " + " | ".join(f"{g['bytes'].get(c, 0) / 2**20:.1f}" for g in got) + " |")
+    print("| **total** | " + " | ".join(f"{sum(g['bytes'].values()) / 2**20:.1f}" for g in got) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -161,9 +245,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round, 4 steps (2 timed), dropout 0.05 only")
     ap.add_argument("--curve", type=int, default=0, help="also N-step loss curves of PEFT and lora_ext")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_model.json"))
+    ap.add_argument("--memory", action="store_true", help="only: where the memory of one step goes, by variant")
+    ap.add_argument("--breakdown", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.dropout, args.steps, args.warmup, args.threads)))
+        return
+    if args.breakdown:
+        print(json.dumps(breakdown(args.breakdown, args.dropout, args.threads)))
+        return
+    if args.memory:
+        _print_breakdown(args.threads)
         return
     if args.quick:
         args.rounds, args.steps, args.dropouts = 1, 4, "0.05"
