@@ -154,3 +154,15 @@ def value_error(fn) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def file_hashes(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path (saves compared byte for byte)."""
+    import hashlib
+
+    out = {}
+    for root, _, names in os.walk(folder):
+        for f in names:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

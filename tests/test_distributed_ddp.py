@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import sgd_then_adamw, timed_world, value_error
+from dist_harness import file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
 from models import LLAMA_TARGETS, Block, BlockNet as Net, tiny_llama
 
@@ -150,16 +149,6 @@ def _dropout_outputs(rank):
     return dict(y=y, y_ref=y_ref, y_eval=y_eval)
 
 
-def _files(folder):
-    """sha256 of every file under ``folder``, by relative path."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for f in names:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), folder)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def _state(model):
     return list(lora_ext.model.adapter_configs(model)), sorted(_trainable(model)), repr(model)
 
@@ -189,7 +178,7 @@ def _guards(rank, tmp):
     for name, wrapped in (("ddp", ddp), ("ddp(compile)", DDP(torch.compile(model)))):
         lora_ext.save_adapter(wrapped, os.path.join(tmp, name), "a")
         lora_ext.save_adapter(wrapped, os.path.join(tmp, name), "c")
-    out["files"] = {k: _files(os.path.join(tmp, k)) for k in ("plain", "ddp", "ddp(compile)")}
+    out["files"] = {k: file_hashes(os.path.join(tmp, k)) for k in ("plain", "ddp", "ddp(compile)")}
     # FSDP2 and tensor parallel hold their parameters as DTensors
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -214,7 +203,7 @@ def _guards(rank, tmp):
     out["errors"]["FSDP1"] = value_error(lambda: lora_ext.add_adapter(fsdp1, LoraConfig(**LORA_B), "new"))
     with FSDP.summon_full_params(fsdp1, writeback=False):
         lora_ext.save_adapter(fsdp1, os.path.join(tmp, "fsdp1"))
-    out["files"] |= {k: _files(os.path.join(tmp, k)) for k in ("plain lora_only", "fsdp1")}
+    out["files"] |= {k: file_hashes(os.path.join(tmp, k)) for k in ("plain lora_only", "fsdp1")}
     out["is_wrapped"] = [lora_ext.distributed.is_wrapped(m) for m in (model, ddp, sharded, tp, fsdp1)]
     return out
 
@@ -345,7 +334,7 @@ def test_save_through_checkpoint_and_compile_wrappers_is_byte_identical(tmp_path
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
     for name, m in cases.items():
         lora_ext.save_adapter(m, str(tmp_path / name))
-        assert _files(tmp_path / name) == _files(tmp_path / "plain"), name
+        assert file_hashes(tmp_path / name) == file_hashes(tmp_path / "plain"), name
     keys = load_file(str(tmp_path / "plain" / "adapter_model.safetensors")).keys()
     assert "base_model.model.blocks.0.fc1.lora_A.weight" in keys and "base_model.model.head.weight" in keys
     # the model-level API looks through a torch.compile wrapper: the state lives on the model inside
@@ -356,7 +345,7 @@ def test_save_through_checkpoint_and_compile_wrappers_is_byte_identical(tmp_path
     assert list(lora_ext.model.adapter_configs(inner)) == ["default"] and "lora_ext_configs" not in vars(compiled)
     lora_ext.save_adapter(compiled, str(tmp_path / "compiled model"))
     lora_ext.save_adapter(inner, str(tmp_path / "inner model"))
-    assert _files(tmp_path / "compiled model") == _files(tmp_path / "inner model")
+    assert file_hashes(tmp_path / "compiled model") == file_hashes(tmp_path / "inner model")
     assert lora_ext.merge_and_unload(compiled) is compiled and not lora_ext.model.adapter_configs(inner)
     assert not any(isinstance(m, lora_ext.LoraLayer) for m in inner.modules())
 

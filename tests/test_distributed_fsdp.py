@@ -15,7 +15,6 @@ parameters without moving their version counters. One process world serves every
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 
 import pytest
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from dist_harness import sgd_then_adamw, timed_world, value_error
+from dist_harness import file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
 from models import Block, BlockNet as Net, tiny_llama
 
@@ -126,14 +125,6 @@ def _train(rank, world, reshard, dtype=torch.float32, steps=SGD_STEPS + ADAMW_ST
                 model=model)
 
 
-def _files(folder):
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as fh:
-            out[name] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def _merge_checks(model):
     lora_ext.wrappers.reshard_fsdp(model)  # after a forward with reshard_after_forward=False
     base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
@@ -201,7 +192,7 @@ def _world(rank, world_size, tmp):
     out["adapter bytes"] = sum(t.numel() * t.element_size()
                                for t in lora_ext.adapter_io.adapter_state_dict(model, "b").values())
     dist.barrier()
-    out["files"] = _files(folder)
+    out["files"] = file_hashes(folder)
     out["merge"] = _merge_checks(model)
     # values into the existing (sharded) adapter: restored exactly; a file that does not fit changes nothing
     saved_b = {k: v for k, v in _trainable(model).items() if ".b." in k or k.endswith(".b")}
@@ -303,7 +294,7 @@ def test_collective_save_gathers_only_the_adapter_and_matches_a_single_process_s
             if name in out["merge"]["trained"]:
                 p.copy_(out["merge"]["trained"][name])
     folder = lora_ext.save_adapter(model, str(tmp_path), "b")
-    assert out["files"] == _files(folder)
+    assert out["files"] == file_hashes(folder)
     assert all(r["files"] == out["files"] for r in ranks)
 
 

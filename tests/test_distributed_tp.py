@@ -12,7 +12,6 @@ all-reduces r*in (colwise) / out*r (rowwise) elements per layer. One process wor
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import warnings
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from dist_harness import timed_world
+from dist_harness import file_hashes, timed_world
 from lora_ext import LoraConfig
 
 D, HIDDEN, R = 64, 100, 4
@@ -202,15 +201,11 @@ def _train(mode, mesh):
     )
 
 
-def _files(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
-
-
 def _save_and_merge(model, folder):
     """A collective save, then merges into the tensor-parallel weights: exact (and its unmerge), then plain."""
     from torch.distributed.tensor import DTensor
 
-    files = _files(lora_ext.save_adapter(model, folder))
+    files = file_hashes(lora_ext.save_adapter(model, folder))
     base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight") and isinstance(p, DTensor)}
     local = {n: p.to_local().clone() for n, p in base.items()}
     out = dict(files=files, base={n: _whole(p) for n, p in base.items()})
@@ -646,7 +641,7 @@ def test_save_and_merge_of_a_tensor_parallel_model_match_a_single_process(world2
             for name, p in model.named_parameters():
                 if name in out[mode]["trained"]:
                     p.copy_(out[mode]["trained"][name])
-        assert got["files"] == _files(lora_ext.save_adapter(model, str(tmp_path / "single")))
+        assert got["files"] == file_hashes(lora_ext.save_adapter(model, str(tmp_path / "single")))
         weights = {n: p for n, p in model.named_parameters() if n in got["base"]}
         assert weights and all(torch.equal(p, got["base"][n]) for n, p in weights.items())
         lora_ext.merge(model, exact=True)
