@@ -29,6 +29,7 @@ from .multi import AdapterBatch
 from .names import BASE
 from .linear import LoraLinear
 from .weighted import add_weighted_adapter
+from .saved_inputs import compress_saved_inputs
 from .model import (
     add_adapter,
     delete_adapter,
@@ -61,4 +62,5 @@ __all__ = [
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
     "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter", "adapter_batch", "AdapterBatch", "BASE",
+    "compress_saved_inputs",
 ]

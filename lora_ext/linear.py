@@ -1,12 +1,13 @@
 """``LoraLinear``: LoRA on an existing ``nn.Linear`` through the compiled ``lora_linear`` op."""
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, saved_inputs
 from .layer import LoraLayer
 from .multi import current_batch, multi_forward, training_batch
 
@@ -55,11 +56,15 @@ class LoraLinear(LoraLayer):
         batch = current_batch(self)  # this thread's / task's adapter_batch, if any
         if self.training and (batch is not None or self._train_batch is not None):
             batch = training_batch(self, batch)  # also in a recomputation (activation checkpointing)
-        if batch is not None and not self.disable_adapters:
-            return multi_forward(self, x, batch)  # one adapter per row
-        names = self._adapters_for_forward()
-        if not names:
+        per_row = batch is not None and not self.disable_adapters
+        names = None if per_row else self._adapters_for_forward()
+        if not per_row and not names:
             return self.base_layer(x)
+        hooks = saved_inputs.hooks_for(x, self._base_weight())  # compress_saved_inputs, when asked for
+        with hooks or contextlib.nullcontext():
+            return multi_forward(self, x, batch) if per_row else self._lora_forward(x, names)
+
+    def _lora_forward(self, x: torch.Tensor, names: list) -> torch.Tensor:
         first, *rest = names
         a, b = self.adapter_weights(first)
         y = ops.lora_linear(
