@@ -2,7 +2,8 @@
 
     bash scripts/run.sh benchmarks/bench_model.py              # 4 rounds, dropout 0 and 0.05 (~25 min idle)
     bash scripts/run.sh benchmarks/bench_model.py --quick      # 1 round, 3 timed steps (~4 min)
-    bash scripts/run.sh benchmarks/bench_model.py --curve 50   # + PEFT and lora_ext loss curves, 50 steps
+    bash scripts/run.sh benchmarks/bench_model.py --curve 50   # + PEFT, lora_ext and lora_ext+int8 loss curves
+    bash scripts/run.sh benchmarks/bench_model.py --memory     # where the memory goes; the allocator's peak
 
 The model is the main job's (examples/smollm2.py: the GGUF's Q4_1 weights dequantized to float32), LoRA r=8,
 alpha 16 on q/k/v/o/gate/up/down, batch 4 x 128 tokens of the "docs" training windows, AdamW, fp32, 2 threads.
@@ -13,7 +14,11 @@ Variants (``--variants``):
 - ``peft`` / ``lora_ext``: LoRA by PEFT (``get_peft_model``) / by lora_ext (``inject_adapter``).
 - ``peft+ckpt`` / ``lora_ext+ckpt``: the same with transformers' per-block activation checkpointing
   (``gradient_checkpointing_enable``, non-reentrant).
-- ``full``: full fine-tuning (every parameter trains).
+- ``lora_ext+bf16`` / ``lora_ext+int8``: lora_ext with ``compress_saved_inputs("bf16" / "int8")`` around the
+  forward: the input each LoRA layer keeps for the A gradient is saved in bfloat16 / int8 with a per-row scale.
+- ``floor+compile`` / ``peft+compile`` / ``lora_ext+compile``: ``torch.compile(model)`` (inductor); the first
+  ``--warmup`` steps include compilation and are untimed.
+- ``full``: full fine-tuning (every parameter trains); ``full+compile`` the same compiled.
 
 Each run is its own process (no allocator or cache state carries over), the order alternates between rounds,
 and every figure is reported as the range over rounds. Step time: the median of the timed steps after
@@ -38,7 +43,8 @@ sys.path.insert(0, str(ROOT / "examples"))  # python -P adds no script folder
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("floor", "peft", "lora_ext", "peft+ckpt", "lora_ext+ckpt", "full")
+VARIANTS = ("floor", "peft", "lora_ext", "peft+ckpt", "lora_ext+ckpt", "lora_ext+bf16", "lora_ext+int8",
+            "floor+compile", "peft+compile", "lora_ext+compile", "full", "full+compile")
 ROWS, SEQ, LR, SEED = 4, 128, 2e-4, 0
 
 
@@ -53,7 +59,7 @@ def _batches(tokenizer, n: int) -> list[torch.Tensor]:
 def _setup(variant: str, model, dropout: float):
     """(the module to call, the parameters that train)."""
     base = variant.split("+")[0]
-    if "+ckpt" in variant:
+    if "+ckpt" in variant.split("+"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if base == "full":
         return model, list(model.parameters())
@@ -75,6 +81,32 @@ def _setup(variant: str, model, dropout: float):
     raise ValueError(f"bench_model: expected a variant in {VARIANTS}, got {variant!r}")
 
 
+def _compressed(variant: str):
+    import contextlib
+
+    mode = next((m for m in ("bf16", "int8") if m in variant.split("+")), None)
+    if mode is None:
+        return contextlib.nullcontext()
+    import lora_ext
+
+    return lora_ext.compress_saved_inputs(mode)
+
+
+def _train_step(variant: str, net, embed, ids: torch.Tensor, opt) -> torch.Tensor:
+    """One training step; returns the (detached) loss."""
+    with _compressed(variant):
+        if variant.startswith("floor"):
+            x = embed(ids).detach().requires_grad_(True)  # the backward reaches every layer, no weight gradient
+            loss = net(inputs_embeds=x, labels=ids).loss
+        else:
+            loss = net(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
     """One variant in this process: ``steps`` training steps; times, losses and the peak RSS increase."""
     import seed_methods
@@ -86,21 +118,15 @@ def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -
     batches = _batches(tokenizer, steps)
     net, params = _setup(variant, model, dropout)
     net.train()
+    if "compile" in variant.split("+"):
+        net = torch.compile(net)
     opt = torch.optim.AdamW(params, lr=LR) if params else None
     embed = model.get_input_embeddings()
     rss = seed_methods.PeakRSS().start()
     times, losses = [], []
     for ids in batches:
         start = time.perf_counter()
-        if variant.startswith("floor"):
-            x = embed(ids).detach().requires_grad_(True)  # the backward reaches every layer, no weight gradient
-            loss = net(inputs_embeds=x, labels=ids).loss
-        else:
-            loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        loss = _train_step(variant, net, embed, ids, opt)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     peak = rss.stop()
@@ -157,7 +183,7 @@ def breakdown(variant: str, dropout: float, threads: int) -> dict:
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = torch.nn.modules.module.register_module_forward_hook(post)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _compressed(variant):
             if variant.startswith("floor"):
                 x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 loss = net(inputs_embeds=x, labels=ids).loss
@@ -171,6 +197,32 @@ def breakdown(variant: str, dropout: float, threads: int) -> dict:
     by_cat["gradients of the trainable parameters"] = trainable
     by_cat["AdamW state (2 moments)"] = 2 * trainable
     return dict(variant=variant, dropout=dropout, bytes=by_cat)
+
+
+def allocator_peak(variant: str, dropout: float, threads: int, steps: int = 2) -> int:
+    """The CPU allocator's peak during the first ``steps`` training steps, above the loaded, set-up model
+    (bytes; from the profiler's memory events, so gradients and AdamW state are included)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+    import smollm2
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    model, tokenizer = smollm2.load_smollm2(torch.float32)
+    batches = _batches(tokenizer, steps)
+    net, params = _setup(variant, model, dropout)
+    net.train()
+    opt = torch.optim.AdamW(params, lr=LR) if params else None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for ids in batches:
+            _train_step(variant, net, model.get_input_embeddings(), ids, opt)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+              and e["args"].get("Device Type", 0) == 0]
+    return max(totals, default=0)
 
 
 def _run(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
@@ -214,7 +266,8 @@ def table(rounds: list[dict], variants: list[str], dropouts: list[float]) -> str
 
 
 def _print_breakdown(threads: int) -> None:
-    runs = [("floor", 0.0), ("peft", 0.0), ("lora_ext", 0.0), ("peft", 0.05), ("lora_ext", 0.05)]
+    runs = [("floor", 0.0)] + [(v, p) for p in (0.0, 0.05)
+                               for v in ("peft", "lora_ext", "lora_ext+bf16", "lora_ext+int8")]
     got = []
     for v, p in runs:
         cmd = [sys.executable, "-P", __file__, "--breakdown", v, "--dropout", str(p), "--threads", str(threads)]
@@ -222,14 +275,30 @@ def _print_breakdown(threads: int) -> None:
         if out.returncode != 0:
             raise RuntimeError(f"bench_model: breakdown of {v} failed:\n{out.stderr[-3000:]}")
         got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{v} (dropout {p}): allocator peak +{got[-1]['allocator_peak'] / 2**20:.1f} MiB", flush=True)
     cats = sorted({c for g in got for c in g["bytes"]})
-    print("MiB saved for backward in one step (unique storages, parameters excluded), plus gradients and AdamW "
-          "state; batch 4 x 128, fp32\n")
+    print("\nMiB saved for backward in one step (unique storages, parameters excluded), plus gradients and AdamW "
+          "state; and the CPU allocator's peak over the first 2 steps above the loaded model; batch 4 x 128, "
+          "fp32\n")
     print("| | " + " | ".join(f"{g['variant']} (dropout {g['dropout']})" for g in got) + " |")
     print("|---|" + "---|" * len(got))
     for c in cats:
         print(f"| {c} | " + " | ".join(f"{g['bytes'].get(c, 0) / 2**20:.1f}" for g in got) + " |")
-    print("| **total** | " + " | ".join(f"{sum(g['bytes'].values()) / 2**20:.1f}" for g in got) + " |")
+    floor = next(g for g in got if g["variant"] == "floor")
+
+    def above(g, key):
+        return (sum(g["bytes"].values()) - sum(floor["bytes"].values())) if key == "saved" else \
+            g["allocator_peak"] - floor["allocator_peak"]
+
+    print("| **saved total** | " + " | ".join(f"{sum(g['bytes'].values()) / 2**20:.1f}" for g in got) + " |")
+    print("| **allocator peak** | " + " | ".join(f"{g['allocator_peak'] / 2**20:.1f}" for g in got) + " |")
+    for key in ("saved", "allocator"):
+        cells = []
+        for g in got:
+            peft = next(x for x in got if x["variant"] == "peft" and x["dropout"] == g["dropout"])
+            mib, ratio = above(g, key) / 2**20, above(g, key) / above(peft, key)
+            cells.append("-" if g is floor else f"{mib:.1f} ({ratio:.2f}x)")
+        print(f"| {key} above the floor (/ PEFT's) | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -252,7 +321,9 @@ def main() -> None:
         print(json.dumps(child(args.child, args.dropout, args.steps, args.warmup, args.threads)))
         return
     if args.breakdown:
-        print(json.dumps(breakdown(args.breakdown, args.dropout, args.threads)))
+        got = breakdown(args.breakdown, args.dropout, args.threads)
+        got["allocator_peak"] = allocator_peak(args.breakdown, args.dropout, args.threads)
+        print(json.dumps(got))
         return
     if args.memory:
         _print_breakdown(args.threads)
@@ -278,14 +349,20 @@ def main() -> None:
     print(f"\nSmolLM2-135M fp32, LoRA r=8 on {len(TARGETS)} projections, batch {ROWS}x{SEQ}, AdamW, "
           f"{args.threads} threads; {args.rounds} round(s) of {args.steps} steps ({args.warmup} untimed), "
           f"{time.time() - start:.0f} s\n")
-    print(table(rounds, variants, dropouts))
+    if rounds:
+        print(table(rounds, variants, dropouts))
     result = {"rounds": [{f"{v}@{p}": x for (v, p), x in r.items()} for r in rounds], "args": vars(args)}
     if args.curve:
-        curves = {v: _run(v, 0.05, args.curve, 0, args.threads)["losses"] for v in ("peft", "lora_ext")}
-        worst = max(abs(a - b) / abs(b) for a, b in zip(curves["lora_ext"], curves["peft"]))
-        print(f"\nloss curves over {args.curve} steps (dropout 0.05, same seed and data): max relative difference "
-              f"lora_ext vs PEFT {worst:.2e}; last losses {curves['peft'][-1]:.4f} (PEFT) "
-              f"{curves['lora_ext'][-1]:.4f} (lora_ext)")
+        curves = {v: _run(v, 0.05, args.curve, 0, args.threads)["losses"]
+                  for v in ("peft", "lora_ext", "lora_ext+int8")}
+        print(f"\nloss curves over {args.curve} steps (dropout 0.05, same seed and data)\n")
+        print("| step | " + " | ".join(curves) + " |")
+        print("|---|" + "---|" * len(curves))
+        for i in sorted({0, *range(9, args.curve, 10), args.curve - 1}):
+            print(f"| {i + 1} | " + " | ".join(f"{c[i]:.4f}" for c in curves.values()) + " |")
+        for v in ("lora_ext", "lora_ext+int8"):
+            worst = max(abs(a - b) / abs(b) for a, b in zip(curves[v], curves["peft"]))
+            print(f"max relative difference {v} vs PEFT over the {args.curve} steps: {worst:.2e}")
         result["curves"] = curves
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
