@@ -10,13 +10,16 @@ set(LORA_EXT_CORE_SOURCES
   csrc/ops/registration.cpp
   csrc/ops/ops.cpp
   csrc/ops/common/checks.cpp
+  csrc/ops/common/quant_checks.cpp
   csrc/ops/cpu/add_scaled_cpu.cpp
+  csrc/ops/cpu/dequantize_cpu.cpp
   csrc/ops/cpu/dropout_cpu.cpp
   csrc/ops/cpu/lora_linear_cpu.cpp
   csrc/ops/cpu/lora_linear_multi_cpu.cpp
   csrc/ops/cpu/merge_cpu.cpp
   csrc/ops/cpu/merge_exact_cpu.cpp
   csrc/ops/cpu/skinny_gemm.cpp
+  csrc/ops/meta/dequantize_meta.cpp
   csrc/ops/meta/lora_linear_meta.cpp
   csrc/ops/meta/lora_linear_multi_meta.cpp
   csrc/ops/meta/merge_meta.cpp

@@ -40,6 +40,12 @@ TORCH_LIBRARY(lora_ext, m) {
       "_lora_linear_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor grad_h, "
       "float dropout_p, Tensor? seed) -> Tensor");
 
+  // Quantized frozen base weights [out, in] (ops/common/quant_formats.h has the
+  // layouts): int8 per output row, GGUF's q8_0 / q4_0 / q4_1 blocks as stored in
+  // the file, QLoRA's nf4. dequantize_weight returns the float32 weight.
+  m.def(
+      "dequantize_weight(Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features) -> Tensor");
+
   // Multi-adapter batches: row i of x uses adapter adapter_ids[i] of a stack
   // (lora_A [n, r_max, in], lora_B [n, out, r_max], scales [n]); -1 = base only.
   // lora_group_rows sorts the rows by adapter once per batch (stable counting
