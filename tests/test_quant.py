@@ -11,9 +11,13 @@ import torch
 
 from lora_ext import quant  # importing lora_ext registers the ops
 
-gguf = pytest.importorskip("gguf")
-GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-              "q4_1": gguf.GGMLQuantizationType.Q4_1}
+try:
+    import gguf  # the reference (gguf-py, which transformers loads GGUF files with)
+except ImportError:  # e.g. on a GPU machine: the tests that need it skip, the rest run
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="gguf-py, the reference, is not installed")
+GGUF_TYPES = {n: getattr(gguf.GGMLQuantizationType, n.upper()) for n in ("q8_0", "q4_0", "q4_1")} if gguf else \
+    dict.fromkeys(("q8_0", "q4_0", "q4_1"))
 
 
 def weight(out_f=6, in_f=128, seed=0) -> torch.Tensor:
@@ -24,6 +28,7 @@ def weight(out_f=6, in_f=128, seed=0) -> torch.Tensor:
     return w
 
 
+@needs_gguf
 @pytest.mark.parametrize("qtype", list(GGUF_TYPES))
 @pytest.mark.parametrize("shape", [(6, 128), (1, 32)])
 def test_gguf_formats_match_gguf_both_ways(qtype, shape):
@@ -45,6 +50,7 @@ def test_empty_weights(qtype, shape):
     assert q.qdata.shape[0] == shape[0] and q.dequantize().shape == shape
 
 
+@needs_gguf
 @pytest.mark.parametrize("qtype", list(GGUF_TYPES))
 def test_random_gguf_blocks_dequantize_as_gguf_does(qtype):
     """Arbitrary bytes (finite fp16 scales, subnormals included): every code and scale pattern decodes alike."""
@@ -84,6 +90,7 @@ def test_nf4_against_float64_and_its_error_bound():
     assert ((q.dequantize() - w).abs() <= bound).all()
 
 
+@needs_gguf
 def test_the_real_smollm2_q4_1_tensors_dequantize_as_gguf_does():
     import importlib.util
     from pathlib import Path
@@ -175,3 +182,21 @@ def test_quantize_refuses_bad_weights():
         quant.quantize(torch.tensor([[float("inf")] * 32]), "q8_0")
     with pytest.raises(ValueError, match=r"quantize: expected a float \[out, in\] weight"):
         quant.quantize(torch.randn(32), "int8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype,shape", [("int8", (5, 40)), ("int8", (3, 64)), ("q8_0", (6, 128)),
+                                         ("q4_0", (6, 128)), ("q4_1", (6, 128)), ("nf4", (4, 128)),
+                                         ("q4_1", (0, 64))])
+def test_cuda_dequantizes_the_same_bits_as_the_cpu(qtype, shape):
+    w = torch.randn(*shape) if shape[0] == 0 or shape[1] % 32 else weight(*shape)
+    q = quant.quantize(w, qtype)
+    on_gpu = quant.QuantizedWeight(q.qdata.cuda(), None if q.qscale is None else q.qscale.cuda(), qtype, *shape)
+    got = on_gpu.dequantize()
+    assert got.is_cuda and torch.equal(got.cpu(), q.dequantize())
+    if q.qscale is not None and q.qscale.numel():
+        bad = q.qscale.clone().cuda()
+        bad.view(-1)[-1] = float("inf")
+        with pytest.raises(ValueError, match=f"expected finite {qtype} scales, got a non-finite scale in row "
+                                             f"{shape[0] - 1}"):
+            _op(on_gpu.qdata, bad, qtype, *shape)
