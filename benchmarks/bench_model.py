@@ -107,9 +107,8 @@ def _train_step(variant: str, net, embed, ids: torch.Tensor, opt) -> torch.Tenso
     return loss.detach()
 
 
-def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
-    """One variant in this process: ``steps`` training steps; times, losses and the peak RSS increase."""
-    import seed_methods
+def _prepare(variant: str, dropout: float, threads: int, steps: int):
+    """(model, ``steps`` batches, the module to call, the trainable parameters), in training mode."""
     import smollm2
 
     torch.set_num_threads(threads)
@@ -118,6 +117,14 @@ def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -
     batches = _batches(tokenizer, steps)
     net, params = _setup(variant, model, dropout)
     net.train()
+    return model, batches, net, params
+
+
+def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
+    """One variant in this process: ``steps`` training steps; times, losses and the peak RSS increase."""
+    import seed_methods
+
+    model, batches, net, params = _prepare(variant, dropout, threads, steps)
     if "compile" in variant.split("+"):
         net = torch.compile(net)
     opt = torch.optim.AdamW(params, lr=LR) if params else None
@@ -205,14 +212,8 @@ def allocator_peak(variant: str, dropout: float, threads: int, steps: int = 2) -
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
-    import smollm2
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
-    model, tokenizer = smollm2.load_smollm2(torch.float32)
-    batches = _batches(tokenizer, steps)
-    net, params = _setup(variant, model, dropout)
-    net.train()
+    model, batches, net, params = _prepare(variant, dropout, threads, steps)
     opt = torch.optim.AdamW(params, lr=LR) if params else None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for ids in batches:

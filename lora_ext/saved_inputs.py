@@ -91,15 +91,17 @@ class _Packed:
 class _Compressor:
     def __init__(self, mode: str):
         self.mode = mode
-        self._shared: list[tuple[weakref.ref, int, _Saved]] = []  # one copy per input tensor (q/k/v read one)
+        # id(input) -> (weakref to it, its version, its copy): one copy per input tensor (q/k/v read one)
+        self._shared: dict[int, tuple[weakref.ref, int, _Saved]] = {}
 
     def saved(self, x: torch.Tensor) -> _Saved:
-        self._shared = [e for e in self._shared if e[0]() is not None]
-        for ref, version, saved in self._shared:
-            if ref() is x and version == x._version:
-                return saved
+        hit = self._shared.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
         saved = _Saved(x, self.mode)
-        self._shared.append((weakref.ref(x), x._version, saved))
+        key = id(x)
+        self._shared[key] = (weakref.ref(x, lambda _, key=key, shared=self._shared: shared.pop(key, None)),
+                             x._version, saved)
         return saved
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
