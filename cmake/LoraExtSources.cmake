@@ -15,16 +15,19 @@ set(LORA_EXT_CORE_SOURCES
   csrc/ops/cpu/dequantize_cpu.cpp
   csrc/ops/cpu/dropout_cpu.cpp
   csrc/ops/cpu/lora_linear_cpu.cpp
+  csrc/ops/cpu/lora_linear_quantized_cpu.cpp
   csrc/ops/cpu/lora_linear_multi_cpu.cpp
   csrc/ops/cpu/merge_cpu.cpp
   csrc/ops/cpu/merge_exact_cpu.cpp
   csrc/ops/cpu/skinny_gemm.cpp
   csrc/ops/meta/dequantize_meta.cpp
   csrc/ops/meta/lora_linear_meta.cpp
+  csrc/ops/meta/lora_linear_quantized_meta.cpp
   csrc/ops/meta/lora_linear_multi_meta.cpp
   csrc/ops/meta/merge_meta.cpp
   csrc/ops/autograd/lora_linear_autograd.cpp
   csrc/ops/autograd/lora_linear_multi_autograd.cpp
+  csrc/ops/autograd/lora_linear_quantized_autograd.cpp
   csrc/ops/autograd/merge_autograd.cpp
 )
 # The exact merge recomputes Delta W bit-identically in every call and code path:

@@ -281,6 +281,16 @@ class LoraLayer(nn.Module):
                     ops.merge_(w, a, b, self.scaling[n])
                 self.merged_adapters.append(n)
 
+    def unloaded_base(self, merge: bool) -> nn.Module:
+        """The plain base module that replaces this layer in ``merge_and_unload`` (``merge=True``: the active
+        adapters merged into it, unless adapters are disabled) or ``unload``."""
+        if merge and not self.disable_adapters:
+            if not self.merged and self.active_adapters:
+                self.merge(self.active_adapters)
+        elif self.merged:
+            self.unmerge()
+        return self.base_layer
+
     def exact_merge_nbytes(self) -> int:
         """Bytes of side information held for exactly merged adapters."""
         return sum(c.nbytes() for c, _ in self._exact_codes.values())

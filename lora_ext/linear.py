@@ -62,21 +62,20 @@ class LoraLinear(LoraLayer):
             return self.base_layer(x)
         hooks = saved_inputs.hooks_for(x, self._base_weight())  # compress_saved_inputs, when asked for
         with hooks or contextlib.nullcontext():
-            return multi_forward(self, x, batch) if per_row else self._lora_forward(x, names)
+            return self._per_row_forward(x, batch) if per_row else self._lora_forward(x, names)
+
+    def _per_row_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        return multi_forward(self, x, batch)
+
+    def _lora_op(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The base output plus adapter ``name``'s term, through the compiled op."""
+        a, b = self.adapter_weights(name)
+        return ops.lora_linear(x, self._base_weight(), self.base_layer.bias, a, b, self.scaling[name],
+                               self.lora_dropout[name], self.training)
 
     def _lora_forward(self, x: torch.Tensor, names: list) -> torch.Tensor:
         first, *rest = names
-        a, b = self.adapter_weights(first)
-        y = ops.lora_linear(
-            x,
-            self._base_weight(),
-            self.base_layer.bias,
-            a,
-            b,
-            self.scaling[first],
-            self.lora_dropout[first],
-            self.training,
-        )
+        y = self._lora_op(x, first)
         for name in rest:  # further active adapters add their own low-rank terms
             a, b = self.adapter_weights(name)
             xd = F.dropout(x, self.lora_dropout[name], self.training).to(a.dtype)

@@ -285,12 +285,7 @@ def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
     model = unwrap(given)
     reshard_fsdp(model)
     for path, layer in list(lora_layers(model)):
-        if merge_first and not layer.disable_adapters:
-            if not layer.merged and layer.active_adapters:
-                layer.merge(layer.active_adapters)
-        elif layer.merged:
-            layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+        _set_submodule(model, path, layer.unloaded_base(merge_first))
     for path, wrapper in list(saved_modules(model)):
         _set_submodule(model, path, wrapper.unwrap(keep_adapter=merge_first))
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR, INFERENCE_ATTR):

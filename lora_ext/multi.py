@@ -162,8 +162,9 @@ def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Ten
     return out
 
 
-def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
-    """``LoraLinear`` forward with per-row adapters (called by the layer inside ``adapter_batch``)."""
+def per_row_plan(layer, x: torch.Tensor, batch: AdapterBatch):
+    """The checks and grouping of a per-row forward: ``(names, dropout_p, ids, order, offsets)``, or None when the
+    layer has no adapter (the base alone)."""
     where = f"adapter_batch ({type(layer).__name__})"
     if layer.merged:
         raise ValueError(f"{where}: adapters are merged into the weight; unmerge() before per-row adapters")
@@ -172,7 +173,7 @@ def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
                          f"(one adapter name per row), got x of shape {tuple(x.shape)}")
     names = tuple(layer.adapter_names)
     if not names:
-        return layer.base_layer(x)
+        return None
     used = {n for n in batch.adapter_names if n in layer.r}
     p = 0.0
     if layer.training:
@@ -181,7 +182,15 @@ def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
             raise ValueError(f"{where}: the adapters in this batch have different lora_dropout {sorted(ps)}; "
                              "per-row adapters share one dropout probability in training")
         p = ps.pop() if ps else 0.0
+    return (names, p, *batch.grouping(names, math.prod(x.shape[1:-1]), x.device))
+
+
+def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+    """``LoraLinear`` forward with per-row adapters (called by the layer inside ``adapter_batch``)."""
+    plan = per_row_plan(layer, x, batch)
+    if plan is None:
+        return layer.base_layer(x)
+    _, p, ids, order, offsets = plan
     A, B, scales = stacked_adapters(layer, batch.cache_stacks)
-    ids, order, offsets = batch.grouping(names, math.prod(x.shape[1:-1]), x.device)
     return ops.lora_linear_multi(x, layer._base_weight(), layer.base_layer.bias, A, B, scales, ids, p,
                                  layer.training, order, offsets)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["lora_linear", "lora_group_rows", "lora_linear_multi", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
+__all__ = ["lora_linear", "lora_linear_quantized", "linear_quantized", "lora_group_rows", "lora_linear_multi", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
 
 
 def lora_linear(
@@ -53,6 +53,22 @@ def lora_linear(
     return torch.ops.lora_ext.lora_linear.default(
         x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), bool(training)
     )
+
+
+def lora_linear_quantized(x: Tensor, qweight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
+                          dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """:func:`lora_linear` over a quantized frozen base ``qweight`` (a ``lora_ext.quant.QuantizedWeight``), which is
+    dequantized tile by tile into bounded scratch, never whole. Gradients reach ``x``, ``bias`` (if it requires
+    grad), ``lora_A`` and ``lora_B``; the base gets none."""
+    return torch.ops.lora_ext.lora_linear_quantized.default(
+        x, qweight.qdata, qweight.qscale, qweight.qtype, int(qweight.out_features), int(qweight.in_features), bias,
+        lora_A, lora_B, float(scale), float(dropout_p), bool(training))
+
+
+def linear_quantized(x: Tensor, qweight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` for a quantized ``W`` (``QuantizedWeight``), without building ``W``; ``x`` gets a gradient."""
+    return torch.ops.lora_ext.linear_quantized.default(
+        x, qweight.qdata, qweight.qscale, qweight.qtype, int(qweight.out_features), int(qweight.in_features), bias)
 
 
 def lora_group_rows(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, Tensor]:

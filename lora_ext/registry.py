@@ -10,8 +10,9 @@ from .embedding import LoraEmbedding
 from .gpt2_conv1d import LoraGPT2Conv1D
 from .layer import LoraLayer
 from .linear import LoraLinear
+from .lora_quant_linear import LoraQuantLinear
 
-LAYER_TYPES: tuple[type[LoraLayer], ...] = (LoraLinear, LoraEmbedding, LoraConv, LoraGPT2Conv1D)
+LAYER_TYPES: tuple[type[LoraLayer], ...] = (LoraLinear, LoraQuantLinear, LoraEmbedding, LoraConv, LoraGPT2Conv1D)
 
 
 def layer_type_for(module: nn.Module) -> Optional[type[LoraLayer]]:
@@ -25,5 +26,5 @@ def layer_type_for(module: nn.Module) -> Optional[type[LoraLayer]]:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """What ``target_modules="all-linear"`` selects: nn.Linear and GPT-2 Conv1D."""
-    return layer_type_for(module) in (LoraLinear, LoraGPT2Conv1D)
+    """What ``target_modules="all-linear"`` selects: nn.Linear, QuantLinear and GPT-2 Conv1D."""
+    return layer_type_for(module) in (LoraLinear, LoraQuantLinear, LoraGPT2Conv1D)

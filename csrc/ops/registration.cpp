@@ -45,6 +45,25 @@ TORCH_LIBRARY(lora_ext, m) {
   // the file, QLoRA's nf4. dequantize_weight returns the float32 weight.
   m.def(
       "dequantize_weight(Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features) -> Tensor");
+  // lora_linear over such a frozen base, which is never dequantized whole
+  // (ops/common/quantized_base.h): the same dropout, dtype and autograd rules;
+  // the base gets no gradient. linear_quantized is the base alone (bias + x W^T).
+  m.def(
+      "lora_linear_quantized(Tensor x, Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features, "
+      "Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, float dropout_p=0., bool training=False) -> Tensor");
+  m.def(
+      "linear_quantized(Tensor x, Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features, "
+      "Tensor? bias) -> Tensor");
+  // Autograd pieces: the forward returns (y, h) as _lora_linear_forward does; the
+  // LoRA gradients come from _lora_linear_backward_lora; grad_x = grad_y W
+  // (+ mask/(1-p) * (grad_h A) when lora_A and grad_h are given).
+  m.def(
+      "_lora_linear_quantized_forward(Tensor x, Tensor qdata, Tensor? qscale, str qtype, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_lora_linear_quantized_backward_input(Tensor grad_y, Tensor qdata, Tensor? qscale, str qtype, "
+      "int out_features, int in_features, Tensor? lora_A, Tensor? grad_h, float dropout_p, Tensor? seed) -> Tensor");
 
   // Multi-adapter batches: row i of x uses adapter adapter_ids[i] of a stack
   // (lora_A [n, r_max, in], lora_B [n, out, r_max], scales [n]); -1 = base only.

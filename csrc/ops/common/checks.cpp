@@ -47,6 +47,8 @@ const char* scale_dtype_note(at::ScalarType adapter_dtype) {
   return lora_acc_dtype(adapter_dtype) == at::kDouble ? "" : " representable in float32 (the LoRA branch's dtype)";
 }
 
+}  // namespace
+
 void check_adapter(
     const char* op,
     const char* base_name,
@@ -91,8 +93,6 @@ void check_adapter(
                     ": expected a finite scale", scale_dtype_note(at_), ", got ", scale);
 }
 
-}  // namespace
-
 at::ScalarType lora_acc_dtype(at::ScalarType adapter_dtype) {
   return is_half_like(adapter_dtype) ? at::kFloat : adapter_dtype;
 }
@@ -132,12 +132,12 @@ void check_base_args(
   }
 }
 
+}  // namespace
+
 void check_dropout_p(const char* op, double dropout_p) {
   TORCH_CHECK_VALUE(
       dropout_p >= 0.0 && dropout_p < 1.0, "lora_ext::", op, ": expected 0 <= dropout_p < 1, got ", dropout_p);
 }
-
-}  // namespace
 
 void check_lora_linear_args(
     const char* op,

@@ -21,6 +21,13 @@ void check_lora_linear_args(
     double scale,
     double dropout_p);
 
+// The adapter against a base of dtype base.dtype() and size [out, in]: lora_A
+// [r, in], lora_B [out, r] (r >= 1) on base's device, dtypes, finite scale.
+void check_adapter(const char* op, const char* base_name, const at::Tensor& base, const c10::SymInt& in,
+                   const c10::SymInt& out, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+// 0 <= dropout_p < 1.
+void check_dropout_p(const char* op, double dropout_p);
+
 // lora_linear_multi: x [..., in], weight [out, in], bias [out] | None, lora_A
 // [n, r_max, in], lora_B [n, out, r_max], scales float [n], adapter_ids
 // int32/int64 [N] with N = x's rows, and group_order int64 [N] / group_offsets

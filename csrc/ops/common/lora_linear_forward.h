@@ -17,6 +17,10 @@
 //   static int64_t chunk_rows(cols, dtype)  rows of one temporary chunk
 //   static void add_scaled_(dst, src, a)    dst += a * src, rounded once
 // and registers lora_linear_op<Backend> / lora_linear_forward_op<Backend>.
+// The base weight is a Base (DenseBase here, QuantizedBase in
+// ops/common/quantized_base.h) that writes x W^T into y:
+//   assign(y, bias, x2d)      y = bias + x2d W^T (bias may be absent)
+//   accumulate(y, x2d)        y += x2d W^T
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -29,10 +33,24 @@
 
 namespace lora_ext::detail {
 
-template <typename Backend>
+// A dense [out, in] weight in x's dtype.
+struct DenseBase {
+  const at::Tensor& weight;
+  int64_t out_features() const { return weight.size(0); }
+  void assign(at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& x2d) const {
+    if (bias.has_value() && bias->defined()) {
+      at::addmm_out(y, *bias, x2d, weight.t());
+    } else {
+      at::mm_out(y, x2d, weight.t());
+    }
+  }
+  void accumulate(at::Tensor& y, const at::Tensor& x2d) const { y.addmm_(x2d, weight.t()); }
+};
+
+template <typename Backend, typename Base>
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
     const at::Tensor& x,
-    const at::Tensor& weight,
+    const Base& base,
     const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A,
     const at::Tensor& lora_B,
@@ -41,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
     const std::optional<at::Tensor>& seed) {
   using at::Tensor;
   const typename Backend::Guard guard(x.device());
-  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  const int64_t out = base.out_features(), r = lora_A.size(0);
   const auto acc = lora_acc_dtype(lora_A.scalar_type());
   const Tensor x2d = as_rows(x);
   const int64_t N = x2d.size(0);
@@ -62,13 +80,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
     } else {
       at::addmm_out(y, y, h, B_acc.t(), /*beta=*/0, /*alpha=*/scale);
     }
-    y.addmm_(x2d, weight.t());
+    base.accumulate(y, x2d);
   } else {
-    if (has_bias) {
-      at::addmm_out(y, *bias, x2d, weight.t());
-    } else {
-      at::mm_out(y, x2d, weight.t());
-    }
+    base.assign(y, bias, x2d);
     const int64_t rows = std::min(N, Backend::chunk_rows(out, acc));
     Tensor buf = at::empty({rows, out}, A_acc.options());
     for (int64_t s = 0; s < N; s += rows) {
@@ -96,7 +110,7 @@ at::Tensor lora_linear_op(
   check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   const double p = training ? dropout_p : 0.0;
   return std::get<0>(
-      lora_linear_forward_impl<Backend>(x, weight, bias, lora_A, lora_B, scale, p, draw_dropout_seed(p)));
+      lora_linear_forward_impl<Backend>(x, DenseBase{weight}, bias, lora_A, lora_B, scale, p, draw_dropout_seed(p)));
 }
 
 // _lora_linear_forward: (y, h) with the caller's seed (the autograd kernel's).
@@ -112,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_op(
     const std::optional<at::Tensor>& seed) {
   check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   check_seed("_lora_linear_forward", seed, dropout_p);
-  return lora_linear_forward_impl<Backend>(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed);
+  return lora_linear_forward_impl<Backend>(x, DenseBase{weight}, bias, lora_A, lora_B, scale, dropout_p, seed);
 }
 
 }  // namespace lora_ext::detail

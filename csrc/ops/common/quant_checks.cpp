@@ -1,5 +1,8 @@
 #include "ops/common/quant_checks.h"
 
+#include "ops/common/checks.h"
+#include "ops/common/op_utils.h"
+
 #include <string>
 
 #include <ATen/ATen.h>
@@ -46,6 +49,79 @@ const quant::Format& check_quantized_weight(const char* op, const at::Tensor& qd
   TORCH_CHECK(s.device() == qdata.device(), "lora_ext::", op, ": expected qscale on ", qdata.device(), ", got ",
               s.device());
   return *f;
+}
+
+namespace {
+
+bool half_like_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
+
+bool activation_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+}  // namespace
+
+const quant::Format& check_lora_linear_quantized_args(
+    const char* op, const at::Tensor& x, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+    const at::Tensor* lora_A, const at::Tensor* lora_B, double scale, double dropout_p) {
+  const auto& f = check_quantized_weight(op, qdata, qscale, qtype, out_features, in_features);
+  TORCH_CHECK(x.dim() >= 1, "lora_ext::", op,
+              ": expected x of shape [..., in] with at least 1 dim, got a 0-dim tensor");
+  TORCH_CHECK(x.device() == qdata.device(), "lora_ext::", op, ": expected x on qdata's device ", qdata.device(),
+              ", got ", x.device());
+  TORCH_CHECK(activation_dtype(x.scalar_type()), "lora_ext::", op,
+              ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_SYM_CHECK(x.sym_size(-1).sym_eq(in_features), "lora_ext::", op, ": expected x of shape [..., in] with in = ",
+                  in_features, " (in_features), got x of shape ", x.sym_sizes());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == out_features, "lora_ext::", op,
+                ": expected bias of shape [", out_features, "], got ", bias->sym_sizes());
+    TORCH_CHECK(bias->device() == x.device(), "lora_ext::", op, ": expected bias on device ", x.device(), ", got ",
+                bias->device());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected bias of dtype ",
+                x.scalar_type(), " (x's dtype), got ", bias->scalar_type());
+  }
+  if (lora_A != nullptr) {
+    TORCH_CHECK(lora_A->defined() && lora_B->defined(), "lora_ext::", op,
+                ": expected defined tensors for lora_A and lora_B");
+    check_adapter(op, "x", x, c10::SymInt(in_features), c10::SymInt(out_features), *lora_A, *lora_B, scale);
+  }
+  check_dropout_p(op, dropout_p);
+  return f;
+}
+
+const quant::Format& check_quantized_backward_input_args(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& lora_A,
+    const std::optional<at::Tensor>& grad_h, double dropout_p) {
+  const auto& f = check_quantized_weight(op, qdata, qscale, qtype, out_features, in_features);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.sym_size(-1) == out_features, "lora_ext::", op,
+              ": expected grad_y of shape [..., ", out_features, "], got ", grad_y.sym_sizes());
+  TORCH_CHECK(grad_y.device() == qdata.device() && activation_dtype(grad_y.scalar_type()), "lora_ext::", op,
+              ": expected a float grad_y on ", qdata.device(), ", got ", grad_y.scalar_type(), " on ",
+              grad_y.device());
+  TORCH_CHECK(lora_A.has_value() == grad_h.has_value(), "lora_ext::", op,
+              ": expected lora_A and grad_h given together or not at all");
+  if (lora_A.has_value()) {
+    const auto acc = lora_acc_dtype(lora_A->scalar_type());
+    TORCH_CHECK(lora_A->dim() == 2 && lora_A->sym_size(1) == in_features && lora_A->device() == grad_y.device(),
+                "lora_ext::", op, ": expected lora_A of shape [r, ", in_features, "] on ", grad_y.device(), ", got ",
+                lora_A->sym_sizes(), " on ", lora_A->device());
+    TORCH_CHECK(grad_h->dim() == 2 && grad_h->sym_size(0) == leading_numel(grad_y.sym_sizes()) &&
+                    grad_h->sym_size(1) == lora_A->sym_size(0) && grad_h->scalar_type() == acc &&
+                    grad_h->device() == grad_y.device(),
+                "lora_ext::", op, ": expected grad_h of shape [N, r] = [", leading_numel(grad_y.sym_sizes()), ", ",
+                lora_A->sym_size(0), "] and dtype ", acc, ", got ", grad_h->sym_sizes(), " and ",
+                grad_h->scalar_type());
+    TORCH_CHECK(acc == (half_like_dtype(grad_y.scalar_type()) ? at::kFloat : grad_y.scalar_type()), "lora_ext::", op,
+                ": expected lora_A of a dtype that accumulates in grad_y's, got ", lora_A->scalar_type(),
+                " with grad_y ", grad_y.scalar_type());
+  }
+  check_dropout_p(op, dropout_p);
+  return f;
 }
 
 }  // namespace lora_ext::detail

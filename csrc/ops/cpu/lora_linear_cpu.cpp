@@ -13,6 +13,7 @@
 #include "ops/common/lora_linear_forward.h"
 #include "ops/common/op_utils.h"
 #include "ops/cpu/chunking.h"
+#include "ops/cpu/cpu_backend.h"
 #include "ops/cpu/dropout_cpu.h"
 #include "ops/cpu/skinny_gemm.h"
 
@@ -52,19 +53,6 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& w_, const optional<detail::Dropo
 }
 
 namespace {
-
-// What the shared forward (ops/common/lora_linear_forward.h) needs from the CPU.
-struct CpuBackend {
-  // no device guard on the CPU
-  struct Guard {
-    explicit Guard(c10::Device) {}
-  };
-  static Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
-    return cpu::mm_rows(a2d, w, drop);
-  }
-  static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cpu::chunk_rows(cols, t); }
-  static void add_scaled_(Tensor& dst, const Tensor& src, double alpha) { cpu::add_scaled_(dst, src, alpha); }
-};
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cpu(
     const Tensor& grad_y,

@@ -18,18 +18,13 @@
 #include "ops/common/lora_linear_forward.h"
 #include "ops/common/dropout_rng.h"
 #include "ops/common/op_utils.h"
+#include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/dropout_cuda.h"
 
 namespace lora_ext::cuda {
 
-namespace {
-
 using at::Tensor;
 using std::optional;
-
-// Upper bound on the bytes of one temporary row-chunk buffer (conversions of
-// half/bf16 operands to float32, masked chunks of x, float32 low-rank terms).
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 int64_t chunk_rows(int64_t cols, at::ScalarType t) {
   const int64_t row_bytes = std::max<int64_t>(1, cols) * static_cast<int64_t>(c10::elementSize(t));
@@ -58,15 +53,7 @@ Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::Dropou
   return out;
 }
 
-// What the shared forward (ops/common/lora_linear_forward.h) needs from CUDA.
-struct CudaBackend {
-  using Guard = c10::cuda::CUDAGuard;
-  static Tensor mm_rows(const Tensor& a2d, const Tensor& w, const optional<detail::DropoutParams>& drop) {
-    return cuda::mm_rows(a2d, w, drop);
-  }
-  static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cuda::chunk_rows(cols, t); }
-  static void add_scaled_(Tensor& dst, const Tensor& src, double alpha) { cuda::add_scaled_(dst, src, alpha); }
-};
+namespace {
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_cuda(
     const Tensor& grad_y,
