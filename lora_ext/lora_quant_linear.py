@@ -51,11 +51,6 @@ class LoraQuantLinear(LoraLinear):
         return torch.empty((), dtype=self.compute_dtype(), device=self.base_layer.qdata.device).expand(
             self.out_features, self.in_features)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        raise AttributeError("LoraQuantLinear: the base weight is quantized (base_layer.qweight); "
-                             "base_layer.dequantize() builds it")
-
     def _lora_op(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.adapter_weights(name)
         return ops.lora_linear_quantized(x, self.base_layer.qweight, self.base_layer.bias, a, b, self.scaling[name],
