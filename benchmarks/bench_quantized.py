@@ -50,6 +50,9 @@ def load(variant: str, tiny: bool = False):
     if variant == "q4_1":
         return load_gguf_llama(smollm2.gguf_path()), _tokenizer()
     model, tok = smollm2.load_smollm2(torch.float32)
+    with torch.no_grad():  # own the weights: not views of the cache file's memory map, which RSS counts once read
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
     if variant in ("int8", "nf4"):
         lora_ext.quantize_linear_layers(model, variant)
     elif variant != "fp32":
@@ -114,18 +117,39 @@ def train_step(model, opt, ids) -> float:
 
 
 def child_memory(variant: str, steps: int, tiny: bool) -> dict:
-    import gguf  # noqa: F401  (imports first: the peak counts the model and its training, not modules)
+    """Memory of one variant in this process: the base weights held, and RSS above the process before loading
+    (imports done) once loaded and at the peak of `steps` training steps. Freed heap is returned to the system
+    (malloc_trim) before training, so quantizing an fp32 model in place is not charged for the fp32 load."""
+    import ctypes
+    import gc
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import gguf  # noqa: F401  (imports first: the figures count the model and its training, not modules)
     import llm_train  # noqa: F401
     import seed_methods
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
-    rss = seed_methods.PeakRSS().start()
+    rss = seed_methods.PeakRSS()
+    before = rss.rss()
     model, tok = load(variant, tiny)
     held = base_bytes(model)
     data = batches(tok, steps, model.config.vocab_size, tiny)
     opt = with_lora(model)
-    losses = [train_step(model, opt, ids) for ids in data]
-    peak = rss.stop()
-    return dict(variant=variant, base_bytes=held, peak_rss=peak, losses=losses)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss.start()
+    loaded = rss.before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        losses = [train_step(model, opt, ids) for ids in data]
+    peak = rss.stop() + loaded
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    alloc = max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+                 and e["args"].get("Device Type", 0) == 0), default=0)
+    return dict(variant=variant, base_bytes=held, loaded_rss=loaded - before, peak_rss=peak - before,
+                alloc_peak=alloc, losses=losses)
 
 
 def run_child(args: list[str]) -> dict:
@@ -188,9 +212,9 @@ def main_default(args) -> None:
     f = mem.get("fp32")
     print(f"\n## bench_quantized: SmolLM2-135M{' (--quick: tiny random LLaMA)' if args.quick else ''}, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
-    print("| base | bytes/weight (projections) | base weights MB | × fp32 | peak RSS MB (train) | × fp32 "
-          "| step s | step × fp32 | decode ms/token | decode × fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| base | bytes/weight (projections) | base weights MB | × fp32 | RSS loaded MB | peak RSS MB (train) "
+          "| × fp32 | weights + allocator peak MB | × fp32 | step s | step × fp32 | decode ms/token | decode × fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bpw = {"fp32": 4.0, "q4_1": 20 / 32, "int8": 1 + 4 / 1536, "nf4": 0.5 + 4 / 64, "q4_0": 18 / 32}
     for v in variants:
         m = mem[v]
@@ -198,8 +222,11 @@ def main_default(args) -> None:
         step_ratio = [s / sp["fp32"][i][0] for i, (s, _) in enumerate(rounds)] if "fp32" in sp else [1]
         dec_ratio = [d / sp["fp32"][i][1] for i, (_, d) in enumerate(rounds)] if "fp32" in sp else [1]
         print(f"| {v} | {bpw.get(v, 0):.3f} | {m['base_bytes'] / 2**20:.0f} | "
-              f"{m['base_bytes'] / f['base_bytes']:.3f} | {m['peak_rss'] / 2**20:.0f} | "
-              f"{m['peak_rss'] / f['peak_rss']:.2f} | {_range([s for s, _ in rounds])} | {_range(step_ratio)} | "
+              f"{m['base_bytes'] / f['base_bytes']:.3f} | {m['loaded_rss'] / 2**20:.0f} | "
+              f"{m['peak_rss'] / 2**20:.0f} | "
+              f"{m['peak_rss'] / f['peak_rss']:.2f} | {(m['base_bytes'] + m['alloc_peak']) / 2**20:.0f} | "
+              f"{(m['base_bytes'] + m['alloc_peak']) / (f['base_bytes'] + f['alloc_peak']):.2f} | "
+              f"{_range([s for s, _ in rounds])} | {_range(step_ratio)} | "
               f"{_range([d * 1e3 for _, d in rounds], '{:.1f}')} | {_range(dec_ratio)} |")
     print("\nlosses of the memory runs:", {v: [round(x, 4) for x in mem[v]["losses"]] for v in variants})
 

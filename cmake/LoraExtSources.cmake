@@ -19,6 +19,7 @@ set(LORA_EXT_CORE_SOURCES
   csrc/ops/cpu/lora_linear_multi_cpu.cpp
   csrc/ops/cpu/merge_cpu.cpp
   csrc/ops/cpu/merge_exact_cpu.cpp
+  csrc/ops/cpu/quant_gemv.cpp
   csrc/ops/cpu/skinny_gemm.cpp
   csrc/ops/meta/dequantize_meta.cpp
   csrc/ops/meta/lora_linear_meta.cpp

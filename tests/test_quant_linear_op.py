@@ -38,7 +38,8 @@ def grads(y, g, tensors):
 
 @pytest.mark.parametrize("qtype", quant.QTYPES)
 @pytest.mark.parametrize("dtype,adtype", CASES)
-@pytest.mark.parametrize("lead,r,bias", [((5,), 4, True), ((2, 3), 1, False), ((0,), 2, True)])
+@pytest.mark.parametrize("lead,r,bias", [((5,), 4, True), ((2, 3), 1, False), ((0,), 2, True),
+                                         ((1,), 3, True), ((2, 2), 2, False), ((3,), 1, True)])
 def test_matches_float64_reference(qtype, dtype, adtype, lead, r, bias):
     qw = qweight(qtype, 7, 128)
     x, b, a, bb = inputs(lead, qw, r, dtype, adtype, bias)

@@ -13,6 +13,10 @@
 //   static constexpr int64_t kTileBytes
 //   static void mask_rows_(dst, row0, drop)                 dst *= mask / (1 - p)
 //   static void dequantize_rows(f, qdata, qscale, row0, in, tile)
+//   static bool fused_product(f, qdata, qscale, x2d, y, accumulate)
+//       y (+)= x2d W^T straight from the quantized bytes when the backend has a
+//       kernel for that case (the CPU: float32, at most 4 rows, for decoding);
+//       false: the tiles do it.
 #include <algorithm>
 #include <optional>
 #include <string_view>
@@ -65,6 +69,7 @@ struct QuantizedBase {
       accumulate(y, x2d);
       return;
     }
+    if (Backend::fused_product(f, qdata, qscale, x2d, y, /*accumulate=*/false)) return;
     for_tiles(x2d.scalar_type(), [&](int64_t r0, int64_t n, const at::Tensor& t) {
       at::Tensor yv = y.narrow(1, r0, n);  // a column block: BLAS writes it with ld = out
       at::mm_out(yv, x2d, t.t());
@@ -74,6 +79,7 @@ struct QuantizedBase {
 
   // y += x2d W^T
   void accumulate(at::Tensor& y, const at::Tensor& x2d) const {
+    if (Backend::fused_product(f, qdata, qscale, x2d, y, /*accumulate=*/true)) return;
     for_tiles(x2d.scalar_type(), [&](int64_t r0, int64_t n, const at::Tensor& t) {
       at::Tensor yv = y.narrow(1, r0, n);
       yv.addmm_(x2d, t.t());

@@ -10,6 +10,7 @@
 #include "ops/cpu/chunking.h"
 #include "ops/cpu/dequantize_cpu.h"
 #include "ops/cpu/dropout_cpu.h"
+#include "ops/cpu/quant_gemv.h"
 
 namespace lora_ext::cpu {
 
@@ -36,6 +37,10 @@ struct CpuBackend {
                               int64_t row0, int64_t in_features, at::Tensor& tile) {
     cpu::dequantize_rows(f, qdata, qscale, row0, tile.size(0), in_features, tile.mutable_data_ptr<float>(),
                          in_features);
+  }
+  static bool fused_product(const quant::Format& f, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+                            const at::Tensor& x2d, at::Tensor& y, bool accumulate) {
+    return cpu::quant_gemv(f, qdata, qscale, x2d, y, accumulate);
   }
 };
 

@@ -43,6 +43,11 @@ struct CudaBackend {
                               int64_t row0, int64_t in_features, at::Tensor& tile) {
     cuda::dequantize_rows(f, qdata, qscale, row0, in_features, tile);
   }
+  // no fused kernel yet: dequantized tiles and cuBLAS
+  static bool fused_product(const quant::Format&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, at::Tensor&, bool) {
+    return false;
+  }
 };
 
 }  // namespace lora_ext::cuda

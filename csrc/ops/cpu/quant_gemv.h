@@ -1,0 +1,26 @@
+#pragma once
+// The quantized base's product for a few rows of x (decode: batch 1 to a few
+// tokens), straight from the quantized bytes: y[n, o] (+)= sum_i x[n, i] W[o, i]
+// with each block's codes converted and multiplied in registers (AVX2), no
+// dequantized tile. Decoding is memory-bound, so reading 0.6 instead of 4 bytes
+// per weight is the gain.
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "ops/common/quant_formats.h"
+
+namespace lora_ext::cpu {
+
+// Rows of x handled by the fused kernel (more rows: dequantized tiles and a GEMM).
+constexpr int64_t kQuantGemvMaxRows = 4;
+
+// float32 x2d [N, in] (rows contiguous) and y [N, out] (rows contiguous, any
+// row stride): y = x W^T, or y += x W^T with `accumulate`. Returns false (and
+// does nothing) when it does not apply: N > kQuantGemvMaxRows, other dtypes or
+// layouts, or a CPU without AVX2/FMA. A non-finite block scale is an error
+// naming the row, as in dequantize_rows.
+bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+                const at::Tensor& x2d, at::Tensor& y, bool accumulate);
+
+}  // namespace lora_ext::cpu
