@@ -7,8 +7,9 @@ Variants (SmolLM2-135M-Instruct, real weights; LoRA r=8 on the 7 projections, ba
   nf4    the fp32 model with its projections quantized to QLoRA's nf4
 
 Modes (each prints a markdown table; figures are measured, nothing is asserted):
-  (default)  per variant in its own process: bytes of the base weights held, peak RSS of training above the
-             process before loading; then, all variants loaded in one process, interleaved rounds in
+  (default)  per variant in its own process (MALLOC_MMAP_THRESHOLD_=131072, so that RSS is what the allocator
+             holds; --glibc-default to drop it): bytes of the base weights held, RSS above the process before
+             loading once loaded and at the training peak, and weights + the allocator's training peak; then, all variants loaded in one process, interleaved rounds in
              alternating order: training step time and batch-1 decode time (one token with a KV cache),
              reported as ranges of the ratio to fp32 measured in the same round.
   --ppl      held-out perplexity of both of the main job's adapters after its training budget (48 steps of
@@ -152,8 +153,11 @@ def child_memory(variant: str, steps: int, tiny: bool) -> dict:
                 alloc_peak=alloc, losses=losses)
 
 
-def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-P", __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], mmap_threshold: bool = True) -> dict:
+    # glibc keeps freed heap (the adaptive mmap threshold moves large blocks into the heap), so RSS overstates what
+    # the allocator holds; a fixed threshold returns large blocks to the system as they are freed.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if mmap_threshold else None
+    out = subprocess.run([sys.executable, "-P", __file__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"bench_quantized {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -206,8 +210,8 @@ def main_default(args) -> None:
     if not args.quick:
         import smollm2
         smollm2.load_smollm2()  # builds the cache the children read the tokenizer from
-    mem = {v: run_child(["--child", v, "--steps", str(args.mem_steps)] + (["--quick"] if args.quick else []))
-           for v in variants}
+    mem = {v: run_child(["--child", v, "--steps", str(args.mem_steps)] + (["--quick"] if args.quick else []),
+                        not args.glibc_default) for v in variants}
     sp = speed(variants, args.rounds, args.quick)
     f = mem.get("fp32")
     print(f"\n## bench_quantized: SmolLM2-135M{' (--quick: tiny random LLaMA)' if args.quick else ''}, "
@@ -320,6 +324,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--glibc-default", action="store_true",
+                   help="memory children without MALLOC_MMAP_THRESHOLD_=131072 (RSS then includes glibc's retention)")
     p.add_argument("--ppl", action="store_true")
     p.add_argument("--llama1b", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny random LLaMA, 1 round (CI's smoke run)")

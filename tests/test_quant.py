@@ -200,3 +200,27 @@ def test_cuda_dequantizes_the_same_bits_as_the_cpu(qtype, shape):
         with pytest.raises(ValueError, match=f"expected finite {qtype} scales, got a non-finite scale in row "
                                              f"{shape[0] - 1}"):
             _op(on_gpu.qdata, bad, qtype, *shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", quant.QTYPES)
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 5), (torch.float32, 1), (torch.bfloat16, 7)])
+def test_cuda_lora_linear_quantized_matches_the_cpu(qtype, dtype, rows):
+    """The quantized LoRA op on the GPU (dequantized tiles + cuBLAS) against the CPU's: forward and gradients."""
+    from lora_ext import ops
+    q = quant.quantize(weight(96, 128), qtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 128, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    a, bb = torch.randn(4, 128, generator=g) / 11, torch.randn(96, 4, generator=g) / 2
+    outs = []
+    for dev in ("cpu", "cuda"):
+        qd = quant.QuantizedWeight(q.qdata.to(dev), None if q.qscale is None else q.qscale.to(dev), qtype, 96, 128)
+        ts = [t.to(dev).requires_grad_(True) for t in (x, b, a, bb)]
+        y = ops.lora_linear_quantized(ts[0], qd, *ts[1:], 0.5)
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach().cpu().float(), *[t.grad.cpu().float() for t in ts]])
+        assert ops.linear_quantized(ts[0].detach(), qd).shape == (rows, 96)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for c, d in zip(*outs):
+        torch.testing.assert_close(d, c, atol=tol, rtol=tol)

@@ -95,4 +95,32 @@ void unmerge_exact_(
   op.call(weight, codes.codes, codes.exc_index, codes.exc_value, lora_A, lora_B, scale);
 }
 
+at::Tensor dequantize_weight(const QuantizedWeight& w) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::dequantize_weight", "")
+                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                                         int64_t, int64_t)>();
+  return op.call(w.qdata, w.qscale, w.qtype, w.out_features, w.in_features);
+}
+
+at::Tensor lora_linear_quantized(
+    const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scale, double dropout_p, bool training) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::lora_linear_quantized", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, int64_t, int64_t, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, double, double, bool)>();
+  return op.call(x, w.qdata, w.qscale, w.qtype, w.out_features, w.in_features, bias, lora_A, lora_B, scale,
+                 dropout_p, training);
+}
+
+at::Tensor linear_quantized(const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_ext::linear_quantized", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, int64_t, int64_t, const std::optional<at::Tensor>&)>();
+  return op.call(x, w.qdata, w.qscale, w.qtype, w.out_features, w.in_features, bias);
+}
+
 }  // namespace lora_ext::ops

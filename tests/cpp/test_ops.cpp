@@ -111,6 +111,30 @@ int main() {
   }
   check(threw, "mismatched lora_A throws c10::Error naming the op");
 
+  // quantized base (int8, one scale per row): the op equals lora_linear on the dequantized weight, and trains
+  {
+    auto q = at::randint(-127, 128, {12, 16}, at::TensorOptions().dtype(at::kChar));
+    auto qs = at::rand({12}, at::TensorOptions().dtype(at::kFloat)) / 50.0 + 0.01;
+    const lora_ext::ops::QuantizedWeight qw{q, qs, "int8", 12, 16};
+    const auto wd = lora_ext::ops::dequantize_weight(qw);
+    check(close(wd, q.to(at::kFloat) * qs.unsqueeze(1), 1e-6), "dequantize_weight (int8)");
+    auto xf = x.to(at::kFloat);
+    auto Af = A.to(at::kFloat).set_requires_grad(true);
+    auto yq = lora_ext::ops::lora_linear_quantized(xf, qw, b.to(at::kFloat), Af, B.to(at::kFloat), s);
+    check(close(yq, lora_ext::ops::lora_linear(xf, wd, b.to(at::kFloat), Af, B.to(at::kFloat), s), 1e-4),
+          "lora_linear_quantized == lora_linear on the dequantized weight");
+    yq.sum().backward();
+    check(Af.grad().defined() && Af.grad().abs().sum().item<float>() > 0, "lora_linear_quantized trains lora_A");
+    check(close(lora_ext::ops::linear_quantized(xf, qw), at::linear(xf, wd), 1e-4), "linear_quantized");
+    bool threw_q = false;
+    try {
+      lora_ext::ops::linear_quantized(xf, {q, qs, "q5_k", 12, 16});
+    } catch (const c10::Error& e) {
+      threw_q = std::string(e.what()).find("expected qtype 'int8'") != std::string::npos;
+    }
+    check(threw_q, "an unknown qtype throws c10::Error");
+  }
+
   // native safetensors reader: a valid file, then a truncated one
   {
     const std::string header = R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"__metadata__":{"k":"v"}})";

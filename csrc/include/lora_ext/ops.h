@@ -6,6 +6,7 @@
 // Notation (PEFT's): x [..., in], weight [out, in], bias [out] or none,
 // lora_A [r, in], lora_B [out, r], scale = alpha / r (rsLoRA: alpha / sqrt(r)).
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -75,5 +76,29 @@ LORA_EXT_API void merge_exact_(
 LORA_EXT_API void unmerge_exact_(
     at::Tensor& weight, const ExactMergeCodes& codes, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scale);
+
+// A quantized frozen base weight [out_features, in_features] (issue 15). qtype
+// and layouts (csrc/ops/common/quant_formats.h; Python: lora_ext.quant):
+//   "int8": qdata int8 [out, in], qscale float32 [out]
+//   "q8_0" / "q4_0" / "q4_1": qdata uint8 [out, in / 32 * {34, 18, 20}], GGUF's blocks; no qscale
+//   "nf4": qdata uint8 [out, in / 2], qscale float32 [out, in / 64] (absmax per 64)
+struct QuantizedWeight {
+  at::Tensor qdata;
+  std::optional<at::Tensor> qscale;
+  std::string qtype;
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+};
+
+// The float32 weight.
+LORA_EXT_API at::Tensor dequantize_weight(const QuantizedWeight& w);
+// lora_linear over the quantized base, dequantized tile by tile into bounded
+// scratch (never whole); gradients for x, bias, lora_A and lora_B.
+LORA_EXT_API at::Tensor lora_linear_quantized(
+    const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scale, double dropout_p = 0.0, bool training = false);
+// x W^T + bias for the quantized base alone.
+LORA_EXT_API at::Tensor linear_quantized(
+    const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias = std::nullopt);
 
 }  // namespace lora_ext::ops
