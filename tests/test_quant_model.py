@@ -267,3 +267,20 @@ def test_gguf_model_trains_like_dequantized_model(smollm2_pair):
         curves.append(torch.tensor(curve, dtype=torch.float64))
     assert curves[0][-1] < curves[0][0] - 0.1  # it learns
     torch.testing.assert_close(curves[0], curves[1], atol=0, rtol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the quantized op through its Meta kernel: same output and gradients."""
+    q, _ = pair("q4_1")
+    layer = q.model.layers[0].mlp.up_proj.train()
+    a = layer.lora_A["default"].weight
+    x = torch.randn(3, 5, 64)
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        a.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, a.grad.clone()))
+    for e, c in zip(*results):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@
 
 #include "ops/common/quant_checks.h"
 #include "ops/cpu/dequantize_cpu.h"
+#include "ops/cpu/quant_gemv.h"
 
 namespace lora_ext::cpu {
 
@@ -28,7 +29,11 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
       const uint8_t* q = base + r * row_bytes;
       float* o = out + r * ld;
       bool ok = true;
-      switch (f.type) {
+      const float* scale_row =
+          scales == nullptr ? nullptr : scales + (row0 + r) * (f.type == QType::Int8 ? 1 : in_features / 64);
+      if (dequantize_row_fast(f, q, scale_row, in_features, o, &ok)) {
+        // AVX2 (ops/cpu/quant_gemv.cpp): the same values as the portable decoder below
+      } else switch (f.type) {
         case QType::Int8: {
           const float s = scales[row0 + r];
           ok = s - s == 0.0f;

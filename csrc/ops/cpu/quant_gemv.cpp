@@ -61,6 +61,70 @@ inline bool finite(float s) {
   return s - s == 0.0f;
 }
 
+// One row of W decoded into float32 (the tiles' fast path).
+__attribute__((target("avx2,fma,f16c"))) bool dequantize_row(QType type, const uint8_t* q, const float* scale_row,
+                                                            int64_t in, float* o) {
+  bool ok = true;
+  if (type == QType::Int8) {
+    const int8_t* qi = reinterpret_cast<const int8_t*>(q);
+    const float s = scale_row[0];
+    const __m256 sv = _mm256_set1_ps(s);
+    const int64_t in8 = in & ~int64_t(7);
+    for (int64_t i = 0; i < in8; i += 8) {
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(i8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qi + i))), sv));
+    }
+    for (int64_t i = in8; i < in; ++i) o[i] = static_cast<float>(qi[i]) * s;
+    return finite(s);
+  }
+  if (type == QType::NF4) {
+    alignas(32) float tbl[16];
+    for (int c = 0; c < 16; ++c) tbl[c] = quant::nf4_value(c);
+    const __m256 tbl_lo = _mm256_load_ps(tbl), tbl_hi = _mm256_load_ps(tbl + 8);
+    for (int64_t b = 0; b < in / 64; ++b) {
+      const float s = scale_row[b];
+      ok = ok && finite(s);
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int j = 0; j < 64; j += 8) {
+        _mm256_storeu_ps(o + b * 64 + j, _mm256_mul_ps(nf4x8(q + b * 32 + j / 2, tbl_lo, tbl_hi), sv));
+      }
+    }
+    return ok;
+  }
+  const int64_t bytes = type == QType::Q8_0 ? 34 : type == QType::Q4_0 ? 18 : 20;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < in / 32; ++b) {
+    const uint8_t* qb = q + b * bytes;
+    float* ob = o + b * 32;
+    const float d = half_at(qb);
+    const float off = type == QType::Q4_0 ? -8.0f * d : type == QType::Q4_1 ? half_at(qb + 2) : 0.0f;
+    ok = ok && finite(d) && finite(off);
+    const __m256 dv = _mm256_set1_ps(d), ov = _mm256_set1_ps(off);
+    __m256 w[4];
+    if (type == QType::Q8_0) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 2));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 18));
+      w[0] = i8x8(a);
+      w[1] = i8x8(_mm_srli_si128(a, 8));
+      w[2] = i8x8(c);
+      w[3] = i8x8(_mm_srli_si128(c, 8));
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (type == QType::Q4_0 ? 2 : 4)));
+      const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+      w[0] = u8x8(lo);
+      w[1] = u8x8(_mm_srli_si128(lo, 8));
+      w[2] = u8x8(hi);
+      w[3] = u8x8(_mm_srli_si128(hi, 8));
+    }
+    // the portable decoder's roundings exactly: q * d, (q - 8) * d, q * d + m (no FMA)
+    const __m256 eight = _mm256_set1_ps(type == QType::Q4_0 ? 8.0f : 0.0f);
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(w[k], eight), dv);
+      _mm256_storeu_ps(ob + 8 * k, type == QType::Q4_1 ? _mm256_add_ps(v, ov) : v);
+    }
+  }
+  return ok;
+}
+
 // One output row o against N (<= 4) rows of x: dot[n] = sum_i x[n, i] W[o, i].
 // xsum[n * nb + b] is the sum of x[n]'s block b (for the formats with an offset).
 template <int N>
@@ -209,6 +273,13 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
     case 3: gemv_rows<3>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate); break;
     default: gemv_rows<4>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
   }
+  return true;
+}
+
+bool dequantize_row_fast(const quant::Format& f, const uint8_t* q, const float* scale_row, int64_t in, float* out,
+                         bool* ok) {
+  if (!cpu_has_avx2_fma()) return false;
+  *ok = dequantize_row(f.type, q, scale_row, in, out);
   return true;
 }
 

@@ -23,4 +23,10 @@ constexpr int64_t kQuantGemvMaxRows = 4;
 bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
                 const at::Tensor& x2d, at::Tensor& y, bool accumulate);
 
+// One row of a quantized weight decoded into float32 `out` with AVX2 (scale_row:
+// the row's int8 scale or nf4 absmaxes, else unused); *ok = its scales are
+// finite. Returns false (nothing done) on a CPU without AVX2/FMA/F16C.
+bool dequantize_row_fast(const quant::Format& f, const uint8_t* q, const float* scale_row, int64_t in, float* out,
+                         bool* ok);
+
 }  // namespace lora_ext::cpu
