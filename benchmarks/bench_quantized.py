@@ -9,7 +9,8 @@ Variants (SmolLM2-135M-Instruct, real weights; LoRA r=8 on the 7 projections, ba
 Modes (each prints a markdown table; figures are measured, nothing is asserted):
   (default)  per variant in its own process (MALLOC_MMAP_THRESHOLD_=131072, so that RSS is what the allocator
              holds; --glibc-default to drop it): bytes of the base weights held, RSS above the process before
-             loading once loaded and at the training peak, and weights + the allocator's training peak; then, all variants loaded in one process, interleaved rounds in
+             loading once loaded and at the training peak, and weights + the allocator's training peak;
+             then, all variants loaded in one process, interleaved rounds in
              alternating order: training step time and batch-1 decode time (one token with a KV cache),
              reported as ranges of the ratio to fp32 measured in the same round.
   --ppl      held-out perplexity of both of the main job's adapters after its training budget (48 steps of
@@ -218,7 +219,8 @@ def main_default(args) -> None:
     print(f"\n## bench_quantized: SmolLM2-135M{' (--quick: tiny random LLaMA)' if args.quick else ''}, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
     print("| base | bytes/weight (projections) | base weights MB | × fp32 | RSS loaded MB | peak RSS MB (train) "
-          "| × fp32 | weights + allocator peak MB | × fp32 | step s | step × fp32 | decode ms/token | decode × fp32 |")
+          "| × fp32 | weights + allocator peak MB | × fp32 | step s | step × fp32 | decode ms/token "
+          "| decode × fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bpw = {"fp32": 4.0, "q4_1": 20 / 32, "int8": 1 + 4 / 1536, "nf4": 0.5 + 4 / 64, "q4_0": 18 / 32}
     for v in variants:
