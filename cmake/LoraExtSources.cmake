@@ -4,6 +4,7 @@
 set(LORA_EXT_CORE_SOURCES
   csrc/build_info.cpp
   csrc/io/adapter.cpp
+  csrc/io/aoti.cpp
   csrc/io/apply.cpp
   csrc/io/nn.cpp
   csrc/io/safetensors.cpp

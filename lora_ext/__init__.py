@@ -30,7 +30,7 @@ from .names import BASE
 from .linear import LoraLinear
 from .lora_quant_linear import LoraQuantLinear
 from .quant_linear import QuantEmbedding, QuantLinear, quantize_linear_layers
-from . import quant
+from . import aoti, quant
 from .weighted import add_weighted_adapter
 from .saved_inputs import compress_saved_inputs
 from .model import (
@@ -65,5 +65,5 @@ __all__ = [
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
     "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
     "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter", "adapter_batch", "AdapterBatch", "BASE",
-    "compress_saved_inputs", "quant", "QuantLinear", "QuantEmbedding", "LoraQuantLinear", "quantize_linear_layers",
+    "compress_saved_inputs", "aoti", "quant", "QuantLinear", "QuantEmbedding", "LoraQuantLinear", "quantize_linear_layers",
 ]

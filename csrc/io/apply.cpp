@@ -12,21 +12,16 @@
 
 #include <lora_ext/ops.h>
 
+#include "io/apply_plan.h"
 #include "ops/common/checks.h"
 
 namespace lora_ext {
 
-namespace {
-
-struct Update {
-  at::Tensor target;  // [out, in] view of the parameter
-  at::Tensor A, B;
-  double scale;
-};
+namespace detail {
 
 // Validates every adapter key against the parameters; returns the updates.
-std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight,
-                         const char* op) {
+std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params, const Adapter& adapter,
+                                 double weight, const char* op, bool exact) {
   std::vector<Update> out;
   std::vector<std::string> problems;
   std::vector<AdapterModule> modules;
@@ -90,9 +85,13 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
     // the adapter may be float32 on a half base (PEFT's default) or match the base's dtype
     const auto wt = W.scalar_type();
     const auto adt = (wt == at::kHalf || wt == at::kBFloat16) ? at::kFloat : wt;
-    Update u{target, A2.to(W.device(), adt), B2.to(W.device(), adt), weight * m.scaling};
+    Update u{m.path, target, A2.to(W.device(), adt), B2.to(W.device(), adt), weight * m.scaling};
     try {  // merge_'s own checks (dtypes, a finite scale in range) here, so it cannot throw halfway through
-      detail::check_merge_args("merge_", u.target, u.A, u.B, u.scale);
+      if (exact) {
+        check_merge_exact_args("merge_exact_", u.target, u.A, u.B, u.scale);
+      } else {
+        check_merge_args("merge_", u.target, u.A, u.B, u.scale);
+      }
     } catch (const c10::Error& e) {
       problems.push_back("module " + m.path + ": " + e.what_without_backtrace());
       continue;
@@ -107,10 +106,14 @@ std::vector<Update> plan(std::map<std::string, at::Tensor> params, const Adapter
   return out;
 }
 
-void apply(std::map<std::string, at::Tensor> params, const Adapter& adapter, double weight, bool merge,
+}  // namespace detail
+
+namespace {
+
+void apply(const std::map<std::string, at::Tensor>& params, const Adapter& adapter, double weight, bool merge,
            const char* op) {
   TORCH_CHECK(std::isfinite(weight), "lora_ext::", op, ": expected a finite weight, got ", weight);
-  auto updates = plan(std::move(params), adapter, weight, op);
+  auto updates = detail::plan_updates(params, adapter, weight, op);
   torch::NoGradGuard no_grad;
   for (auto& u : updates) {
     if (merge) {

@@ -1,0 +1,123 @@
+"""Python's figures next to the C++ program's: the same prefix-recomputing greedy loop (make_data.greedy) with
+transformers + lora_ext, eager and under torch.compile, at batch 1 and 8.
+
+    python python_bench.py DATA [--rounds 3] [--no-compile]
+
+DATA is make_data.py's folder (its model choice is read from DATA/export.json). Variants: the base, the first
+adapter merged (lora_ext.merge), unmerged (set_adapter) and per-row (adapter_batch alternating the two adapters);
+rounds are interleaved with alternating order. Prints tokens/s ranges and the process's RSS after each mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+import lora_ext
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_data import greedy, last_logits, load_model  # noqa: E402
+
+
+def rss_mib(key: str = "VmRSS") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench(data: pathlib.Path, rounds: int, compile_too: bool) -> dict:
+    meta = json.loads((data / "export.json").read_text())
+    model, _ = load_model(meta["model"])
+    prompt = load_file(str(data / "prompt.safetensors"))["input_ids"]
+    steps = meta["steps"]
+    names = meta["adapters"]
+    for n in names:
+        lora_ext.load_adapter(model, str(data / "adapters" / n), n)
+    lora_ext.set_adapter(model, names[0])
+    fn = {"eager": last_logits(model)}
+    result = {"steps": steps, "prompt_tokens": prompt.shape[1], "threads": torch.get_num_threads()}
+
+    def variants(mode):
+        f = fn[mode]
+
+        def base(b):
+            with lora_ext.disable_adapters(model):
+                greedy(f, prompt.repeat(b, 1), steps)
+
+        def merged(b):
+            lora_ext.merge(model, [names[0]])
+            try:
+                t = time.perf_counter()
+                greedy(f, prompt.repeat(b, 1), steps)
+                return time.perf_counter() - t
+            finally:
+                lora_ext.unmerge(model)
+
+        def per_row(b):
+            with lora_ext.adapter_batch(model, [names[i % len(names)] for i in range(b)]):
+                greedy(f, prompt.repeat(b, 1), steps)
+
+        return {"base": base, "merged": merged, "unmerged": lambda b: greedy(f, prompt.repeat(b, 1), steps),
+                "per-row": per_row}
+
+    modes = ["eager"]
+    if compile_too:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, dynamic=True)
+        fn["compile"] = last_logits(compiled)
+        with torch.no_grad():
+            for v in variants("compile").values():  # compile every graph once, outside the timing
+                v(1)
+                v(8)
+        result["compile_warmup_s"] = time.perf_counter() - t0
+        modes.append("compile")
+    with torch.no_grad():
+        for mode in modes:
+            vs = variants(mode)
+            tps = {(k, b): [] for k in vs for b in (1, 8)}
+            for r in range(rounds):
+                order = list(vs) if r % 2 == 0 else list(vs)[::-1]
+                for k in order:
+                    for b in (1, 8):
+                        t = time.perf_counter()
+                        inner = vs[k](b)
+                        dt = inner if inner is not None else time.perf_counter() - t
+                        tps[(k, b)].append(b * steps / dt)
+            result[mode] = {f"{k} b{b}": [round(min(v), 2), round(max(v), 2)] for (k, b), v in tps.items()}
+            result[f"{mode}_rss_mib"] = round(rss_mib())
+    result["peak_rss_mib"] = round(rss_mib("VmHWM"))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    res = bench(pathlib.Path(args.data), args.rounds, not args.no_compile)
+    print(f"{res['steps']} new tokens from a {res['prompt_tokens']}-token prompt, {res['threads']} threads, "
+          f"{args.rounds} rounds (the prefix recomputed per token)")
+    for mode in ("eager", "compile"):
+        if mode not in res:
+            continue
+        print(f"Python {mode} tokens/s (range)     batch 1          batch 8")
+        for k in ("base", "merged", "unmerged", "per-row"):
+            b1, b8 = res[mode][f"{k} b1"], res[mode][f"{k} b8"]
+            print(f"  {k:<24} {b1[0]:>7.1f}-{b1[1]:<7.1f} {b8[0]:>7.1f}-{b8[1]:<7.1f}")
+        print(f"  RSS after {mode}: {res[f'{mode}_rss_mib']} MiB")
+    if "compile_warmup_s" in res:
+        print(f"torch.compile warm-up (every variant's graphs): {res['compile_warmup_s']:.0f} s")
+    print(f"peak RSS {res['peak_rss_mib']} MiB")
+    (pathlib.Path(args.data) / "python_bench.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
