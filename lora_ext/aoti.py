@@ -120,6 +120,10 @@ def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapt
     if max_batch < 2 or max_seq < 2:
         raise ValueError(f"export_causal_lm: expected max_batch >= 2 and max_seq >= 2 (dynamic ranges), "
                          f"got {max_batch}, {max_seq}")
+    if not (callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None))
+            and isinstance(model.get_output_embeddings(), nn.Linear)):
+        raise ValueError(f"export_causal_lm: expected a Hugging Face causal LM (get_decoder() and an nn.Linear "
+                         f"get_output_embeddings()), got {type(model).__name__}")
     dev = next(model.parameters()).device
     if dev.type != "cpu":
         raise ValueError(f"export_causal_lm: expected a model on the CPU (AotiModel runs on the CPU), got {dev}")

@@ -109,6 +109,8 @@ def test_export_refuses_bad_arguments(tmp_path):
         export_causal_lm(model, tmp_path / "x.pt2", max_batch=1)
     with pytest.raises(ValueError, match=r"matching none"):
         export_causal_lm(model, tmp_path / "x.pt2", adapter_slots=1, target_modules=["q_proj", "qkv"])
+    with pytest.raises(ValueError, match="expected a Hugging Face causal LM"):
+        export_causal_lm(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "x.pt2")
     lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="expected the base model, got one with LoRA layers"):
         export_causal_lm(model, tmp_path / "x.pt2")

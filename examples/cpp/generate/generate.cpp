@@ -119,7 +119,7 @@ int main(int argc, char** argv) try {
   t0 = Clock::now();
   lora_ext::AotiModel slots(data + "/slots.pt2");
   const double load_slots_s = seconds_since(t0);
-  const double rss_loaded = proc_status_mib("VmRSS");
+  const double rss_loaded = proc_status_mib("VmRSS"), anon_loaded = proc_status_mib("RssAnon");
   std::printf("loaded base.pt2 in %.2f s, slots.pt2 (%lld slots, max rank %lld) in %.2f s; prompt %lld tokens, "
               "%lld new tokens per run\n", load_base_s, (long long)slots.adapter_slots(), (long long)slots.max_rank(),
               load_slots_s, (long long)prompt.size(1), (long long)steps);
@@ -208,8 +208,9 @@ int main(int argc, char** argv) try {
     std::printf("base weights after the rounds: %s\n",
                 same_bits(base.weights(), base_bits) ? "bit-identical" : "CHANGED");
   }
-  std::printf("RSS: %.0f MiB at start, %.0f MiB with both packages loaded, %.0f MiB now, peak %.0f MiB\n", rss0,
-              rss_loaded, proc_status_mib("VmRSS"), proc_status_mib("VmHWM"));
+  std::printf("RSS: %.0f MiB at start, %.0f MiB with both packages loaded (anonymous %.0f), %.0f MiB now (anonymous "
+              "%.0f, file-backed %.0f), peak %.0f MiB\n", rss0, rss_loaded, anon_loaded, proc_status_mib("VmRSS"),
+              proc_status_mib("RssAnon"), proc_status_mib("RssFile"), proc_status_mib("VmHWM"));
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "generate: " << e.what() << "\n";
