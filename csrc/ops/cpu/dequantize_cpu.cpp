@@ -2,8 +2,6 @@
 // rows in parallel. Block scales that are not finite (a corrupt or hostile
 // file) are an error naming the first such row, never NaN weights.
 #include <algorithm>
-#include <atomic>
-#include <limits>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,7 +21,7 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
   const uint8_t* base = static_cast<const uint8_t*>(qdata.const_data_ptr()) + row0 * row_bytes;
   const at::Tensor sc = qscale ? qscale->contiguous() : at::Tensor();  // kept alive while read
   const float* scales = sc.defined() ? sc.const_data_ptr<float>() : nullptr;
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  FirstBadRow bad;
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* q = base + r * row_bytes;
@@ -57,16 +55,10 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
             ok = quant::decode_gguf_block(f.type, q + b * f.block_bytes, o + b * 32) && ok;
           }
       }
-      if (!ok) {
-        int64_t cur = bad.load();
-        while (row0 + r < cur && !bad.compare_exchange_weak(cur, row0 + r)) {
-        }
-      }
+      if (!ok) bad.note(row0 + r);
     }
   });
-  const int64_t first = bad.load();
-  TORCH_CHECK_VALUE(first == std::numeric_limits<int64_t>::max(), "lora_ext::dequantize_weight: expected finite ",
-                    f.name, " scales, got a non-finite scale in row ", first);
+  bad.check(f);
 }
 
 namespace {

@@ -1,15 +1,12 @@
 #include "ops/cpu/quant_gemv.h"
 
-#include <cpuid.h>
-#include <immintrin.h>
-
 #include <algorithm>
-#include <atomic>
-#include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "ops/cpu/simd.h"
 
 namespace lora_ext::cpu {
 
@@ -17,23 +14,6 @@ namespace {
 
 using quant::QType;
 
-bool cpu_has_avx2_fma() {
-  // F16C through cpuid: clang's __builtin_cpu_supports does not know "f16c"
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
-  }();
-  return ok;
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
 
 __attribute__((target("avx2,fma"))) inline __m256 u8x8(__m128i v) {  // the low 8 bytes, unsigned, as floats
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -224,7 +204,7 @@ void gemv_rows(const quant::Format& f, const uint8_t* q, int64_t row_bytes, cons
                const float* const* x, const float* xsum, int64_t in, int64_t out, float* y, int64_t ldy,
                bool accumulate) {
   const int64_t scale_cols = f.type == QType::Int8 ? 1 : in / 64;
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  FirstBadRow bad;
   at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
     float dot[N];
     for (int64_t o = o0; o < o1; ++o) {
@@ -234,16 +214,10 @@ void gemv_rows(const quant::Format& f, const uint8_t* q, int64_t row_bytes, cons
         float& dst = y[n * ldy + o];
         dst = accumulate ? dst + dot[n] : dot[n];
       }
-      if (!ok) {
-        int64_t cur = bad.load();
-        while (o < cur && !bad.compare_exchange_weak(cur, o)) {
-        }
-      }
+      if (!ok) bad.note(o);
     }
   });
-  const int64_t first = bad.load();
-  TORCH_CHECK_VALUE(first == std::numeric_limits<int64_t>::max(), "lora_ext::dequantize_weight: expected finite ",
-                    f.name, " scales, got a non-finite scale in row ", first);
+  bad.check(f);
 }
 
 }  // namespace
@@ -252,7 +226,7 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
                 const at::Tensor& x2d, at::Tensor& y, bool accumulate) {
   const int64_t N = x2d.size(0), in = x2d.size(1), out = y.size(1);
   if (N < 1 || N > kQuantGemvMaxRows || x2d.scalar_type() != at::kFloat || y.scalar_type() != at::kFloat ||
-      x2d.stride(1) != 1 || y.stride(1) != 1 || !cpu_has_avx2_fma() || out == 0 || in == 0) {
+      x2d.stride(1) != 1 || y.stride(1) != 1 || !cpu_has_avx2_fma_f16c() || out == 0 || in == 0) {
     return false;
   }
   const int64_t nb = f.block == 32 ? in / 32 : 0;
@@ -282,7 +256,7 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
 
 bool dequantize_row_fast(const quant::Format& f, const uint8_t* q, const float* scale_row, int64_t in, float* out,
                          bool* ok) {
-  if (!cpu_has_avx2_fma()) return false;
+  if (!cpu_has_avx2_fma_f16c()) return false;
   *ok = dequantize_row(f.type, q, scale_row, in, out);
   return true;
 }

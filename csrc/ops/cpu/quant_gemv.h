@@ -4,9 +4,13 @@
 // with each block's codes converted and multiplied in registers (AVX2), no
 // dequantized tile. Decoding is memory-bound, so reading 0.6 instead of 4 bytes
 // per weight is the gain.
+#include <atomic>
+#include <cstdint>
+#include <limits>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include "ops/common/quant_formats.h"
 
@@ -28,5 +32,24 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
 // finite. Returns false (nothing done) on a CPU without AVX2/FMA/F16C.
 bool dequantize_row_fast(const quant::Format& f, const uint8_t* q, const float* scale_row, int64_t in, float* out,
                          bool* ok);
+
+// The first row with a non-finite scale, noted from parallel workers (the error names the lowest row, whatever
+// the threads' order).
+class FirstBadRow {
+ public:
+  void note(int64_t row) {
+    int64_t cur = first_.load();
+    while (row < cur && !first_.compare_exchange_weak(cur, row)) {
+    }
+  }
+  void check(const quant::Format& f) const {
+    const int64_t first = first_.load();
+    TORCH_CHECK_VALUE(first == std::numeric_limits<int64_t>::max(), "lora_ext::dequantize_weight: expected finite ",
+                      f.name, " scales, got a non-finite scale in row ", first);
+  }
+
+ private:
+  std::atomic<int64_t> first_{std::numeric_limits<int64_t>::max()};
+};
 
 }  // namespace lora_ext::cpu

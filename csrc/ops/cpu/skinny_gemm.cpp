@@ -1,26 +1,12 @@
 #include "ops/cpu/skinny_gemm.h"
 
-#include <immintrin.h>
-
 #include <ATen/Parallel.h>
+
+#include "ops/cpu/simd.h"
 
 namespace lora_ext::cpu {
 
 namespace {
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
 
 // NB rows X[0..NB) against KB rows of W: NB*KB accumulators stay in registers.
 template <int NB, int KB>
