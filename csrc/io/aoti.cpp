@@ -4,7 +4,6 @@
 #include <mutex>
 #include <set>
 #include <shared_mutex>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -225,47 +224,25 @@ void AotiModel::load_adapter_slot(int64_t slot, const Adapter& adapter) {
               "with lora_ext.aoti.export_causal_lm(..., adapter_slots=n) or use merge_adapter");
   TORCH_CHECK(slot >= 0 && slot < I.n_slots, "lora_ext::AotiModel::load_adapter_slot: expected a slot in [0, ",
               I.n_slots, "), got ", slot);
+  TORCH_CHECK(!adapter.config.fan_in_fan_out, "lora_ext::AotiModel::load_adapter_slot: expected an adapter of ",
+              "nn.Linear layers, got fan_in_fan_out = true (GPT-2 Conv1D layers have no slots)");
+  // the checks merge_adapter makes (every module: a weight of its name, shapes, rank, finite values) ...
+  const auto updates = detail::plan_updates(I.weights, adapter, 1.0, "AotiModel::load_adapter_slot");
+  // ... and the slot's own: the module has one, the rank fits in it
   std::vector<std::string> problems;
   std::vector<SlotWrite> writes;
-  std::vector<AdapterModule> modules;
-  try {
-    modules = adapter_modules(adapter);
-  } catch (const c10::Error& e) {
-    problems.push_back(e.what_without_backtrace());
-  }
-  if (adapter.config.fan_in_fan_out) problems.push_back("fan_in_fan_out adapters (GPT-2 Conv1D) have no slots here");
-  for (const auto& m : modules) {
-    auto it = I.slots.find(m.path);
-    if (it == I.slots.end() || m.embedding) {
-      problems.push_back("module " + m.path + " has no adapter slot (the package's slots are on " +
-                         std::to_string(I.slots.size()) + " linear modules, e.g. " +
-                         (I.slots.empty() ? std::string("none") : I.slots.begin()->first) + ")");
-      continue;
+  for (const auto& u : updates) {
+    auto it = I.slots.find(u.path);
+    if (it == I.slots.end() || u.target.sizes() != at::IntArrayRef({it->second.Bt.size(2), it->second.A.size(2)})) {
+      problems.push_back("module " + u.path + " has no adapter slot (the package's slots are on " +
+                         std::to_string(I.slots.size()) + " linear modules, e.g. " + I.slots.begin()->first + ")");
+    } else if (u.A.size(0) > I.max_rank) {
+      problems.push_back("rank " + std::to_string(u.A.size(0)) + " at " + u.path + " is above the package's max_rank " +
+                         std::to_string(I.max_rank));
+    } else {
+      Slot& s = it->second;
+      writes.push_back({&s, u.A.to(s.A.scalar_type()), u.B.t().to(s.Bt.scalar_type()), u.scale});
     }
-    Slot& s = it->second;
-    const at::Tensor& A = m.lora_A;
-    const at::Tensor& B = m.lora_B;
-    const int64_t in = s.A.size(2), out = s.Bt.size(2);
-    if (A.dim() != 2 || B.dim() != 2 || A.size(1) != in || B.size(0) != out || A.size(0) != B.size(1) ||
-        A.size(0) < 1 || A.size(0) > I.max_rank) {
-      std::ostringstream ss;
-      ss << "shape mismatch at " << m.path << ": expected A [r, " << in << "] and B [" << out << ", r] with 1 <= r <= "
-         << I.max_rank << " (the package's max_rank), got A " << A.sizes() << ", B " << B.sizes();
-      problems.push_back(ss.str());
-      continue;
-    }
-    if (A.size(0) != adapter.config.rank_for(m.path)) {
-      problems.push_back("rank mismatch at " + m.path + ": the config says r = " +
-                         std::to_string(adapter.config.rank_for(m.path)) + ", the tensors have rank " +
-                         std::to_string(A.size(0)));
-      continue;
-    }
-    if (!at::isFloatingType(A.scalar_type()) || !at::isFloatingType(B.scalar_type()) ||
-        !at::isfinite(A).all().item<bool>() || !at::isfinite(B).all().item<bool>() || !std::isfinite(m.scaling)) {
-      problems.push_back("adapter values of " + m.path + " are not finite floating point numbers");
-      continue;
-    }
-    writes.push_back({&s, A.to(s.A.scalar_type()), B.t().to(s.Bt.scalar_type()), m.scaling});
   }
   if (!problems.empty()) {
     std::string msg;

@@ -131,10 +131,14 @@ int main(int argc, char** argv) try {
     renamed.tensors.emplace(key, v);
   }
   check(throws([&] { base.merge_adapter(renamed); }, "matches no parameter"), "merge: unknown module refused");
-  check(throws([&] { slots.load_adapter_slot(0, renamed); }, "has no adapter slot"), "slot: unknown module refused");
+  check(throws([&] { slots.load_adapter_slot(0, renamed); }, "matches no parameter"), "slot: unknown module refused");
+  auto head = docs;  // lm_head has a weight in the package but no slot (the export leaves the head out)
+  head.tensors["base_model.model.lm_head.lora_A.weight"] = at::randn({docs.config.r, 64});
+  head.tensors["base_model.model.lm_head.lora_B.weight"] = at::randn({base.vocab_size(), docs.config.r});
+  check(throws([&] { slots.load_adapter_slot(0, head); }, "has no adapter slot"), "slot: a module without a slot");
   const auto nan = with_last_module(docs, [](at::Tensor& A, at::Tensor& B) { B[0][0] = NAN; });
   check(throws([&] { base.merge_adapter(nan); }, "non-finite"), "merge: NaN refused");
-  check(throws([&] { slots.load_adapter_slot(0, nan); }, "not finite"), "slot: NaN refused");
+  check(throws([&] { slots.load_adapter_slot(0, nan); }, "non-finite"), "slot: NaN refused");
   auto big = docs;  // rank 16 > the package's max_rank 8, with a config that says so
   big.config.r = 16;
   for (auto& [k, v] : big.tensors) {
