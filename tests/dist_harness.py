@@ -138,12 +138,15 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
         del store
 
 
+ADAMW_LR = 1e-2
+
+
 def sgd_then_adamw(step: int, params, opt, sgd_steps: int):
-    """The distributed tests' optimizer schedule: SGD(lr 0.1) for ``sgd_steps`` steps, then AdamW(lr 1e-2)."""
+    """The distributed tests' optimizer schedule: SGD(lr 0.1) for ``sgd_steps`` steps, then AdamW(lr ADAMW_LR)."""
     if step == 0:
         return torch.optim.SGD(params, lr=0.1)
     if step == sgd_steps:
-        return torch.optim.AdamW(params, lr=1e-2)
+        return torch.optim.AdamW(params, lr=ADAMW_LR)
     return opt
 
 

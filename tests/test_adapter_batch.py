@@ -12,6 +12,8 @@ from models import LLAMA_TARGETS, tiny_llama
 
 import peft  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 BATCH, SEQ = 6, 5
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (6e-2, 5e-2), torch.float16: (1e-2, 1e-2)}
 

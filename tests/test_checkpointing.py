@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 import lora_ext
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 ROWS = ["a", lora_ext.BASE, "b"]  # per-row adapters of a 3-row batch
 
 

@@ -15,6 +15,8 @@ from torch import nn
 import lora_ext
 from lora_ext import LoraConfig
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 ADAPTERS = {"a": 4, "b": 2, "c": 8, "d": 1}
 ROWS, SEQ, DIM = 3, 2, 24
 

@@ -2,7 +2,8 @@
 
 Every mode trains under ``DDP(model)`` (default ``find_unused_parameters=False``), each rank on its
 half of the batch, for 3 SGD and 3 AdamW steps, and must end where single-process training on the
-concatenated batch (mean loss) ends, within rtol 1e-5 / atol 1e-6, with both ranks bitwise equal.
+concatenated batch (mean loss) ends, within rtol 1e-5 / atol 1e-6 plus AdamW's rounding drift
+(``numerics.py``), with both ranks bitwise equal.
 Dropout: each rank draws its own masks, so the reference runs the two halves with the two ranks'
 seeds. The all-reduced bytes are measured with a comm hook: exactly the trainable bytes every step.
 Frozen parameters never get a ``.grad``. One process world serves every check (``_world``).
@@ -23,9 +24,12 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import file_hashes, sgd_then_adamw, timed_world, value_error
+from dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
 from models import LLAMA_TARGETS, Block, BlockNet as Net, tiny_llama
+from numerics import GradRecorder, assert_close_after_adamw
+
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
 WORLD = 2
 D = 64
@@ -232,7 +236,7 @@ def _reference(mode):
     for rank in range(WORLD):
         torch.manual_seed(DROPOUT_SEED + rank)
         streams.append(torch.get_rng_state())
-    per, opt = ROWS // WORLD, None
+    per, opt, adamw_grads = ROWS // WORLD, None, GradRecorder()
     for step, batch in enumerate(_batches(mode)):
         opt = _optimizer(step, params, opt)
         opt.zero_grad()
@@ -246,19 +250,22 @@ def _reference(mode):
         else:
             loss = _loss(mode, model, batch, slice(0, ROWS))
         loss.backward()
+        if step >= SGD_STEPS:
+            adamw_grads.record(model)
         opt.step()
-    return _trainable(model), _nbytes(params), _nbytes(model.parameters())
+    return _trainable(model), _nbytes(params), _nbytes(model.parameters()), adamw_grads.grads
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_ddp_training_matches_single_process_training(world, mode):
-    want, _, _ = _reference(mode)
+    want, _, _, adamw_grads = _reference(mode)
     initial = _trainable(MODES[mode]())
     for rank in range(WORLD):
         got = world[rank][mode]["trained"]
         assert got.keys() == want.keys(), (rank, got.keys() ^ want.keys())
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            # AdamW may move an element whose gradient sat within rounding noise by ~lr in one run only
+            assert_close_after_adamw(got[name], want[name], adamw_grads[name], ADAMW_LR, name)
             assert not torch.equal(got[name], initial[name]), f"{name} did not train"
     for name in want:  # DDP keeps the replicas identical
         assert torch.equal(world[0][mode]["trained"][name], world[1][mode]["trained"][name]), name
@@ -266,7 +273,7 @@ def test_ddp_training_matches_single_process_training(world, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_allreduced_bytes_are_the_trainable_bytes(world, mode):
-    _, trainable_bytes, total_bytes = _reference(mode)
+    _, trainable_bytes, total_bytes, _ = _reference(mode)
     for rank in range(WORLD):
         r = world[rank][mode]
         assert (r["trainable_bytes"], r["total_bytes"]) == (trainable_bytes, total_bytes)

@@ -2,7 +2,7 @@
 
 ``lora_ext.distributed.shard_lora_model`` shards each block, then the root. Under it, 3 SGD + 3 AdamW
 steps on each rank's share of the batch must end where single-process training on the concatenated
-batch ends (rtol 1e-5 / atol 1e-6), with ``reshard_after_forward`` True and False, on 2 ranks and on
+batch ends (rtol 1e-5 / atol 1e-6 plus AdamW's rounding drift, ``numerics.py``), with ``reshard_after_forward`` True and False, on 2 ranks and on
 3 ranks where no shape divides (64 rows over 3 ranks, and rank-2 adapters: one rank holds an empty
 shard of ``lora_A``). Measured, not assumed: each step reduce-scatters exactly the trainable bytes
 (padded per parameter to a multiple of the world size) and nothing else of the gradients; a
@@ -24,9 +24,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from dist_harness import file_hashes, sgd_then_adamw, timed_world, value_error
+from dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
 from models import Block, BlockNet as Net, tiny_llama
+from numerics import GradRecorder, assert_close_after_adamw
+
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
 D = 64
 ROWS, TOKENS = 12, 3  # the concatenated batch: divisible by 2 and 3 ranks
@@ -236,14 +239,26 @@ def _reference(dtype=torch.float32, steps=SGD_STEPS + ADAMW_STEPS):
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches(dtype)[:steps]
     before_eval = _eval(model, batches[0][0])
-    opt = None
+    opt, adamw_grads = None, GradRecorder()
     for step, batch in enumerate(batches):
         opt = _optimizer(step, params, opt)
         opt.zero_grad()
         model.train()
         _loss(model, batch, slice(0, ROWS)).backward()
+        if step >= SGD_STEPS:
+            adamw_grads.record(model)
         opt.step()
-    return model, _trainable(model), before_eval, _eval(model, batches[0][0])
+    return model, _trainable(model), before_eval, _eval(model, batches[0][0]), adamw_grads.grads
+
+
+def _eval_with(trained, dtype=torch.float32):
+    """The single-process model's eval output with another run's trained values loaded."""
+    model = _net(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in trained:
+                p.copy_(trained[name])
+    return _eval(model, _batches(dtype)[0][0])
 
 
 WORLDS = ["world2", "world3"]
@@ -253,17 +268,19 @@ WORLDS = ["world2", "world3"]
 @pytest.mark.parametrize("reshard", [True, False])
 def test_fsdp2_training_matches_single_process_training(world, reshard, request):
     ranks = request.getfixturevalue(world)
-    _, want, want_before, want_after = _reference()
+    _, want, want_before, _, adamw_grads = _reference()
     initial = _trainable(_net())
     for out in ranks:
         run = out[f"train reshard={reshard}"]
         assert sorted(run["trained"]) == sorted(want)
         for name, value in want.items():
             assert not torch.equal(value, initial[name]), f"{name} did not train"
-            torch.testing.assert_close(run["trained"][name], value, rtol=1e-5, atol=1e-6, msg=name)
-        # a train step between two per-row eval forwards shows (no stale stacked adapters)
+            # AdamW may move an element whose gradient sat within rounding noise by ~lr in one run only
+            assert_close_after_adamw(run["trained"][name], value, adamw_grads[name], ADAMW_LR, name)
+        # a train step between two per-row eval forwards shows (no stale stacked adapters); after training,
+        # against the single process's forward with this run's trained values (the training is checked above)
         torch.testing.assert_close(run["before_eval"], want_before, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(run["after_eval"], want_after, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run["after_eval"], _eval_with(run["trained"]), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(run["after_eval"], run["before_eval"])
         assert run["frozen_with_grad"] == [] and run["trainable_without_grad"] == []
 
@@ -358,7 +375,7 @@ def test_bfloat16_base_with_float32_adapters_matches_single_process_training(wor
     """SGD steps only: a bfloat16 backward rounds differently for other row counts per GEMM, and AdamW's
     first steps turn such noise in a near-zero gradient into +-lr (measured: 3 AdamW steps on 3 ranks left
     adapters up to 0.020 = 2 lr from the single process; on 2 ranks 8e-8)."""
-    _, want, _, want_after = _reference(torch.bfloat16, SGD_STEPS)
+    _, want, _, want_after, _ = _reference(torch.bfloat16, SGD_STEPS)
     for out in request.getfixturevalue(world):
         run = out["train bf16"]
         assert all(v.dtype == torch.float32 for v in run["trained"].values())

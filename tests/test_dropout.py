@@ -5,6 +5,8 @@ import torch
 
 from lora_ext import ops
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def _identity_setup(n, d, p, dtype=torch.float64):
     """A = B = I and scale 1, so y - x W^T - b is exactly dropout(x): the mask is observable."""

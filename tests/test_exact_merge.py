@@ -8,6 +8,8 @@ from lora_ext import LoraConfig, ops
 from models import LLAMA_TARGETS, llama_inputs, logits, tiny_llama
 from reference import EXACT_CASES, EXACT_IDS, ref_merge_exact, ref_merge_exact_codes, ubits, wide_adapter, wide_weight
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def _bits(w):
     return w.view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[w.dtype])

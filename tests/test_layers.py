@@ -13,6 +13,8 @@ from lora_ext.conv import LoraConv
 from lora_ext.embedding import LoraEmbedding
 from lora_ext.gpt2_conv1d import LoraGPT2Conv1D
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def _gpt2_conv1d(nx, nf):
     from transformers.pytorch_utils import Conv1D

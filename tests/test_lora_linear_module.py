@@ -8,6 +8,8 @@ from torch import nn
 import lora_ext
 from lora_ext import LoraLinear
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def _ref(layer: LoraLinear, x, names=None):
     names = layer.active_adapters if names is None else names

@@ -7,6 +7,8 @@ import torch
 from lora_ext import ops
 from reference import GRAD_TOL, TOL, ref_multi
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
 

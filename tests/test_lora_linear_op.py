@@ -6,6 +6,8 @@ import torch
 from lora_ext import ops
 from reference import GRAD_TOL, TOL, make_inputs, noncontiguous, ref_lora_linear
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (leading shape of x, in, out, r)
 SHAPES = [

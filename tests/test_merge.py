@@ -6,6 +6,8 @@ import torch
 from lora_ext import ops
 from reference import make_inputs, noncontiguous, peak_extra_cpu_bytes
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 ADAPTER = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
            (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
 

@@ -10,6 +10,8 @@ import lora_ext
 from lora_ext import LoraConfig
 from models import LLAMA_TARGETS, llama_inputs, logits, tiny_llama
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def _train(model, steps=3, lr=1e-2):
     ids = llama_inputs()

@@ -13,6 +13,8 @@ from test_model_api import _train
 
 import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 
 def test_peft_trained_adapter_loads_into_plain_model(tmp_path):
     base = tiny_llama()

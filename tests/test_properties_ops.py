@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
@@ -17,6 +18,8 @@ from reference import (EXACT_CASES, GRAD_TOL, TOL, make_inputs, op_dropout_mask,
                        ref_merge_exact_codes, ref_multi, ubits, wide_adapter, wide_weight)
 from strategies import (DTYPE_PAIRS, LAYOUTS, bits, dropout_ps, examples, outside_unchanged, place, randn, scales,
                         seeds)
+
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
 
 @st.composite

@@ -11,6 +11,8 @@ import torch
 
 from lora_ext import quant  # importing lora_ext registers the ops
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 try:
     import gguf  # the reference (gguf-py, which transformers loads GGUF files with)
 except ImportError:  # e.g. on a GPU machine: the tests that need it skip, the rest run

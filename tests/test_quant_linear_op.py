@@ -10,6 +10,8 @@ import torch
 from lora_ext import ops, quant
 from reference import GRAD_TOL, TOL, noncontiguous, peak_extra_cpu_bytes, ref_lora_linear
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 QL = torch.ops.lora_ext.lora_linear_quantized.default
 LQ = torch.ops.lora_ext.linear_quantized.default
 CASES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),

@@ -16,6 +16,8 @@ import lora_ext
 from lora_ext import LoraConfig, QuantEmbedding, QuantLinear, quant, quantize_linear_layers
 from models import LLAMA_TARGETS
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 

@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 import lora_ext
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 MODES = ["bf16", "int8"]
 
 

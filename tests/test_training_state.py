@@ -22,6 +22,8 @@ from lora_ext.adapter_io import adapter_state_dict
 from lora_ext.distributed import (broadcast_adapters, load_training_state, read_training_state, save_training_state,
                                   training_state)
 
+pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
+
 WORLD = 2
 D, ROWS, TOKENS = 32, 8, 3
 STEPS, SPLIT = 4, 2  # uninterrupted steps; the checkpoint is taken after SPLIT of them

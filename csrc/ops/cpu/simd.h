@@ -5,10 +5,21 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <string_view>
+
 namespace lora_ext::cpu {
 
+// ATEN_CPU_CAPABILITY=default holds ATen's kernels to their portable code; these kernels follow it, so one
+// variable gives a machine without vector kernels (scripts/isa_matrix.sh runs the numerics tests so).
+inline bool portable_kernels_only() {
+  const char* v = std::getenv("ATEN_CPU_CAPABILITY");
+  return v != nullptr && std::string_view(v) == "default";
+}
+
 inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      !portable_kernels_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 
