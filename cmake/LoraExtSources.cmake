@@ -31,6 +31,7 @@ set(LORA_EXT_CORE_SOURCES
   csrc/ops/autograd/lora_linear_multi_autograd.cpp
   csrc/ops/autograd/lora_linear_quantized_autograd.cpp
   csrc/ops/autograd/merge_autograd.cpp
+  csrc/ops/autocast/lora_linear_autocast.cpp
 )
 # The exact merge recomputes Delta W bit-identically in every call and code path:
 # no FMA contraction there (compile these with -ffp-contract=off).

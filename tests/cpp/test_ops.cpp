@@ -11,6 +11,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/nn.h>
 
 #include <lora_ext/lora_ext.h>
@@ -69,6 +70,21 @@ int main() {
   auto ybf = lora_ext::ops::lora_linear(x.to(at::kBFloat16), w.to(at::kBFloat16), b.to(at::kBFloat16),
                                         A.to(at::kFloat), B.to(at::kFloat), s);
   check(ybf.scalar_type() == at::kBFloat16 && close(ybf, ref, 5e-2), "lora_linear forward (bf16 base, fp32 adapter)");
+
+  // under autocast (what torch.autocast sets): fp32 x, weight and bias run in bf16, the fp32 adapter is kept;
+  // the same as casting by hand, bit for bit
+  {
+    const auto xf = x.to(at::kFloat), wf = w.to(at::kFloat), bf = b.to(at::kFloat);
+    const auto Af = A.to(at::kFloat), Bf = B.to(at::kFloat);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    auto yac = lora_ext::ops::lora_linear(xf, wf, bf, Af, Bf, s);
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::clear_cache();
+    auto yhand = lora_ext::ops::lora_linear(xf.to(at::kBFloat16), wf.to(at::kBFloat16), bf.to(at::kBFloat16), Af,
+                                            Bf, s);
+    check(yac.scalar_type() == at::kBFloat16 && at::equal(yac, yhand), "lora_linear under CPU autocast (bf16)");
+  }
 
   // autograd in C++: gradients of x, A, B; none for the frozen weight
   auto xg = x.clone().set_requires_grad(true);
