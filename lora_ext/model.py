@@ -7,6 +7,7 @@ from typing import Iterator, Optional, Union
 
 from torch import nn
 
+from . import hf_save
 from .config import LoraConfig
 from .gpt2_conv1d import is_gpt2_conv1d
 from .layer import LoraLayer
@@ -138,6 +139,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     # As PEFT: the first adapter becomes active; a later one is added inactive, in every layer
     # (also in layers that held no adapter before), and what trains does not change.
     _activate(model, active_adapters(model) or [adapter_name])
+    hf_save.guard(model)  # transformers' save_pretrained would write keys from_pretrained does not load
     return given
 
 
@@ -291,6 +293,7 @@ def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR, INFERENCE_ATTR):
         if hasattr(model, attr):
             object.__delattr__(model, attr)
+    hf_save.unguard(model)
     return given
 
 

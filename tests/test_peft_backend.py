@@ -368,3 +368,31 @@ def test_conversions_refuse_what_the_other_side_cannot_hold():
     dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="use_dora"):
         peft_backend.from_peft(dora)
+
+
+def test_save_pretrained_of_an_injected_transformers_model_refuses_instead_of_loading_wrong(tmp_path):
+    """The issue's silent wrong load: save_pretrained wrote base_layer.* keys and from_pretrained re-initialised
+    the attention weights randomly. Now it refuses and says what to do; Trainer's state_dict saves still work."""
+    import pickle
+
+    model = lora_ext.inject_adapter(tiny_llama(), lora_ext.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"from_pretrained\(\) does not load .* lora_ext.save_adapter\(model, path\)"):
+        model.save_pretrained(str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    copied = copy.deepcopy(model)  # the guard follows copies
+    with pytest.raises(ValueError, match="lora_ext.save_adapter"):
+        copied.save_pretrained(str(tmp_path / "refused"))
+    pickle.loads(pickle.dumps(model))  # and does not break pickling
+    sd = model.state_dict()  # what Trainer passes: saved as transformers does, and loads back into the model
+    model.save_pretrained(str(tmp_path / "trainer"), state_dict=sd)
+    again = lora_ext.inject_adapter(tiny_llama(), lora_ext.LoraConfig(r=2, target_modules=["q_proj"]))
+    missing, unexpected = again.load_state_dict(load_file(tmp_path / "trainer" / "model.safetensors"), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # the tied head is saved once
+    merged = lora_ext.merge_and_unload(model)  # the plain model saves and loads as transformers' own
+    merged.save_pretrained(str(tmp_path / "merged"))
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    ids = llama_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, merged(input_ids=ids).logits)
