@@ -339,3 +339,52 @@ def test_trainer_with_bf16_on_trains_a_lora_ext_model(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     after = _lora_values(model)
     assert all(not torch.equal(after[k], before[k]) for k in after)
+
+
+@pytest.mark.parametrize("kind", ["native", "peft backend"])
+def test_accelerate_bf16_save_state_and_load_state_resume_bit_identically(kind, tmp_path):
+    """accelerate's training loop with mixed_precision="bf16" and dropout: 2 steps, save_state, 2 steps, against
+    a fresh model and optimizer that load_state and run the same 2 steps."""
+    from accelerate import Accelerator
+
+    from lora_ext import peft_backend
+
+    def fresh():
+        torch.manual_seed(0)
+        if kind == "native":
+            model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS,
+                                                                     lora_dropout=0.1, init_lora_weights=False))
+        else:
+            peft_backend.use_lora_ext()
+            try:
+                model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS,
+                                                                          lora_dropout=0.1, init_lora_weights=False))
+            finally:
+                peft_backend.use_lora_ext(False)
+        acc = Accelerator(mixed_precision="bf16", cpu=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, opt = acc.prepare(model.train(), opt)
+        return acc, model, opt
+
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 128, (2, 9), generator=g) for _ in range(4)]
+
+    def steps(acc, model, opt, todo):
+        for ids in todo:
+            acc.backward(model(input_ids=ids, labels=ids).loss)
+            opt.step()
+            opt.zero_grad()
+
+    acc, model, opt = fresh()
+    steps(acc, model, opt, batches[:2])
+    acc.save_state(str(tmp_path / "state"))
+    steps(acc, model, opt, batches[2:])
+    straight = _lora_values(acc.unwrap_model(model))
+    acc, model, opt = fresh()
+    acc.load_state(str(tmp_path / "state"))
+    steps(acc, model, opt, batches[2:])
+    resumed = _lora_values(acc.unwrap_model(model))
+    assert straight.keys() == resumed.keys() and straight
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    torch.manual_seed(0)
+    assert not all(torch.equal(straight[k], v) for k, v in _lora_values(fresh()[1]).items())  # it trained
