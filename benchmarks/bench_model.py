@@ -227,12 +227,11 @@ def allocator_peak(variant: str, dropout: float, threads: int, steps: int = 2) -
 
 
 def _run(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
-    cmd = [sys.executable, "-P", __file__, "--child", variant, "--dropout", str(dropout), "--steps", str(steps),
-           "--warmup", str(warmup), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench_model: {variant} (dropout {dropout}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    import timing
+
+    return timing.run_child(__file__, ["--child", variant, "--dropout", str(dropout), "--steps", str(steps),
+                                       "--warmup", str(warmup), "--threads", str(threads)],
+                            f"bench_model: {variant} (dropout {dropout})")
 
 
 def _range(values: list[float], fmt: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,12 +95,10 @@ def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 def _run(variant: str, steps: int, warmup: int, threads: int) -> dict:
-    cmd = [sys.executable, "-P", __file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench_trainer: {variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    import timing
+
+    return timing.run_child(__file__, ["--child", variant, "--steps", str(steps), "--warmup", str(warmup),
+                                       "--threads", str(threads)], f"bench_trainer: {variant}")
 
 
 def _range(values: list[float], fmt: str) -> str:

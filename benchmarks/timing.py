@@ -120,3 +120,15 @@ def peft_version() -> str:
         return peft.__version__
     except ImportError:
         return "not installed"
+
+
+def run_child(script: str, args: list[str], what: str) -> dict:
+    """Run ``python -P script args`` (one benchmark variant in its own process); its last stdout line, as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-P", script, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
