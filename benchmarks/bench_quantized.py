@@ -2,7 +2,7 @@
 
 Variants (SmolLM2-135M-Instruct, real weights; LoRA r=8 on the 7 projections, batch 4 x 128, AdamW):
   fp32   transformers' model dequantized from the GGUF (examples/smollm2.py; the floor of every comparison)
-  q4_1   lora_ext.gguf_model.load_gguf_llama: the GGUF file's Q4_1 projections and Q8_0 embedding, as stored
+  q4_1   lora_ext.quant.gguf.load_gguf_llama: the GGUF file's Q4_1 projections and Q8_0 embedding, as stored
   int8   the fp32 model with its projections quantized to int8 (one scale per row)
   nf4    the fp32 model with its projections quantized to QLoRA's nf4
 
@@ -47,7 +47,7 @@ def load(variant: str, tiny: bool = False):
     import smollm2
 
     import lora_ext
-    from lora_ext.gguf_model import load_gguf_llama
+    from lora_ext.quant.gguf import load_gguf_llama
     if tiny:
         return _tiny(variant), None
     if variant == "q4_1":

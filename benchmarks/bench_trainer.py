@@ -5,7 +5,7 @@ Variants (each in its own process; rounds alternate the order):
 - ``floor``: every parameter frozen but the final norm (so the Trainer has something to step), the backward
   reaching the input embeddings (``enable_input_require_grads``): the network's own forward + backward.
 - ``peft``: ``peft.get_peft_model`` with stock PEFT layers.
-- ``peft+lora_ext``: the same call after ``lora_ext.peft_backend.use_lora_ext()``.
+- ``peft+lora_ext``: the same call after ``lora_ext.integrations.peft.use_lora_ext()``.
 - ``lora_ext``: ``lora_ext.inject_adapter`` (a plain model: Trainer checkpoints it whole).
 
 LoRA r=8, alpha 16, dropout 0.05 on all 210 linear layers; batch 4 x 128 tokens of the main job's "docs" task,
@@ -38,7 +38,7 @@ def _model(variant: str, model):
     import peft
 
     import lora_ext
-    import lora_ext.peft_backend
+    import lora_ext.integrations.peft
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -49,7 +49,7 @@ def _model(variant: str, model):
     if variant == "lora_ext":
         return lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                                    target_modules="all-linear"))
-    lora_ext.peft_backend.use_lora_ext(variant == "peft+lora_ext")
+    lora_ext.integrations.peft.use_lora_ext(variant == "peft+lora_ext")
     return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                       target_modules="all-linear"))
 

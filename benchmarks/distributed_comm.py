@@ -300,7 +300,7 @@ def saves(model, folder: str) -> dict:
     with whole, torch.no_grad():
         for p in model.parameters():
             full(p)
-    adapter = sum(nbytes(t) for t in lora_ext.adapter_io.adapter_state_dict(model, "default").values())
+    adapter = sum(nbytes(t) for t in lora_ext.io.adapter.adapter_state_dict(model, "default").values())
     return dict(save=c.by_kind(), whole=whole.by_kind(), files=files, adapter_bytes=adapter)
 
 

@@ -3,8 +3,8 @@ LoRA backend and bf16 autocast (TRL's default), writing a PEFT adapter.
 
     bash scripts/run.sh examples/finetune_trl.py [--steps 48] [--out runs/finetune_trl]
 
-For a PEFT user, three lines differ from stock PEFT + TRL: ``import lora_ext.peft_backend``,
-``lora_ext.peft_backend.use_lora_ext()``, and (on a CPU) ``use_cpu=True`` in the config, which transformers asks
+For a PEFT user, three lines differ from stock PEFT + TRL: ``import lora_ext.integrations.peft``,
+``lora_ext.integrations.peft.use_lora_ext()``, and (on a CPU) ``use_cpu=True`` in the config, which transformers asks
 for whenever bf16 runs on a CPU. Everything else is PEFT's and TRL's own code: ``get_peft_model``, ``SFTTrainer``
 with a default ``SFTConfig``, ``save_model``. Then the held-out perplexity before and after, in fp32, and the
 saved adapter loaded by stock PEFT and by ``lora_ext.load_adapter`` into fresh bases, their logits compared.
@@ -26,7 +26,7 @@ import llm_train  # noqa: E402
 import smollm2  # noqa: E402
 
 import lora_ext  # noqa: E402
-import lora_ext.peft_backend  # noqa: E402
+import lora_ext.integrations.peft  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,11 +69,11 @@ def main(argv=None) -> int:
     print(f"base model: held-out perplexity {base_ppl:.2f} ({len(data['train'])} training windows of "
           f"{args.seq_len} tokens)")
 
-    lora_ext.peft_backend.use_lora_ext()  # PEFT now builds lora_ext's layers
+    lora_ext.integrations.peft.use_lora_ext()  # PEFT now builds lora_ext's layers
     config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                              target_modules=llm_train.lora_config(args).target_modules, task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
-    layers = sum(isinstance(m, lora_ext.peft_backend.LoraExtLinear) for m in model.modules())
+    layers = sum(isinstance(m, lora_ext.integrations.peft.LoraExtLinear) for m in model.modules())
     model.print_trainable_parameters()
     train = datasets.Dataset.from_dict({"input_ids": data["train"].tolist()})
     sft = trl.SFTConfig(output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.rows,
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     files = sorted(p.name for p in (out / "adapter").iterdir())
 
     # fresh bases: stock PEFT and lora_ext's own loader read the adapter TRL wrote
-    lora_ext.peft_backend.use_lora_ext(False)
+    lora_ext.integrations.peft.use_lora_ext(False)
     stock = peft.PeftModel.from_pretrained(smollm2.load_smollm2()[0], str(out / "adapter"))
     native = smollm2.load_smollm2()[0]
     lora_ext.load_adapter(native, str(out / "adapter"))

@@ -20,21 +20,16 @@ except ImportError as e:  # pragma: no cover - only hit with a broken/missing bu
         f"run from another directory). Original error: {e}"
     ) from e
 
-from . import distributed, ops
-from .adapter_io import load_adapter, read_adapter, save_adapter
+from . import _compat, distributed, export, io, layers, model, ops, quant
+from ._utils.names import BASE
 from .config import LoraConfig
-from .layer import LoraLayer
-from .batch import adapter_batch
-from .multi import AdapterBatch
-from .names import BASE
-from .linear import LoraLinear
-from .lora_quant_linear import LoraQuantLinear
-from .quant_linear import QuantEmbedding, QuantLinear, quantize_linear_layers
-from . import aoti, quant
-from .weighted import add_weighted_adapter
-from .saved_inputs import compress_saved_inputs
+from .io import load_adapter, read_adapter, save_adapter
+from .layers import AdapterBatch, LoraConv, LoraEmbedding, LoraGPT2Conv1D, LoraLayer, LoraLinear
+from .layers.saved_inputs import compress_saved_inputs
 from .model import (
     add_adapter,
+    add_weighted_adapter,
+    adapter_batch,
     delete_adapter,
     disable_adapters,
     inject_adapter,
@@ -46,6 +41,21 @@ from .model import (
     unload,
     unmerge,
 )
+from .quant import LoraQuantLinear, QuantEmbedding, QuantLinear, load_gguf_llama, quantize_linear_layers
+
+_compat.install()  # the flat layout's module paths (lora_ext.quant.gguf, ...) still import, with a warning
+
+# lora_ext.integrations.peft imports PEFT: loaded on first use of one of its names.
+_PEFT_NAMES = ("use_lora_ext", "to_peft", "from_peft")
+
+
+def __getattr__(name: str):
+    if name in _PEFT_NAMES:
+        from .integrations import peft
+
+        return getattr(peft, name)
+    raise AttributeError(f"module 'lora_ext' has no attribute {name!r}")
+
 
 __version__ = _C.build_info()["version"]
 
@@ -61,9 +71,20 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "cmake_prefix_path", "LoraConfig", "LoraLayer", "LoraLinear", "ops", "distributed", "build_info", "__version__",
+    # layers and config
+    "LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraGPT2Conv1D", "BASE",
+    # the model-level API
     "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
-    "merge_and_unload", "unload", "trainable_parameters", "lora_layers",
-    "save_adapter", "load_adapter", "read_adapter", "add_weighted_adapter", "adapter_batch", "AdapterBatch", "BASE",
-    "compress_saved_inputs", "aoti", "quant", "QuantLinear", "QuantEmbedding", "LoraQuantLinear", "quantize_linear_layers",
+    "merge_and_unload", "unload", "trainable_parameters", "lora_layers", "add_weighted_adapter",
+    # adapter files
+    "save_adapter", "load_adapter", "read_adapter",
+    # several adapters in one batch; training memory
+    "adapter_batch", "AdapterBatch", "compress_saved_inputs",
+    # a quantized base
+    "QuantLinear", "QuantEmbedding", "LoraQuantLinear", "quantize_linear_layers", "load_gguf_llama",
+    # PEFT backend (imports PEFT on first use)
+    "use_lora_ext", "to_peft", "from_peft",
+    # subpackages and the compiled library
+    "ops", "model", "layers", "io", "quant", "distributed", "export", "build_info", "cmake_prefix_path",
+    "__version__",
 ]

@@ -32,7 +32,7 @@ def effective_config_folder(folder):
 
     try:
         with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:
-            text = (f.metadata() or {}).get(lora_ext.adapter_io.CONFIG_METADATA_KEY)
+            text = (f.metadata() or {}).get(lora_ext.io.adapter.CONFIG_METADATA_KEY)
     except Exception:  # noqa: BLE001  (a file the readers refuse anyway)
         return folder
     if text is None:

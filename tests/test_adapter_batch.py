@@ -147,7 +147,7 @@ def test_stacks_are_cached_until_an_adapter_changes(models):
         lora_ext.set_adapter(model, names[-1])
         torch.testing.assert_close(y2[-1:], model(input_ids=ids[-1:]).logits, atol=2e-5, rtol=2e-5)
     # outside the context the layers are back to their active adapter
-    assert all(lora_ext.multi.current_batch(l) is None for _, l in lora_ext.lora_layers(model))
+    assert all(lora_ext.layers.per_row.current_batch(l) is None for _, l in lora_ext.lora_layers(model))
 
 
 def test_single_layer_and_3d_rows():

@@ -1,4 +1,4 @@
-"""C++ inference through torch.export + AOTInductor (lora_ext.aoti, lora_ext::AotiModel, examples/cpp/generate) on a
+"""C++ inference through torch.export + AOTInductor (lora_ext.export, lora_ext::AotiModel, examples/cpp/generate) on a
 tiny Llama built from a config: the export in both forms, the packages in Python, the example program's tokens equal
 Python's (transformers + lora_ext) for the base, each adapter merged, each adapter unmerged in a slot and both
 adapters per row, and tests/cpp/test_aoti.cpp (refused adapters change nothing, 100 switches leave the base
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora_ext
-from lora_ext.aoti import export_causal_lm
+from lora_ext.export import export_causal_lm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpp" / "generate"

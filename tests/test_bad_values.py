@@ -11,7 +11,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import LoraConfig
-from lora_ext.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lora_ext.io.adapter import CONFIG_NAME, WEIGHTS_NAME
 
 KEY_A = "base_model.model.0.lora_A.weight"
 
@@ -115,7 +115,7 @@ def test_rank_above_min_in_out_is_refused():
         lora_ext.LoraLinear(nn.Linear(12, 6), r=7)
     lora_ext.LoraLinear(nn.Linear(12, 6), r=6)  # the limit itself is fine
     with pytest.raises(ValueError, match=r"LoraConv.add_adapter: expected r <= min\(in, out\) = 5"):
-        lora_ext.conv.LoraConv(nn.Conv2d(3, 5, 3), r=6)
+        lora_ext.layers.conv.LoraConv(nn.Conv2d(3, 5, 3), r=6)
     model = _model()
     before = _state(model)
     cfg = LoraConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 9})

@@ -119,7 +119,7 @@ def _train(rank, world, reshard, dtype=torch.float32, steps=SGD_STEPS + ADAMW_ST
         comm.append(c.bytes)
         opt.step()
     after_eval = _eval(model, batches[0][0])
-    lora_ext.wrappers.reshard_fsdp(model)  # the sharded parameters (that hold the gradients) registered again
+    lora_ext._utils.wrappers.reshard_fsdp(model)  # the sharded parameters (that hold the gradients) registered again
     named = list(model.named_parameters())
     return dict(trained=_trainable(model), comm=comm, before_eval=before_eval, after_eval=after_eval,
                 trainable_padded=_padded_bytes([p for _, p in named if p.requires_grad], world),
@@ -129,7 +129,7 @@ def _train(rank, world, reshard, dtype=torch.float32, steps=SGD_STEPS + ADAMW_ST
 
 
 def _merge_checks(model):
-    lora_ext.wrappers.reshard_fsdp(model)  # after a forward with reshard_after_forward=False
+    lora_ext._utils.wrappers.reshard_fsdp(model)  # after a forward with reshard_after_forward=False
     base = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
     before = {n: p.to_local().clone() for n, p in base.items()}
     full_before = {n: _full(p.detach()).clone() for n, p in base.items()}
@@ -193,7 +193,7 @@ def _world(rank, world_size, tmp):
         folder = lora_ext.save_adapter(model, os.path.join(tmp, "fsdp"), "b")
     out["save gathered"] = c.bytes
     out["adapter bytes"] = sum(t.numel() * t.element_size()
-                               for t in lora_ext.adapter_io.adapter_state_dict(model, "b").values())
+                               for t in lora_ext.io.adapter.adapter_state_dict(model, "b").values())
     dist.barrier()
     out["files"] = file_hashes(folder)
     out["merge"] = _merge_checks(model)

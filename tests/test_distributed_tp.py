@@ -107,7 +107,7 @@ def _add_later(model):
 def _plan(lora: bool) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from lora_ext.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel
+    from lora_ext.distributed.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel
 
     # torch's RowwiseParallel takes a local input as an even shard (in % k == 0): with torch's styles the
     # colwise outputs stay DTensors (their ops run on DTensors, without communication)
@@ -171,7 +171,7 @@ def _train(mode, mesh):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from lora_ext.tensor_parallel import reduce_replicated_grads
+    from lora_ext.distributed.tensor_parallel import reduce_replicated_grads
 
     model = parallelize_module(_net(MODES[mode][1]), mesh, _plan(lora=True))
     if mode == "added later":
@@ -245,7 +245,7 @@ def _layer_comms(mesh):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from lora_ext.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel, reduce_replicated_grads
+    from lora_ext.distributed.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel, reduce_replicated_grads
 
     out, comm = {}, Collectives()
     k, rank = mesh.size(), mesh.get_local_rank()
@@ -325,7 +325,7 @@ def _other_forwards(mesh):
     """No-grad forward (the op itself), disabled adapters, and two active adapters with their gradients."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from lora_ext.tensor_parallel import reduce_replicated_grads
+    from lora_ext.distributed.tensor_parallel import reduce_replicated_grads
 
     model = parallelize_module(_two_adapters(), mesh, _plan(lora=True))
     x, target = _batches()[0]
@@ -355,7 +355,7 @@ def _guards(mesh):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    from lora_ext.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel, tensor_parallel_layout
+    from lora_ext.distributed.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel, tensor_parallel_layout
 
     out = {}
     k, rank = mesh.size(), mesh.get_local_rank()

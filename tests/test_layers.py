@@ -9,9 +9,9 @@ from peft.tuners.lora import layer as peft_layer
 from torch import nn
 
 import lora_ext
-from lora_ext.conv import LoraConv
-from lora_ext.embedding import LoraEmbedding
-from lora_ext.gpt2_conv1d import LoraGPT2Conv1D
+from lora_ext.layers.conv import LoraConv
+from lora_ext.layers.embedding import LoraEmbedding
+from lora_ext.layers.gpt2_conv1d import LoraGPT2Conv1D
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 

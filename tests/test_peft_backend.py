@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import lora_ext
 from lora_ext import ops, peft_backend
-from lora_ext.peft_backend import LoraExtLinear
+from lora_ext.integrations.peft import LoraExtLinear
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
 
 import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)

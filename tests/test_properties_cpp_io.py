@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import lora_ext
 from lora_ext import LoraConfig
-from lora_ext.targeting import layer_r_alpha
+from lora_ext.model.targeting import layer_r_alpha
 from adapter_mutations import CONFIG, MUTATIONS, PREFIX, WEIGHTS, _note, effective_config_folder, mutated_copy, scenario
 from strategies import bits, examples
 

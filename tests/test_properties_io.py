@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import lora_ext
-from lora_ext.adapter_io import adapter_state_dict
+from lora_ext.io.adapter import adapter_state_dict
 from lora_ext.model import adapter_configs
 from adapter_mutations import (FRACTION, JSON, MUTATIONS, PREFIX, WEIGHTS, _note, effective_config_folder, mutated_copy,
                                scenario)

@@ -228,7 +228,7 @@ def test_bad_uses():
 @pytest.fixture(scope="module")
 def smollm2_pair():
     import smollm2
-    from lora_ext.gguf_model import load_gguf_llama
+    from lora_ext.quant.gguf import load_gguf_llama
     dense, tok = smollm2.load_smollm2()  # transformers' dequantized model (cached)
     return load_gguf_llama(smollm2.gguf_path()), dense, tok
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import LoraConfig
-from lora_ext.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lora_ext.io.adapter import CONFIG_NAME, WEIGHTS_NAME
 
 BAD_NAMES = {
     "/abs/elsewhere": "absolute path",
@@ -112,9 +112,9 @@ def _which(folder, models):
         warnings.simplefilter("always")
         lora_ext.load_adapter(fresh, folder)
     mid_save = any("interrupted save" in str(w.message) for w in caught)
-    got = lora_ext.adapter_io.adapter_state_dict(fresh)
+    got = lora_ext.io.adapter.adapter_state_dict(fresh)
     for k, m in enumerate(models):
-        want = lora_ext.adapter_io.adapter_state_dict(m)
+        want = lora_ext.io.adapter.adapter_state_dict(m)
         cfg_equal = lora_ext.model.adapter_configs(fresh)["default"].to_dict() == \
             lora_ext.model.adapter_configs(m)["default"].to_dict()
         if cfg_equal and got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want):

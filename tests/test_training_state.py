@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lora_ext
 from dist_harness import timed_world
 from lora_ext import LoraConfig
-from lora_ext.adapter_io import adapter_state_dict
+from lora_ext.io.adapter import adapter_state_dict
 from lora_ext.distributed import (broadcast_adapters, load_training_state, read_training_state, save_training_state,
                                   training_state)
 

@@ -14,7 +14,7 @@ import torch
 import trl
 
 import lora_ext
-import lora_ext.peft_backend as peft_backend
+import lora_ext.integrations.peft as peft_backend
 from models import LLAMA_TARGETS, tiny_llama
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(100)]

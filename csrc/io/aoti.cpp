@@ -25,7 +25,7 @@ constexpr const char* kFormat = "lora_ext.causal_lm/1";
 int64_t meta_int(const std::map<std::string, std::string>& meta, const std::string& key, const std::string& path) {
   auto it = meta.find(key);
   TORCH_CHECK(it != meta.end(), "lora_ext::AotiModel: ", path, " has no metadata ", key,
-              "; expected a package written by lora_ext.aoti.export_causal_lm");
+              "; expected a package written by lora_ext.export.export_causal_lm");
   try {
     size_t used = 0;
     const int64_t v = std::stoll(it->second, &used);
@@ -76,7 +76,7 @@ AotiModel::AotiModel(const std::string& package_path) : impl_(std::make_unique<I
   auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package_path, "model");
   auto fmt = meta.find("lora_ext.format");
   TORCH_CHECK(fmt != meta.end() && fmt->second == kFormat, "lora_ext::AotiModel: expected a package written by ",
-              "lora_ext.aoti.export_causal_lm (metadata lora_ext.format = ", kFormat, "), got ",
+              "lora_ext.export.export_causal_lm (metadata lora_ext.format = ", kFormat, "), got ",
               fmt == meta.end() ? std::string("no lora_ext.format") : "'" + fmt->second + "'", " in ", package_path);
   impl_->meta.insert(meta.begin(), meta.end());
   auto& I = *impl_;
@@ -221,7 +221,7 @@ void AotiModel::unmerge_adapter() {
 void AotiModel::load_adapter_slot(int64_t slot, const Adapter& adapter) {
   auto& I = *impl_;
   TORCH_CHECK(I.n_slots > 0, "lora_ext::AotiModel::load_adapter_slot: this package has no adapter slots; export ",
-              "with lora_ext.aoti.export_causal_lm(..., adapter_slots=n) or use merge_adapter");
+              "with lora_ext.export.export_causal_lm(..., adapter_slots=n) or use merge_adapter");
   TORCH_CHECK(slot >= 0 && slot < I.n_slots, "lora_ext::AotiModel::load_adapter_slot: expected a slot in [0, ",
               I.n_slots, "), got ", slot);
   TORCH_CHECK(!adapter.config.fan_in_fan_out, "lora_ext::AotiModel::load_adapter_slot: expected an adapter of ",

@@ -1,5 +1,5 @@
 #pragma once
-// A causal LM compiled by AOTInductor (Python: lora_ext.aoti.export_causal_lm), run from C++ with PEFT
+// A causal LM compiled by AOTInductor (Python: lora_ext.export.export_causal_lm), run from C++ with PEFT
 // adapters applied to its weights by PEFT key names, without Python and without re-exporting per adapter.
 //
 // The package computes the last position's logits [B, vocab] from input_ids int64 [B, T] (plus adapter_ids
@@ -26,7 +26,7 @@ namespace lora_ext {
 
 class LORA_EXT_API AotiModel {
  public:
-  // Loads the package (a .pt2 file written by lora_ext.aoti.export_causal_lm). The lora_ext ops the
+  // Loads the package (a .pt2 file written by lora_ext.export.export_causal_lm). The lora_ext ops the
   // package calls are registered by this library, so programs link liblora_ext.
   explicit AotiModel(const std::string& package_path);
   ~AotiModel();

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_ext
-from lora_ext.aoti import export_causal_lm
+from lora_ext.export import export_causal_lm
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent

@@ -1,8 +1,8 @@
 """lora_ext as PEFT's LoRA backend: ``peft.get_peft_model`` / ``PeftModel.from_pretrained`` build layers whose
 forward runs lora_ext's compiled ops, and the result is a stock ``PeftModel``.
 
-    import lora_ext.peft_backend
-    lora_ext.peft_backend.use_lora_ext()          # once, before building PEFT models
+    import lora_ext.integrations.peft
+    lora_ext.integrations.peft.use_lora_ext()          # once, before building PEFT models
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear"))
 
 ``LoraExtLinear`` *is* PEFT's ``lora.Linear`` (a subclass): construction, initialisation, adapters, merging,
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .names import BASE
+from .. import ops
+from .._utils.names import BASE
 
 __all__ = ["LoraExtLinear", "dispatch_lora_ext", "use_lora_ext", "lora_ext_enabled", "to_peft", "from_peft"]
 
@@ -39,7 +39,7 @@ try:  # PEFT is optional for lora_ext; this module needs it
     from peft.tuners.lora import layer as _peft_lora_layer
     from peft.tuners.lora.model import LoraModel as _PeftLoraModel
 except ImportError as e:  # pragma: no cover - exercised only without peft installed
-    raise ImportError(f"lora_ext.peft_backend: needs PEFT (`pip install peft`): {e}") from e
+    raise ImportError(f"lora_ext.integrations.peft: needs PEFT (`pip install peft`): {e}") from e
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -180,8 +180,8 @@ def to_peft(model: nn.Module) -> "_peft.PeftModel":
     (PEFT builds its adapters on the meta device, then takes ours). Same adapters, active adapters and outputs.
     ``model`` is changed in place (its lora_ext layers replaced); use the returned model. Raises ``ValueError``
     for what PEFT's Linear backend cannot hold: Embedding/Conv LoRA, ``modules_to_save``, merged adapters."""
-    from .linear import LoraLinear
-    from .model import active_adapters, adapter_configs, lora_layers, saved_modules, unload
+    from ..layers.linear import LoraLinear
+    from ..model.core import active_adapters, adapter_configs, lora_layers, saved_modules, unload
 
     layers = dict(lora_layers(model))
     other = [p for p, layer in layers.items() if not isinstance(layer, LoraLinear)
@@ -221,9 +221,9 @@ def from_peft(peft_model: "_peft.PeftModel") -> nn.Module:
     """The inverse of :func:`to_peft`: the base model with lora_ext's layers holding the same ``Parameter``
     objects as ``peft_model``'s LoRA Linear layers (stock or :class:`LoraExtLinear`). Raises ``ValueError`` for
     options lora_ext does not implement (DoRA, ``lora_bias``, other layer types), as ``LoraConfig`` does."""
-    from .config import LoraConfig
-    from .linear import LoraLinear
-    from .model import add_adapter, inject_adapter, lora_layers, set_adapter
+    from ..config import LoraConfig
+    from ..layers.linear import LoraLinear
+    from ..model.core import add_adapter, inject_adapter, lora_layers, set_adapter
 
     configs = {n: LoraConfig.from_dict(c.to_dict()) for n, c in peft_model.peft_config.items()}
     inner = peft_model.base_model.model

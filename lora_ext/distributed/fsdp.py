@@ -11,7 +11,7 @@ Adapters are injected, added or loaded **before** sharding (``fully_shard`` fixe
 it manages); ranks whose adapters were initialised with different seeds call
 ``lora_ext.distributed.broadcast_adapters`` first (FSDP2 keeps each rank's own shard of what the
 rank holds). After sharding, ``lora_ext.save_adapter`` is collective and writes the same file as
-one process; ``lora_ext.merge`` merges into the sharded weights (``dtensors.py``).
+one process; ``lora_ext.merge`` merges into the sharded weights (``lora_ext/_utils/dtensors.py``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from . import dtensors
-from .wrappers import reshard_fsdp, wrapped_by
+from .._utils import dtensors
+from .._utils.wrappers import reshard_fsdp, wrapped_by
 
 __all__ = ["shard_lora_model", "transformer_blocks", "reshard"]
 

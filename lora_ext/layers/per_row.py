@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .names import BASE
+from .. import ops
+from .._utils.names import BASE
 
 # id(layer) -> the AdapterBatch it serves in the current thread / asyncio task.
 _CURRENT: contextvars.ContextVar[Optional[dict[int, "AdapterBatch"]]] = contextvars.ContextVar(

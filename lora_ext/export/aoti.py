@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops
-from .model import lora_layers
+from .. import ops
+from .._utils.modules import replace_submodule
+from ..model.core import lora_layers
 
 __all__ = ["export_causal_lm", "FORMAT"]
 
@@ -131,11 +132,8 @@ def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapt
     replaced = []
     if adapter_slots:
         for name in _slot_targets(model, target_modules):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            setattr(parent, child, _SlotLinear(linear, adapter_slots, max_rank, rows))
-            replaced.append((parent, child, linear))
+            linear = model.get_submodule(name)
+            replaced.append((name, replace_submodule(model, name, _SlotLinear(linear, adapter_slots, max_rank, rows))))
     was_training = model.training
     model.eval()
     try:
@@ -165,7 +163,7 @@ def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapt
                               "always_keep_tensor_constants": True})
         t2 = time.perf_counter()
     finally:
-        for parent, child, linear in replaced:
-            setattr(parent, child, linear)
+        for name, linear in replaced:
+            replace_submodule(model, name, linear)
         model.train(was_training)
     return {"package": path, "export_s": t1 - t0, "compile_s": t2 - t1, "bytes": os.path.getsize(path)}

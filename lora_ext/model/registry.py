@@ -5,12 +5,12 @@ from typing import Optional
 
 from torch import nn
 
-from .conv import LoraConv
-from .embedding import LoraEmbedding
-from .gpt2_conv1d import LoraGPT2Conv1D
-from .layer import LoraLayer
-from .linear import LoraLinear
-from .lora_quant_linear import LoraQuantLinear
+from ..layers.conv import LoraConv
+from ..layers.embedding import LoraEmbedding
+from ..layers.gpt2_conv1d import LoraGPT2Conv1D
+from ..layers.base import LoraLayer
+from ..layers.linear import LoraLinear
+from ..quant.lora_layer import LoraQuantLinear
 
 LAYER_TYPES: tuple[type[LoraLayer], ...] = (LoraLinear, LoraQuantLinear, LoraEmbedding, LoraConv, LoraGPT2Conv1D)
 

@@ -24,7 +24,7 @@ def save_pretrained(self, save_directory, *args, **kwargs):  # named as the meth
             "from_pretrained() does not load (those weights would come back randomly initialised). Save the "
             "adapter with lora_ext.save_adapter(model, path) (PEFT's format: PeftModel.from_pretrained and "
             "lora_ext.load_adapter read it), the merged model with lora_ext.merge_and_unload(model)"
-            ".save_pretrained(path), or train through PEFT with lora_ext.peft_backend.to_peft(model)")
+            ".save_pretrained(path), or train through PEFT with lora_ext.integrations.peft.to_peft(model)")
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 

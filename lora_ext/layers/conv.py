@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoraLayer
+from .base import LoraLayer
 
 
 class LoraConv(LoraLayer):

@@ -20,17 +20,17 @@ import warnings
 import torch
 from torch import nn
 
-from . import dtensors
+from .._utils import dtensors
 from .atomic import atomic_write_bytes, remove_stale_temporaries
 
-from .config import LoraConfig
-from .layer import LoraLayer
-from .registry import LAYER_TYPES, layer_type_for
-from .model import active_adapters, adapter_configs, inject_adapter, lora_layers, saved_modules, set_adapter
-from .modules_to_save import ModulesToSave, find_modules_to_save
-from .names import check_adapter_name
-from .targeting import candidate_modules, layer_r_alpha
-from .wrappers import check_not_wrapped, path_cleaner, reshard_fsdp, unwrap
+from ..config import LoraConfig
+from ..layers.base import LoraLayer
+from ..model.registry import LAYER_TYPES, layer_type_for
+from ..model.core import active_adapters, adapter_configs, inject_adapter, lora_layers, saved_modules, set_adapter
+from ..model.modules_to_save import ModulesToSave, find_modules_to_save
+from .._utils.names import check_adapter_name
+from ..model.targeting import candidate_modules, layer_r_alpha
+from .._utils.wrappers import check_not_wrapped, path_cleaner, reshard_fsdp, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -1,8 +1,8 @@
 """Build a LLaMA causal LM straight from a GGUF file with its weights kept quantized (issue 15).
 
 ``load_gguf_llama(path)`` returns a ``transformers`` ``LlamaForCausalLM`` whose projections are
-:class:`~lora_ext.quant_linear.QuantLinear` layers holding the file's q8_0/q4_0/q4_1 blocks byte for byte, whose
-token embedding is a :class:`~lora_ext.quant_linear.QuantEmbedding` (shared with a tied ``lm_head``), and whose
+:class:`~lora_ext.quant.layers.QuantLinear` layers holding the file's q8_0/q4_0/q4_1 blocks byte for byte, whose
+token embedding is a :class:`~lora_ext.quant.layers.QuantEmbedding` (shared with a tied ``lm_head``), and whose
 norms are the file's float tensors. Nothing is dequantized whole: ``inject_adapter`` wraps the projections in
 ``LoraQuantLinear`` and training runs on the blocks. It is the model transformers' own GGUF loader builds,
 without that loader's expansion to float: llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` for
@@ -20,8 +20,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from .quant import QuantizedWeight, from_gguf
-from .quant_linear import QuantEmbedding, QuantLinear
+from .._utils.modules import replace_submodule
+from .formats import QuantizedWeight, from_gguf
+from .layers import QuantEmbedding, QuantLinear
 
 __all__ = ["load_gguf_llama"]
 
@@ -82,8 +83,7 @@ def load_gguf_llama(path: Union[str, Path], dtype: torch.dtype = torch.float32) 
             q = quantized(f"blk.{i}.{key}.weight")
             if key in heads:
                 q = _unpermute_rows(q, heads[key])
-            parent, _, leaf = attr.rpartition(".")
-            setattr(block.get_submodule(parent), leaf, QuantLinear(q))
+            replace_submodule(block, attr, QuantLinear(q))
         for attr, key in _NORMS.items():
             getattr(block, attr).weight = _float_tensor(tensors, f"blk.{i}.{key}.weight", dtype)
     inner.norm.weight = _float_tensor(tensors, "output_norm.weight", dtype)

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from .names import check_adapter_name
+from .._utils.names import check_adapter_name
 
 
 class ModulesToSave(nn.Module):

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import adapter_configs, inject_adapter, lora_layers
-from .wrappers import check_not_wrapped
+from .core import adapter_configs, inject_adapter, lora_layers
+from .._utils.wrappers import check_not_wrapped
 
 COMBINATIONS = ("linear", "cat", "svd")
 

@@ -12,7 +12,7 @@ config) are in DDP's buckets, so each step all-reduces exactly their bytes. Per-
 several adapters (``lora_ext.adapter_batch``) works too when a rank's batch has no row of some
 adapter: every adapter of a layer takes part in the stacked per-row op, so each gets a gradient
 (zero for an adapter without rows). What would break a wrapped model is refused with a
-``ValueError`` (see ``wrappers.py``): adding adapters to a model DDP/FSDP/tensor parallel
+``ValueError`` (see ``_utils/wrappers.py``): adding adapters to a model DDP/FSDP/tensor parallel
 already holds, and ``set_adapter`` / ``delete_adapter`` on a DDP model (DDP fixed its buckets).
 
 :func:`broadcast_adapters` copies rank ``src``'s adapters to every rank (differently seeded ranks,
@@ -23,14 +23,14 @@ a resumed run continues bitwise as the uninterrupted one.
 **FSDP2**: :func:`shard_lora_model` (``fsdp.py``) applies ``fully_shard`` per transformer block, then
 to the root; each step then reduce-scatters only the adapters' gradients. ``save_adapter`` on a
 sharded model is collective (only the adapter is gathered; rank 0 writes the file one process would
-write), ``lora_ext.merge`` / ``unmerge`` work on the sharded weights (``dtensors.py``: local merges
+write), ``lora_ext.merge`` / ``unmerge`` work on the sharded weights (``_utils/dtensors.py``: local merges
 plus one all-gather of the small factor, bit for bit the single-process result), and per-row
 batches never serve stale stacked adapters (FSDP2 refills parameters without moving their version
 counters). :func:`load_adapter_values` puts a saved adapter's values into the matching adapter of a
 model that is already sharded or wrapped.
 
-This module may import the model-level API (``model.py`` and ``adapter_io.py`` import only
-``wrappers.py`` and ``dtensors.py``).
+This package may import the model-level API (``lora_ext.model`` and ``lora_ext.io`` import only
+``_utils/wrappers.py`` and ``_utils/dtensors.py``).
 
 Importing this module does not import ``torch.distributed``: it works, and ``is_wrapped`` is
 False for every model, where ``torch.distributed.is_available()`` is False.
@@ -42,13 +42,13 @@ import hashlib
 import torch
 from torch import nn
 
-from . import dtensors
-from .adapter_io import adapter_state_dict, read_adapter
-from .model import adapter_configs
+from .._utils import dtensors
+from ..io.adapter import adapter_state_dict, read_adapter
+from ..model.core import adapter_configs
 from .fsdp import reshard, shard_lora_model, transformer_blocks
 from .training_state import (_dist, _names, load_training_state, read_training_state, save_training_state,
                              training_state)
-from .wrappers import is_wrapped, unwrap, wrapped_by
+from .._utils.wrappers import is_wrapped, unwrap, wrapped_by
 
 __all__ = ["unwrap", "is_wrapped", "wrapped_by", "broadcast_adapters", "training_state", "save_training_state",
            "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "reshard",

@@ -6,10 +6,10 @@ from typing import Iterator
 
 from torch import nn
 
-from .linear import LoraLinear
-from .model import lora_layers, saved_modules
-from .multi import BASE, AdapterBatch, enter_batch, exit_batch
-from .wrappers import shards_parameters
+from ..layers.linear import LoraLinear
+from .core import lora_layers, saved_modules
+from ..layers.per_row import BASE, AdapterBatch, enter_batch, exit_batch
+from .._utils.wrappers import shards_parameters
 
 
 @contextlib.contextmanager

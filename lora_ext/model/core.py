@@ -8,14 +8,15 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from . import hf_save
-from .config import LoraConfig
-from .gpt2_conv1d import is_gpt2_conv1d
-from .layer import LoraLayer
-from .names import adapter_name_list, check_adapter_name
+from ..config import LoraConfig
+from ..layers.gpt2_conv1d import is_gpt2_conv1d
+from ..layers.base import LoraLayer
+from .._utils.modules import replace_submodule
+from .._utils.names import adapter_name_list, check_adapter_name
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
-from .wrappers import (check_not_wrapped, check_trainable_fixed, holds_dtensors, is_tensor_parallel_layer,
+from .._utils.wrappers import (check_not_wrapped, check_trainable_fixed, holds_dtensors, is_tensor_parallel_layer,
                        reshard_fsdp, unwrap)
 
 CONFIGS_ATTR = "lora_ext_configs"
@@ -47,12 +48,6 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(getattr(unwrap(model), ACTIVE_ATTR, []))
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def _wrap(module: nn.Module, path: str) -> LoraLayer:
     cls = layer_type_for(module)
     if cls is None:
@@ -72,7 +67,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
     Inject before wrapping the model in DDP or sharding it (FSDP, tensor parallel): a model they
     already hold is refused, except a tensor-parallel one whose targets are LoRA layers that
-    ``lora_ext.tensor_parallel``'s styles parallelized (the new adapter gets their placements; with
+    ``lora_ext.distributed.tensor_parallel``'s styles parallelized (the new adapter gets their placements; with
     the styles' default ``src_data_rank=0`` rank 0's initial values, so every rank calls it) or
     hold no DTensor. A ``torch.compile``, DataParallel or activation-checkpointing
     wrapper around the model is looked through; saved keys never hold wrappers' prefixes.
@@ -125,14 +120,14 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
         if layer is not module:
             layer.train(module.training)  # keep the model's train/eval mode
-            _set_submodule(model, path, layer)
+            replace_submodule(model, path, layer)
     for path in save_paths:
         module = model.get_submodule(path)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         if wrapper is not module:
             wrapper.train(module.training)
-            _set_submodule(model, path, wrapper)
+            replace_submodule(model, path, wrapper)
     configs = dict(configs)
     configs[adapter_name] = config
     object.__setattr__(model, CONFIGS_ATTR, configs)
@@ -230,7 +225,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if wrapper.has_adapter(adapter_name):
             wrapper.delete_adapter(adapter_name)
         if not wrapper.modules_to_save:
-            _set_submodule(model, path, wrapper.unwrap(keep_adapter=False))
+            replace_submodule(model, path, wrapper.unwrap(keep_adapter=False))
     configs = dict(adapter_configs(model))
     del configs[adapter_name]
     object.__setattr__(model, CONFIGS_ATTR, configs)
@@ -287,9 +282,9 @@ def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
     model = unwrap(given)
     reshard_fsdp(model)
     for path, layer in list(lora_layers(model)):
-        _set_submodule(model, path, layer.unloaded_base(merge_first))
+        replace_submodule(model, path, layer.unloaded_base(merge_first))
     for path, wrapper in list(saved_modules(model)):
-        _set_submodule(model, path, wrapper.unwrap(keep_adapter=merge_first))
+        replace_submodule(model, path, wrapper.unwrap(keep_adapter=merge_first))
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR, INFERENCE_ATTR):
         if hasattr(model, attr):
             object.__delattr__(model, attr)

@@ -12,7 +12,7 @@ Two kinds of wrapper matter to the model-level API:
   parameters (tensor parallel). :func:`wrapped_by` finds them anywhere in a model; adapters must be
   injected before (``check_not_wrapped``), and DDP's set of trainable parameters must not change
   after it (``check_trainable_fixed``). The one exception: ``inject_adapter``/``add_adapter`` on a
-  model that only tensor parallel holds, with LoRA layers that ``lora_ext.tensor_parallel``'s styles
+  model that only tensor parallel holds, with LoRA layers that ``lora_ext.distributed.tensor_parallel``'s styles
   parallelized (a new adapter there gets the layer's placements).
 
 Nothing here imports ``torch.distributed`` (or ``torch._dynamo``): a model can only hold an
@@ -26,6 +26,8 @@ import sys
 from typing import Callable, Optional
 
 from torch import nn
+
+from .dtensors import dtensor_class
 
 # (module that defines the class, class name, attribute holding the wrapped module)
 _TRANSPARENT = (
@@ -89,18 +91,14 @@ def path_cleaner(model: nn.Module) -> Callable[[str], str]:
     return clean
 
 
-def _dtensor_class() -> Optional[type]:
-    return _class("torch.distributed.tensor", "DTensor") or _class("torch.distributed._tensor.api", "DTensor")
-
-
 def holds_dtensors(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` is a DTensor."""
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
 
 
 def is_tensor_parallel_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a LoRA layer that ``lora_ext.tensor_parallel``'s styles parallelized."""
+    """Whether ``module`` is a LoRA layer that ``lora_ext.distributed.tensor_parallel``'s styles parallelized."""
     return getattr(module, "_tp_layout", None) is not None
 
 
@@ -108,7 +106,7 @@ def wrapped_by(model: nn.Module) -> list[str]:
     """What in ``model`` fixed its parameters: DDP, FSDP1 or FSDP2 modules (also inside the
     model) and DTensor parameters, as ``"<what> at '<path>'"``; empty when nothing did."""
     classes = [(c, what) for m, n, what in _FIXING if (c := _class(m, n)) is not None]
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     found = []
     if classes:
         for path, m in model.named_modules():
@@ -133,7 +131,7 @@ def check_not_wrapped(model: nn.Module, where: str, tensor_parallel_ok: bool = F
     """Raise when adapters would be added to a model whose parameters a wrapper has fixed.
 
     ``tensor_parallel_ok``: pass a model whose only "wrapper" is tensor parallel (DTensor parameters,
-    no DDP/FSDP) with at least one LoRA layer ``lora_ext.tensor_parallel`` parallelized; the caller
+    no DDP/FSDP) with at least one LoRA layer ``lora_ext.distributed.tensor_parallel`` parallelized; the caller
     then refuses targets holding DTensors that are not such layers."""
     found = wrapped_by(model)
     if found and tensor_parallel_ok and len(found) == 1 and found[0].startswith("DTensor parameters") \

@@ -13,9 +13,11 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from . import dtensors, ops
-from .config import valid_dropout
-from .names import adapter_name_list, check_adapter_name
+from .._utils import dtensors
+
+from .. import ops
+from ..config import valid_dropout
+from .._utils.names import adapter_name_list, check_adapter_name
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -57,7 +59,7 @@ class LoraLayer(nn.Module):
     # suffixes of PEFT's file keys: base_model.model.<path><suffix>
     file_suffixes: tuple[str, str] = (".lora_A.weight", ".lora_B.weight")
     base_types: tuple[type, ...] = ()
-    # Set by lora_ext.tensor_parallel's styles on a layer they parallelized: gives a new adapter's
+    # Set by lora_ext.distributed.tensor_parallel's styles on a layer they parallelized: gives a new adapter's
     # A and B that layer's DTensor placements (``place(a, b)``). None: a plain layer.
     _tp_layout = None
 
@@ -87,7 +89,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._exact_codes: dict[str, tuple] = {}  # adapter -> (ExactMergeCodes, adapter versions)
         self.disable_adapters: bool = False
-        self._stack_cache = None  # stacked adapters for per-row batches (lora_ext/multi.py)
+        self._stack_cache = None  # stacked adapters for per-row batches (lora_ext/layers/per_row.py)
         if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 

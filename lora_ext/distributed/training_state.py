@@ -1,6 +1,6 @@
 """Resumable LoRA training checkpoints (``lora_ext.distributed.training_state`` and friends): the
 adapters, the optimizer state and each rank's RNG stream, as plain data that ``torch.load(weights_only=True)``
-reads. See ``distributed.py`` for the distributed story these belong to."""
+reads. See ``lora_ext/distributed/__init__.py`` for the distributed story these belong to."""
 from __future__ import annotations
 
 import io
@@ -9,11 +9,11 @@ import os
 import torch
 from torch import nn
 
-from . import dtensors
-from .adapter_io import adapter_state_dict
-from .atomic import atomic_write_bytes, remove_stale_temporaries
-from .model import adapter_configs
-from .wrappers import unwrap
+from .._utils import dtensors
+from ..io.adapter import adapter_state_dict
+from ..io.atomic import atomic_write_bytes, remove_stale_temporaries
+from ..model.core import adapter_configs
+from .._utils.wrappers import unwrap
 
 FORMAT = "lora_ext.training_state"
 FORMAT_VERSION = 1
@@ -55,7 +55,7 @@ def _rng_state() -> dict:
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, adapter_names=None) -> dict:
     """A resumable snapshot of LoRA training in this process: the adapters' tensors (PEFT keys, as
-    :func:`lora_ext.adapter_io.adapter_state_dict`, cloned) and configs, ``optimizer.state_dict()``,
+    :func:`lora_ext.io.adapter.adapter_state_dict`, cloned) and configs, ``optimizer.state_dict()``,
     and the RNG state (torch CPU, and every CUDA device when CUDA is available), with a format
     version. Only plain data (dicts, lists, strings, numbers, tensors). The frozen base weights are
     not in it: rebuild the model the same way, then :func:`load_training_state`. With DTensor

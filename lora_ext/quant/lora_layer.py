@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .linear import LoraLinear
-from .multi import per_row_plan
-from .quant_linear import QuantLinear
+from .. import ops
+from ..layers.linear import LoraLinear
+from ..layers.per_row import per_row_plan
+from .layers import QuantLinear
 
 
 class LoraQuantLinear(LoraLinear):
-    r"""LoRA around a :class:`~lora_ext.quant_linear.QuantLinear` (int8, q8_0, q4_0, q4_1 or nf4 base weight).
+    r"""LoRA around a :class:`~lora_ext.quant.layers.QuantLinear` (int8, q8_0, q4_0, q4_1 or nf4 base weight).
 
     .. math::
         y = x W_q^\top + b + \sum_{a} s_a \,(\mathrm{dropout}_a(x)\, A_a^\top)\, B_a^\top

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, saved_inputs
-from .layer import LoraLayer
-from .multi import current_batch, multi_forward, training_batch
+from .. import ops
+
+from . import saved_inputs
+from .base import LoraLayer
+from .per_row import current_batch, multi_forward, training_batch
 
 
 class LoraLinear(LoraLayer):

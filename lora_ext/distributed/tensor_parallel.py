@@ -43,7 +43,7 @@ The strategies are registered for ``lora_linear`` (no-grad and inference calls) 
 its C++ autograd calls: ``_lora_linear_forward``, ``_lora_linear_backward_lora`` and
 ``_lora_linear_backward_input`` (the frozen weight's and bias's gradients, when asked for, are
 plain ``mm``/``sum`` that DTensor already shards). Each op also has an all-``Replicate`` strategy.
-Merging into the sharded weights is ``dtensors.py``'s (``lora_ext.merge`` / ``unmerge``). Not covered:
+Merging into the sharded weights is ``lora_ext/_utils/dtensors.py``'s (``lora_ext.merge`` / ``unmerge``). Not covered:
 per-row adapter batches (``lora_linear_multi``), other LoRA layer types (embedding, conv, GPT-2 ``Conv1D``).
 """
 from __future__ import annotations
@@ -59,10 +59,10 @@ from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
-from . import ops  # noqa: F401  (registers torch.ops.lora_ext)
-from .gpt2_conv1d import LoraGPT2Conv1D
-from .layer import LoraLayer
-from .linear import LoraLinear
+from .. import ops  # noqa: F401  (registers torch.ops.lora_ext)
+from ..layers.gpt2_conv1d import LoraGPT2Conv1D
+from ..layers.base import LoraLayer
+from ..layers.linear import LoraLinear
 
 __all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "reduce_replicated_grads", "tensor_parallel_layout"]
 

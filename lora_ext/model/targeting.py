@@ -6,8 +6,8 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .config import LoraConfig
-from .layer import LoraLayer
+from ..config import LoraConfig
+from ..layers.base import LoraLayer
 from .modules_to_save import ModulesToSave
 from .registry import is_linear_like, layer_type_for
 

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
-from .quant import QTYPES, QuantizedWeight, dequantize, quantize
+from .. import ops
+from .._utils.modules import replace_submodule
+from .formats import QTYPES, QuantizedWeight, dequantize, quantize
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_linear_layers"]
 
@@ -125,7 +126,7 @@ def quantize_linear_layers(model: nn.Module, qtype: str, skip: tuple[str, ...] =
     stay as they are. Quantize before ``inject_adapter``."""
     if qtype not in QTYPES:
         raise ValueError(f"quantize_linear_layers: expected qtype in {QTYPES}, got {qtype!r}")
-    from .layer import LoraLayer
+    from ..layers.base import LoraLayer
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize_linear_layers: the model already holds LoRA layers; quantize the base first, "
                          "then inject_adapter")
@@ -133,6 +134,5 @@ def quantize_linear_layers(model: nn.Module, qtype: str, skip: tuple[str, ...] =
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or module.in_features % block:
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, QuantLinear.from_linear(module, qtype))
+        replace_submodule(model, name, QuantLinear.from_linear(module, qtype))
     return model
