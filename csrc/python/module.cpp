@@ -10,6 +10,8 @@
 
 #include <lora_ext/lora_ext.h>
 
+#include "io/atomic_file.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -92,7 +94,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
       "Write {name: tensor} (and string metadata) as a .safetensors file with the C++ writer "
-      "(atomic: temporary file + rename).");
+      "(crash-safe: unique temporary, fsync, rename, fsync of the folder).");
+  m.def(
+      "write_file_atomic",
+      [](const std::string& path, const py::bytes& data) {
+        std::string bytes = data;
+        py::gil_scoped_release nogil;
+        lora_ext::detail::write_file_atomic(path, bytes, "lora_ext::write_file_atomic: " + path + ": ");
+      },
+      py::arg("path"), py::arg("data"),
+      "Replace a file by `data` with the C++ crash-safe file primitive (csrc/io/atomic_file.h) that every C++ "
+      "writer uses: for tests and for C++ writers' Python bindings.");
   m.def(
       "read_safetensors_metadata",
       [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),
