@@ -5,7 +5,7 @@
     bash scripts/run.sh benchmarks/bench_model.py --curve 50   # + PEFT, lora_ext and lora_ext+int8 loss curves
     bash scripts/run.sh benchmarks/bench_model.py --memory     # where the memory goes; the allocator's peak
 
-The model is the main job's (examples/smollm2.py: the GGUF's Q4_1 weights dequantized to float32), LoRA r=8,
+The model is the main job's (dev/lora_ext_dev/smollm2.py: the GGUF's Q4_1 weights dequantized to float32), LoRA r=8,
 alpha 16 on q/k/v/o/gate/up/down, batch 4 x 128 tokens of the "docs" training windows, AdamW, fp32, 2 threads.
 Variants (``--variants``):
 
@@ -23,7 +23,7 @@ Variants (``--variants``):
 Each run is its own process (no allocator or cache state carries over), the order alternates between rounds,
 and every figure is reported as the range over rounds. Step time: the median of the timed steps after
 ``--warmup`` untimed ones. Memory: the peak resident set size above the loaded, set-up model, sampled every 5 ms
-(``benchmarks/seed_methods.py``'s PeakRSS); LoRA's own memory is the variant's increase minus the floor's.
+(``dev/lora_ext_dev/seed_methods.py``'s PeakRSS); LoRA's own memory is the variant's increase minus the floor's.
 This VM's whole-model steps vary by +-15% between runs: read ratios from the same round only.
 """
 from __future__ import annotations
@@ -39,8 +39,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))  # python -P adds no script folder
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("floor", "peft", "lora_ext", "peft+ckpt", "lora_ext+ckpt", "lora_ext+bf16", "lora_ext+int8",
@@ -49,7 +47,7 @@ ROWS, SEQ, LR, SEED = 4, 128, 2e-4, 0
 
 
 def _batches(tokenizer, n: int) -> list[torch.Tensor]:
-    import llm_train
+    from lora_ext_dev import llm_train
 
     windows = llm_train.task_data(tokenizer, "docs", SEQ, eval_windows=1)["train"]
     g = torch.Generator().manual_seed(SEED)
@@ -109,7 +107,7 @@ def _train_step(variant: str, net, embed, ids: torch.Tensor, opt) -> torch.Tenso
 
 def _prepare(variant: str, dropout: float, threads: int, steps: int):
     """(model, ``steps`` batches, the module to call, the trainable parameters), in training mode."""
-    import smollm2
+    from lora_ext_dev import smollm2
 
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
@@ -122,7 +120,7 @@ def _prepare(variant: str, dropout: float, threads: int, steps: int):
 
 def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
     """One variant in this process: ``steps`` training steps; times, losses and the peak RSS increase."""
-    import seed_methods
+    from lora_ext_dev import seed_methods
 
     model, batches, net, params = _prepare(variant, dropout, threads, steps)
     if "compile" in variant.split("+"):
@@ -162,7 +160,7 @@ def _category(stack: list) -> str:
 def breakdown(variant: str, dropout: float, threads: int) -> dict:
     """Bytes saved for backward in one training step, by where they were saved (unique storages, parameters
     excluded), plus gradients and AdamW state of the trainable parameters."""
-    import smollm2
+    from lora_ext_dev import smollm2
 
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
@@ -227,7 +225,7 @@ def allocator_peak(variant: str, dropout: float, threads: int, steps: int = 2) -
 
 
 def _run(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
-    import timing
+    from lora_ext_dev import timing
 
     return timing.run_child(__file__, ["--child", variant, "--dropout", str(dropout), "--steps", str(steps),
                                        "--warmup", str(warmup), "--threads", str(threads)],

@@ -64,8 +64,7 @@ from torch import nn
 
 import lora_ext  # registers torch.ops.lora_ext.*
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling helpers; python -P leaves it off sys.path
-from timing import Budget, Timings, Variant, fmt_ms, machine_info, md_table, run_interleaved  # noqa: E402
+from lora_ext_dev.timing import Budget, Timings, Variant, fmt_ms, machine_info, md_table, run_interleaved  # noqa: E402
 
 try:
     import peft

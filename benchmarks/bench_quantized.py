@@ -1,7 +1,7 @@
 """LoRA training and decoding on a quantized frozen base (issue 15), against the fp32 base.
 
 Variants (SmolLM2-135M-Instruct, real weights; LoRA r=8 on the 7 projections, batch 4 x 128, AdamW):
-  fp32   transformers' model dequantized from the GGUF (examples/smollm2.py; the floor of every comparison)
+  fp32   transformers' model dequantized from the GGUF (dev/lora_ext_dev/smollm2.py; the floor of every comparison)
   q4_1   lora_ext.quant.gguf.load_gguf_llama: the GGUF file's Q4_1 projections and Q8_0 embedding, as stored
   int8   the fp32 model with its projections quantized to int8 (one scale per row)
   nf4    the fp32 model with its projections quantized to QLoRA's nf4
@@ -34,8 +34,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = ("fp32", "q4_1", "int8", "nf4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,7 +42,7 @@ ROWS, SEQ, LR = 4, 128, 2e-4
 
 def load(variant: str, tiny: bool = False):
     """(model, tokenizer) of a variant, in eval mode, nothing trainable yet."""
-    import smollm2
+    from lora_ext_dev import smollm2
 
     import lora_ext
     from lora_ext.quant.gguf import load_gguf_llama
@@ -67,7 +65,7 @@ def _tokenizer():
     """The tokenizer alone, from the fp32 model's cache (main() makes sure it exists)."""
     from transformers import AutoTokenizer
 
-    import smollm2
+    from lora_ext_dev import smollm2
     return AutoTokenizer.from_pretrained(smollm2.cache_dir())
 
 
@@ -98,7 +96,7 @@ def batches(tok, n: int, vocab: int, tiny: bool) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if tiny:
         return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
-    import llm_train
+    from lora_ext_dev import llm_train
     windows = llm_train.task_data(tok, "docs", SEQ, eval_windows=1)["train"]
     return [windows[torch.randint(0, len(windows), (ROWS,), generator=g)] for _ in range(n)]
 
@@ -130,8 +128,8 @@ def child_memory(variant: str, steps: int, tiny: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import gguf  # noqa: F401  (imports first: the figures count the model and its training, not modules)
-    import llm_train  # noqa: F401
-    import seed_methods
+    from lora_ext_dev import llm_train  # noqa: F401
+    from lora_ext_dev import seed_methods
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
     rss = seed_methods.PeakRSS()
     before = rss.rss()
@@ -210,7 +208,7 @@ def _range(vals, fmt="{:.2f}") -> str:
 def main_default(args) -> None:
     variants = args.variants.split(",")
     if not args.quick:
-        import smollm2
+        from lora_ext_dev import smollm2
         smollm2.load_smollm2()  # builds the cache the children read the tokenizer from
     mem = {v: run_child(["--child", v, "--steps", str(args.mem_steps)] + (["--quick"] if args.quick else []),
                         not args.glibc_default) for v in variants}
@@ -239,8 +237,10 @@ def main_default(args) -> None:
 
 
 def main_ppl(args) -> None:
-    import finetune_llm
-    import llm_train
+    from lora_ext_dev import load_example
+
+    finetune_llm = load_example("finetune_llm")
+    from lora_ext_dev import llm_train
 
     import lora_ext
     ma = finetune_llm.parse_args([])
@@ -273,7 +273,7 @@ def child_1b(variant: str, steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lora_ext
-    import seed_methods
+    from lora_ext_dev import seed_methods
     from lora_ext.quant import quantize
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)

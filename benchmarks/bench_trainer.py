@@ -27,8 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))  # python -P adds no script folder
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = ("floor", "peft", "peft+lora_ext", "lora_ext")
 ROWS, SEQ, LR = 4, 128, 2e-3
@@ -56,12 +54,12 @@ def _model(variant: str, model):
 
 def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
     import datasets
-    import seed_methods
-    import smollm2
+    from lora_ext_dev import seed_methods
+    from lora_ext_dev import smollm2
     import trl
     from transformers import TrainerCallback
 
-    import llm_train
+    from lora_ext_dev import llm_train
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -95,7 +93,7 @@ def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 def _run(variant: str, steps: int, warmup: int, threads: int) -> dict:
-    import timing
+    from lora_ext_dev import timing
 
     return timing.run_child(__file__, ["--child", variant, "--steps", str(steps), "--warmup", str(warmup),
                                        "--threads", str(threads)], f"bench_trainer: {variant}")

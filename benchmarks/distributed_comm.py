@@ -9,7 +9,7 @@ shadow the installed package::
 A fixed small model: 2 pre-norm transformer blocks (d=256, 4 heads of 64, causal attention with
 q/k/v/o ``Linear(256, 256)``, an MLP ``Linear(256, 1024)`` -> GELU -> ``Linear(1024, 256)``, frozen
 LayerNorms) and a final LayerNorm; LoRA r=8 (``lora_alpha`` 16, random B: ``init_lora_weights=False``)
-on q, k, v, o, up and down of both blocks; fp32. Two ranks (``tests/dist_harness.run_ranks``: forked
+on q, k, v, o, up and down of both blocks; fp32. Two ranks (``lora_ext_dev.dist_harness.run_ranks``: forked
 processes, gloo on localhost, ``torch.set_num_threads(1)`` each) train the adapters with MSE on a
 random target: 3 SGD (lr 0.05) then 3 AdamW (lr 1e-3) steps (``--quick``: 1 + 1), in four modes:
 
@@ -62,8 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from dist_harness import run_ranks  # noqa: E402  (tests/dist_harness.py: forked gloo ranks)
+from lora_ext_dev.dist_harness import run_ranks  # forked gloo ranks
 
 import lora_ext  # noqa: E402
 from lora_ext import LoraConfig  # noqa: E402

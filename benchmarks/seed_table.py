@@ -2,13 +2,13 @@
 
     nice -n 10 python -P benchmarks/seed_table.py [--quick] [--computed-only] [--out runs/seed_table/results.json]
 
-Same model, data ("docs": the Python reference manual, ``examples/corpora.py``), token budget (steps x 4 rows x
+Same model, data ("docs": the Python reference manual, ``dev/lora_ext_dev/corpora.py``), token budget (steps x 4 rows x
 128 tokens), AdamW schedule (``llm_train.lr_at``), seed and sequence of training windows for every method. Each
 (method, learning rate) run is its own process (``--worker``), one at a time, 2 threads; a first process
 (``--prep``) builds the data, the forgetting set (CPython's LICENSE.txt windows + fixed chat prompts with the
 base model's greedy answers) and the base model's logits on it. Printed: the measured table (best learning rate
 of each method's sweep), the sweep, and the computed table for larger LLaMA shapes (meta device, never
-downloaded); everything goes to ``--out`` as JSON. See ``benchmarks/seed_methods.py`` for the methods.
+downloaded); everything goes to ``--out`` as JSON. See ``dev/lora_ext_dev/seed_methods.py`` for the methods.
 """
 from __future__ import annotations
 
@@ -25,11 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (python -P does not add it)
-import seed_methods as sm  # noqa: E402  (also puts examples/ on sys.path)
-import corpora  # noqa: E402
-import llm_train  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
+from lora_ext_dev import seed_methods as sm
 
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402

@@ -6,6 +6,7 @@ set(LORA_EXT_CORE_SOURCES
   csrc/io/adapter.cpp
   csrc/io/aoti.cpp
   csrc/io/apply.cpp
+  csrc/io/atomic_file.cpp
   csrc/io/nn.cpp
   csrc/io/safetensors.cpp
   csrc/ops/registration.cpp

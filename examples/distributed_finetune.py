@@ -5,7 +5,7 @@
 gloo on CPU (each rank takes its share of the cores: ``--threads``), NCCL with one GPU per rank when CUDA is
 available; ``python examples/distributed_finetune.py`` runs a world of one process.
 
-1. every rank loads SmolLM2-135M-Instruct (``smollm2.py``) and the task's data (``llm_train.task_data``),
+1. every rank loads SmolLM2-135M-Instruct (``lora_ext_dev/smollm2.py``) and the task's data (``llm_train.task_data``),
    injects a LoRA adapter with its own seed, takes rank 0's initial adapter (``broadcast_adapters``: FSDP2
    does not broadcast) and shards the model (``lora_ext.distributed.shard_lora_model``: ``fully_shard`` on
    each ``model.layers.<i>``, then the root);
@@ -36,10 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ (python -P does not add it)
-import corpora  # noqa: E402
-import llm_train  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402

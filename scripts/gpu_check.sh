@@ -17,6 +17,7 @@ start=$(date +%s)
 TORCH_CUDA_ARCH_LIST="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/gpu-{wheel_tag} "$ROOT"
 echo "[gpu-check] built in $(( $(date +%s) - start )) s" >&2
+"$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT/dev"  # lora_ext_dev: the tests' shared helpers
 "$PY" -P -c "import lora_ext; info = lora_ext.build_info(); assert info['with_cuda'], info; print(info)"
 echo "[gpu-check] CUDA tests" >&2
 # Every failure is reported (no -x): a GPU is lent rarely, and one run should show all that is wrong.

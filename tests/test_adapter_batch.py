@@ -8,6 +8,7 @@ import torch
 
 import lora_ext
 from lora_ext import LoraConfig
+from lora_ext.layers import per_row
 from models import LLAMA_TARGETS, tiny_llama
 
 import peft  # noqa: E402
@@ -136,13 +137,13 @@ def test_stacks_are_cached_until_an_adapter_changes(models):
     with torch.no_grad():
         with lora_ext.adapter_batch(model, names):
             y1 = model(input_ids=ids).logits
-            stack = layer._stack_cache[1][0]
+            stack = per_row.cached_stack(layer)[0]
             model(input_ids=ids)
-            assert layer._stack_cache[1][0] is stack  # not re-stacked
+            assert per_row.cached_stack(layer)[0] is stack  # not re-stacked
             a, b = layer.adapter_weights(names[-1])
             b.mul_(3.0)  # changed in place: the stack must follow
             y2 = model(input_ids=ids).logits
-            assert layer._stack_cache[1][0] is not stack
+            assert per_row.cached_stack(layer)[0] is not stack
         assert not torch.allclose(y1[-1], y2[-1])
         lora_ext.set_adapter(model, names[-1])
         torch.testing.assert_close(y2[-1:], model(input_ids=ids[-1:]).logits, atol=2e-5, rtol=2e-5)

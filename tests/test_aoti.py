@@ -18,8 +18,7 @@ from lora_ext.export import export_causal_lm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpp" / "generate"
-sys.path.insert(0, str(EXAMPLE))
-from make_data import tiny_llama  # noqa: E402
+from lora_ext_dev.generate import tiny_llama
 
 STEPS = 8
 

@@ -44,8 +44,8 @@ def adapter_params(model) -> dict[str, torch.Tensor]:
 class Block:
     """The first decoder block of a LoRA tiny LLaMA and a fixed input (hidden states + rotary embeddings)."""
 
-    def __init__(self, adapters=("a",)):
-        self.model = lora_llama(adapters)
+    def __init__(self, adapters=("a",), dropout: float = 0.3):
+        self.model = lora_llama(adapters, dropout)
         self.block = self.model.model.layers[0]
         self.params = {n: p for n, p in adapter_params(self.model).items() if n.startswith("model.layers.0.")}
         assert len(self.params) == 2 * len(LLAMA_TARGETS) * len(adapters)
@@ -209,3 +209,94 @@ def test_model_gradient_checkpointing_is_exact(use_reentrant, rows):
     got = model_grads(model, ids, rows)
     assert len(calls) == 2, f"expected down_proj of the last block to run twice (forward + recompute), got {len(calls)}"
     assert_bitwise_equal(got, want, f"gradient checkpointing (use_reentrant={use_reentrant})")
+
+
+def _grads_of(blk: Block, rows, use_reentrant: bool, after_forward=None) -> torch.Tensor:
+    """One checkpointed forward + backward of ``blk`` under ``adapter_batch(rows)``; returns the input's gradient
+    (the adapters' gradients accumulate in their ``.grad``, shared by the threads); ``after_forward`` runs
+    between forward and backward."""
+    x = blk.x.clone().requires_grad_(True)
+    with lora_ext.adapter_batch(blk.model, rows):
+        y = checkpoint(lambda h: blk.block(h, position_embeddings=blk.pe), x, use_reentrant=use_reentrant)
+        loss = (y * blk.w).sum()
+        if after_forward:
+            after_forward()
+        loss.backward()
+    return x.grad
+
+
+def _param_grads(blk: Block) -> dict[str, torch.Tensor]:
+    out = {n: p.grad for n, p in blk.params.items()}
+    for p in blk.params.values():
+        p.grad = None
+    return out
+
+
+def _in_threads(*fns):
+    results, errors = [None] * len(fns), []
+
+    def run(i):
+        try:
+            results[i] = fns[i]()
+        except BaseException as e:  # re-raised on the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results, errors
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_two_threads_train_per_row_batches_through_one_model(use_reentrant):
+    """Two threads train different per-row batches through one model with activation checkpointing, their
+    forwards and backwards interleaved (each forward runs before the other thread's backward): each thread's
+    input gradient equals its own run alone, bit for bit, and the adapters' accumulated gradients are the sum
+    of the two runs alone. (No dropout: the threads share torch's global generator.)"""
+    blk = Block(adapters=("a", "b"), dropout=0.0)
+    rows_1, rows_2 = ROWS, ["b", "a", "b"]
+    alone_1 = _grads_of(blk, rows_1, use_reentrant), _param_grads(blk)
+    alone_2 = _grads_of(blk, rows_2, use_reentrant), _param_grads(blk)
+    assert not torch.equal(alone_1[0], alone_2[0])  # two different batches
+    barrier = threading.Barrier(2, timeout=60)
+    (x_1, x_2), errors = _in_threads(lambda: _grads_of(blk, rows_1, use_reentrant, after_forward=barrier.wait),
+                                     lambda: _grads_of(blk, rows_2, use_reentrant, after_forward=barrier.wait))
+    assert not errors, errors
+    assert torch.equal(x_1, alone_1[0]) and torch.equal(x_2, alone_2[0])
+    both = _param_grads(blk)
+    for name, g in both.items():
+        assert torch.equal(g, alone_1[1][name] + alone_2[1][name]), name
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_another_threads_open_batch_does_not_stand_in_for_an_exited_one(use_reentrant):
+    """Thread 1 recomputes after its ``with`` (refused), while thread 2 still trains a per-row batch through the
+    same layers: thread 2's batch must not be used for thread 1's rows (which a record on the shared layer
+    did: silently wrong gradients)."""
+    blk = Block(adapters=("a", "b"), dropout=0.0)
+    second_forward_done, first_may_finish = threading.Event(), threading.Event()
+
+    def first():
+        x = blk.x.clone().requires_grad_(True)
+        with lora_ext.adapter_batch(blk.model, ROWS):
+            y = checkpoint(lambda h: blk.block(h, position_embeddings=blk.pe), x, use_reentrant=use_reentrant)
+            loss = (y * blk.w).sum()
+        assert second_forward_done.wait(60)
+        try:
+            loss.backward()
+        finally:
+            first_may_finish.set()
+
+    def second():
+        def hold():
+            second_forward_done.set()
+            assert first_may_finish.wait(60)
+        return _grads_of(blk, ["b", "b", "a"], use_reentrant, after_forward=hold)
+
+    (_, x_2), errors = _in_threads(first, second)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert "the adapter_batch it ran under has been exited" in str(errors[0])
+    _param_grads(blk)
+    assert x_2 is not None and torch.equal(x_2, _grads_of(blk, ["b", "b", "a"], use_reentrant))

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from dist_harness import RankError, run_ranks
+from lora_ext_dev.dist_harness import RankError, run_ranks
 
 
 def _rank1_raises(rank, world_size):

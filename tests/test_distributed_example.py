@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import timed_world
+from lora_ext_dev.dist_harness import timed_world
 from models import tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import distributed_finetune  # noqa: E402
+from lora_ext_dev import load_example
+
+distributed_finetune = load_example("distributed_finetune")
 
 VOCAB, SEQ = 128, 16
 

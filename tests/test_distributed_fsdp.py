@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
+from lora_ext_dev.dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
 from models import Block, BlockNet as Net, tiny_llama
 from numerics import GradRecorder, assert_close_after_adamw

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from dist_harness import file_hashes, timed_world
+from lora_ext_dev.dist_harness import file_hashes, timed_world
 from lora_ext import LoraConfig
 from numerics import GradRecorder, assert_close_after_adamw
 

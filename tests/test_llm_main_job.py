@@ -1,4 +1,4 @@
-"""The main job's parts on the real SmolLM2-135M (examples/smollm2.py, corpora.py, llm_train.py): loading and
+"""The main job's parts on the real SmolLM2-135M (dev/lora_ext_dev/smollm2.py, lora_ext_dev/corpora.py, lora_ext_dev/llm_train.py): loading and
 its cache, the corpus split, per-row training of two adapters on the real model, and the PEFT round trip.
 
 The whole main job (examples/finetune_llm.py) is a script, not a test: see the README."""
@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import corpora  # noqa: E402
-import llm_train  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402

@@ -17,7 +17,8 @@ PKG = pathlib.Path(lora_ext.__file__).parent
 
 # Lower layers never import higher ones (same-layer imports are allowed inside a subpackage only).
 LAYERS = [
-    {"_torch_check", "_build_info", "_C", "_compat"},
+    {"_build_info", "_C"},
+    {"_torch_check", "_compat"},
     {"_utils", "config", "ops"},
     {"layers"},
     {"quant"},
@@ -114,3 +115,20 @@ def test_import_lora_ext_does_not_import_peft_or_torch_distributed_tensor():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_no_file_edits_sys_path():
+    """What tests, benchmarks and examples share lives in dev/lora_ext_dev (installed by scripts/run.sh)."""
+    pattern = "sys" + ".path."
+    hits = []
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0].startswith((".venv", "build")) or "site-packages" in rel.parts:
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern + "insert" in line or pattern + "append" in line or pattern + "extend" in line:
+                hits.append(f"{rel}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)

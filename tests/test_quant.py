@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_ext import quant  # importing lora_ext registers the ops
+from lora_ext.quant import formats as quant  # importing lora_ext registers the ops
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -67,6 +67,37 @@ def test_random_gguf_blocks_dequantize_as_gguf_does(qtype):
     q = quant.QuantizedWeight(raw, None, qtype, 5, 128)
     ref = gguf.quants.dequantize(raw.numpy(), GGUF_TYPES[qtype])
     assert torch.equal(q.dequantize(), torch.from_numpy(np.ascontiguousarray(ref)).reshape(5, 128))
+
+
+def test_python_reads_the_kernels_constants():
+    """lora_ext.quant holds no numbers of its own: the formats, their blocks and the NF4 code book come from the
+    kernels' header (csrc/ops/common/quant_formats.h) through lora_ext._C, and the kernels decode with them."""
+    from lora_ext import _C
+
+    formats = _C.quant_formats()
+    assert quant.QTYPES == tuple(formats) == ("int8", "q8_0", "q4_0", "q4_1", "nf4")
+    assert {q: (f["block"], f["block_bytes"]) for q, f in formats.items()} == \
+        {"int8": (1, 1), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "nf4": (64, 32)}
+    if gguf is not None:  # GGUF's own block sizes
+        for qtype, t in GGUF_TYPES.items():
+            assert gguf.GGML_QUANT_SIZES[t] == (formats[qtype]["block"], formats[qtype]["block_bytes"])
+    # every code of an nf4 block with absmax 1 decodes to exactly NF4_VALUES: the kernel's table
+    nf4 = formats["nf4"]
+    codes = torch.arange(nf4["block"]) % 16
+    packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(1, nf4["block_bytes"])
+    deq = torch.ops.lora_ext.dequantize_weight(packed, torch.ones(1, 1), "nf4", 1, nf4["block"])
+    assert quant.NF4_VALUES.dtype == torch.float32 and torch.equal(deq[0], quant.NF4_VALUES[codes])
+    assert torch.equal(quant.NF4_VALUES, torch.tensor(_C.nf4_values()))
+    # the kernels take the qdata / qscale shapes Python's view gives, and refuse one byte more per row
+    for qtype, f in formats.items():
+        in_f, dt = 2 * f["block"], torch.int8 if qtype == "int8" else torch.uint8
+        scale = (torch.ones(3) if qtype == "int8" else torch.ones(3, 2)) if f["has_qscale"] else None
+        assert quant.block_size(qtype) == f["block"]
+        assert quant.quantize(torch.randn(3, in_f), qtype).qdata.shape == (3, 2 * f["block_bytes"])
+        torch.ops.lora_ext.dequantize_weight(torch.zeros(3, 2 * f["block_bytes"], dtype=dt), scale, qtype, 3, in_f)
+        with pytest.raises(RuntimeError, match="qdata"):
+            torch.ops.lora_ext.dequantize_weight(torch.zeros(3, 2 * f["block_bytes"] + 1, dtype=dt), scale, qtype,
+                                                 3, in_f)
 
 
 def test_int8_per_row_against_float64():

@@ -18,7 +18,6 @@ from models import LLAMA_TARGETS
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 def llama(seed=0):
@@ -227,7 +226,7 @@ def test_bad_uses():
 
 @pytest.fixture(scope="module")
 def smollm2_pair():
-    import smollm2
+    from lora_ext_dev import smollm2
     from lora_ext.quant.gguf import load_gguf_llama
     dense, tok = smollm2.load_smollm2()  # transformers' dequantized model (cached)
     return load_gguf_llama(smollm2.gguf_path()), dense, tok

@@ -1,4 +1,4 @@
-"""benchmarks/seed_table.py's parts (benchmarks/seed_methods.py): the seq_bn adapter's size and identity at
+"""benchmarks/seed_table.py's parts (dev/lora_ext_dev/seed_methods.py): the seq_bn adapter's size and identity at
 init, the computed table's counts against the real SmolLM2-135M, the forgetting KL, the run plan."""
 import copy
 import sys
@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import seed_methods as sm  # noqa: E402  (puts examples/ on sys.path too)
-import seed_table  # noqa: E402
-import smollm2  # noqa: E402
+from lora_ext_dev import seed_methods as sm
+from lora_ext_dev import smollm2
+
+from lora_ext_dev import load_example
+
+seed_table = load_example("seed_table", "benchmarks")
 
 
 def tiny_llama(**kw):

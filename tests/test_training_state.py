@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from dist_harness import timed_world
+from lora_ext_dev.dist_harness import timed_world
 from lora_ext import LoraConfig
 from lora_ext.io.adapter import adapter_state_dict
 from lora_ext.distributed import (broadcast_adapters, load_training_state, read_training_state, save_training_state,

@@ -31,9 +31,9 @@ const V* pattern_value(const std::vector<std::pair<std::string, V>>& patterns, c
 
 // Ranks are integers: get<int64_t>() would also take 8.5 or true, and converting a float
 // outside int64's range (1e300) is undefined behaviour.
-int64_t rank_of(const nlohmann::ordered_json& v) {
-  if (!v.is_number_integer()) throw nlohmann::json::type_error::create(302, "expected an integer rank, got " +
-                                                                             v.dump(), &v);
+int64_t rank_of(const nlohmann::ordered_json& v, const std::string& what) {
+  if (!v.is_number_integer())
+    throw nlohmann::json::type_error::create(302, "expected an integer rank (" + what + "), got " + v.dump(), &v);
   return v.get<int64_t>();
 }
 
@@ -65,16 +65,81 @@ bool has_multiple_repeat(const std::string& p) {
   return false;
 }
 
+// lora_alpha, alpha_pattern values: a message that names the field (get<double>() says only "type must be number").
+double number_of(const nlohmann::ordered_json& v, const std::string& what) {
+  if (!v.is_number())
+    throw nlohmann::json::type_error::create(302, "expected " + what + " to be a number, got " + v.dump(), &v);
+  return v.get<double>();
+}
+
+// use_rslora, fan_in_fan_out: get<bool>() would say neither which field nor what it got.
+bool bool_of(const nlohmann::ordered_json& v, const std::string& what) {
+  if (!v.is_boolean())
+    throw nlohmann::json::type_error::create(302, "expected " + what + " to be true or false, got " + v.dump(), &v);
+  return v.get<bool>();
+}
+
 template <typename V>
-std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj) {
-  if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected a pattern object, got " +
-                                                                        std::string(obj.type_name()), &obj);
+std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj, const std::string& what) {
+  if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected " + what + " to be a pattern object, "
+                                                                        "got " + std::string(obj.type_name()), &obj);
   std::vector<std::pair<std::string, V>> out;
   for (auto it = obj.begin(); it != obj.end(); ++it) {
-    if constexpr (std::is_same_v<V, int64_t>) out.emplace_back(it.key(), rank_of(it.value()));
-    else out.emplace_back(it.key(), it.value().template get<V>());
+    const std::string item = what + "[\"" + it.key() + "\"]";
+    if constexpr (std::is_same_v<V, int64_t>) out.emplace_back(it.key(), rank_of(it.value(), item));
+    else out.emplace_back(it.key(), number_of(it.value(), item));
   }
   return out;
+}
+
+// PEFT options that change what an adapter computes and that lora_ext does not implement, with the
+// values that leave them off (the table of lora_ext/config.py, _UNSUPPORTED): any other value is refused.
+struct Unsupported {
+  const char* key;
+  bool off_false, off_empty_list, off_empty_string;  // null is always "off"
+};
+constexpr Unsupported kUnsupported[] = {
+    {"use_dora", true, false, false},          {"lora_bias", true, false, false},
+    {"use_qalora", true, false, false},        {"layer_replication", false, false, false},
+    {"layers_to_transform", false, true, false}, {"layers_pattern", false, true, true},
+    {"target_parameters", false, true, false}, {"alora_invocation_tokens", false, false, false},
+    {"trainable_token_indices", false, false, false}, {"use_bdlora", true, false, false},
+    {"arrow_config", false, false, false},     {"megatron_config", false, false, false},
+};
+
+bool is_off(const nlohmann::ordered_json& v, const Unsupported& u) {
+  if (v.is_null()) return true;
+  // Python's equality, as config.py compares: False == 0 == 0.0
+  if (u.off_false && (v == false || (v.is_number() && v.get<double>() == 0))) return true;
+  if (u.off_empty_list && v.is_array() && v.empty()) return true;
+  return u.off_empty_string && v.is_string() && v.get<std::string>().empty();
+}
+
+// A regex key of the config (rank/alpha patterns, target/exclude_modules): one Python's re and std::regex
+// both accept, compiled here once so that a bad one is a lora_ext error, not a std::regex_error later.
+void check_regex(const std::string& p, const std::string& what, const std::string& where) {
+  TORCH_CHECK(!has_multiple_repeat(p), where, "expected ", what, " Python's re accepts, got \"", p,
+              "\" (a quantifier on a quantifier: multiple repeat)");
+  try {
+    const std::regex compiled("(.*\\.)?(" + p + ")");
+    (void)compiled;
+  } catch (const std::regex_error& e) {
+    TORCH_CHECK(false, where, what, " \"", detail::printable(p), "\" is not a valid regular expression: ", e.what());
+  }
+}
+
+// target_modules / exclude_modules: null, a list of names, or one regex.
+void read_modules(const nlohmann::ordered_json& j, const char* key, const std::string& where,
+                  std::vector<std::string>* names, std::optional<std::string>* regex) {
+  if (!j.contains(key) || j[key].is_null()) return;
+  if (j[key].is_string()) {
+    *regex = j[key].get<std::string>();
+    check_regex(**regex, std::string(key) + " regex", where);
+  } else {
+    TORCH_CHECK(j[key].is_array(), where, "expected ", key, " to be a list of names or a regex string, got ",
+                j[key].dump());
+    *names = j[key].get<std::vector<std::string>>();
+  }
 }
 
 }  // namespace
@@ -112,44 +177,43 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
     if (j.contains("peft_type") && !j["peft_type"].is_null()) {
       TORCH_CHECK(j["peft_type"] == "LORA", where, "expected peft_type \"LORA\", got ", j["peft_type"].dump());
     }
-    for (const char* k : {"use_dora", "lora_bias", "use_qalora"}) {
-      TORCH_CHECK(!j.contains(k) || j[k].is_null() || j[k] == false, where, k,
-                  " is set: lora_ext does not implement it and would compute something else");
+    for (const auto& u : kUnsupported) {
+      TORCH_CHECK(!j.contains(u.key) || is_off(j[u.key], u), where, u.key,
+                  " is set: lora_ext does not implement it and would compute something else (got ",
+                  j[u.key].dump(), ")");
     }
-    if (j.contains("r")) c.r = rank_of(j["r"]);
+    if (j.contains("r")) c.r = rank_of(j["r"], "r");
     TORCH_CHECK(c.r >= 1, where, "expected r >= 1, got ", c.r);
-    if (j.contains("lora_alpha")) c.lora_alpha = j["lora_alpha"].get<double>();
+    if (j.contains("lora_alpha")) c.lora_alpha = number_of(j["lora_alpha"], "lora_alpha");
     TORCH_CHECK(std::isfinite(c.lora_alpha) && c.lora_alpha > 0, where, "expected a finite lora_alpha > 0, got ",
                 c.lora_alpha);
-    if (j.contains("use_rslora") && !j["use_rslora"].is_null()) c.use_rslora = j["use_rslora"].get<bool>();
-    if (j.contains("fan_in_fan_out") && !j["fan_in_fan_out"].is_null()) c.fan_in_fan_out = j["fan_in_fan_out"].get<bool>();
-    if (j.contains("rank_pattern") && !j["rank_pattern"].is_null())
-      c.rank_pattern = pattern_items<int64_t>(j["rank_pattern"]);
+    // The fields lora_ext's Python reader checks too, although a merge does not use them: both readers
+    // refuse the same configs (tests/test_cpp_apply.py::test_both_readers_refuse_the_same_adapters).
+    if (j.contains("lora_dropout")) {
+      const auto& p = j["lora_dropout"];
+      TORCH_CHECK(p.is_number() && p.get<double>() >= 0 && p.get<double>() < 1, where,
+                  "expected a number 0 <= lora_dropout < 1, got ", p.dump());
+    }
+    if (j.contains("bias")) {
+      const auto& b = j["bias"];
+      TORCH_CHECK(b == "none" || b == "all" || b == "lora_only", where,
+                  "expected bias \"none\", \"all\" or \"lora_only\", got ", b.dump());
+    }
+    if (j.contains("use_rslora")) c.use_rslora = bool_of(j["use_rslora"], "use_rslora");
+    if (j.contains("fan_in_fan_out")) c.fan_in_fan_out = bool_of(j["fan_in_fan_out"], "fan_in_fan_out");
+    if (j.contains("rank_pattern")) c.rank_pattern = pattern_items<int64_t>(j["rank_pattern"], "rank_pattern");
     for (const auto& [p, rank] : c.rank_pattern)
       TORCH_CHECK(rank >= 1, where, "expected rank_pattern ranks >= 1, got ", rank, " for \"", p, "\"");
-    if (j.contains("alpha_pattern") && !j["alpha_pattern"].is_null())
-      c.alpha_pattern = pattern_items<double>(j["alpha_pattern"]);
+    if (j.contains("alpha_pattern")) c.alpha_pattern = pattern_items<double>(j["alpha_pattern"], "alpha_pattern");
     for (const auto& [p, alpha] : c.alpha_pattern)
       TORCH_CHECK(std::isfinite(alpha) && alpha > 0, where, "expected alpha_pattern values that are finite and > 0, got ",
                   alpha, " for \"", p, "\"");
-    std::vector<std::string> patterns;
-    for (const auto& [p, _] : c.rank_pattern) patterns.push_back(p);
-    for (const auto& [p, _] : c.alpha_pattern) patterns.push_back(p);
-    for (const auto& p : patterns) {
-      TORCH_CHECK(!has_multiple_repeat(p), where, "expected rank/alpha pattern keys Python's re accepts, got \"", p,
-                  "\" (a quantifier on a quantifier: multiple repeat)");
-      try {  // compiled here once, so that a bad key is a lora_ext error, not a std::regex_error at merge time
-        const std::regex compiled("(.*\\.)?(" + p + ")");
-        (void)compiled;
-      } catch (const std::regex_error& e) {
-        TORCH_CHECK(false, where, "rank/alpha pattern key \"", detail::printable(p),
-                    "\" is not a valid regular expression: ", e.what());
-      }
-    }
-    if (j.contains("target_modules") && !j["target_modules"].is_null()) {
-      if (j["target_modules"].is_string()) c.target_modules_regex = j["target_modules"].get<std::string>();
-      else c.target_modules = j["target_modules"].get<std::vector<std::string>>();
-    }
+    for (const auto& [p, _] : c.rank_pattern) check_regex(p, "rank/alpha pattern key", where);
+    for (const auto& [p, _] : c.alpha_pattern) check_regex(p, "rank/alpha pattern key", where);
+    read_modules(j, "target_modules", where, &c.target_modules, &c.target_modules_regex);
+    std::vector<std::string> exclude_names;
+    std::optional<std::string> exclude_regex;
+    read_modules(j, "exclude_modules", where, &exclude_names, &exclude_regex);
     if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
       c.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
   } catch (const nlohmann::json::exception& e) {

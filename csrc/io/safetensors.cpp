@@ -4,9 +4,7 @@
 #include <bit>
 #include <map>
 #include <optional>
-#include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <vector>
@@ -15,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include "io/atomic_file.h"
 #include "io/text.h"
 
 namespace lora_ext {
@@ -180,34 +179,18 @@ void write_safetensors(const std::string& path, const std::map<std::string, at::
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // the safetensors library pads the header to 8 bytes with spaces
-  const std::filesystem::path target(path);
-  const std::filesystem::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp");
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(f.good(), where, "cannot open ", tmp.string(), " for writing");
-    unsigned char len_bytes[8];
-    uint64_t n = h.size();
-    for (int i = 0; i < 8; ++i, n >>= 8) len_bytes[i] = static_cast<unsigned char>(n & 0xff);
-    f.write(reinterpret_cast<const char*>(len_bytes), 8);
-    f.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (const auto& [name, t] : tensors) {
-      if (t.numel() == 0) continue;
-      const at::Tensor c = t.detach().to(at::kCPU).contiguous();
-      f.write(static_cast<const char*>(c.const_data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
-    }
-    f.flush();
-    if (!f.good()) {
-      f.close();
-      std::remove(tmp.c_str());
-      TORCH_CHECK(false, where, "writing ", tmp.string(), " failed");
-    }
+  detail::AtomicFile f(path, where);  // crash-safe: a temporary sibling, fsync, rename, fsync the folder
+  unsigned char len_bytes[8];
+  uint64_t n = h.size();
+  for (int i = 0; i < 8; ++i, n >>= 8) len_bytes[i] = static_cast<unsigned char>(n & 0xff);
+  f.write(len_bytes, 8);
+  f.write(h.data(), h.size());
+  for (const auto& [name, t] : tensors) {
+    if (t.numel() == 0) continue;
+    const at::Tensor c = t.detach().to(at::kCPU).contiguous();  // one tensor in CPU memory at a time
+    f.write(c.const_data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, target, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    TORCH_CHECK(false, where, "could not rename ", tmp.string(), " to the target: ", ec.message());
-  }
+  f.commit();
 }
 
 }  // namespace lora_ext

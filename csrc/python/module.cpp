@@ -1,6 +1,7 @@
 // lora_ext._C: the pybind11 module. Loading it loads the core library, whose
 // static initialisers register every lora_ext op with the dispatcher. It holds
-// what is not an op (build information; later the C++ adapter reader).
+// what is not an op: build information, the quantized formats' constants (read
+// by lora_ext/quant.py), the C++ readers and writers and test hooks of the C++ API.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,9 @@
 #include <torch/script.h>
 
 #include <lora_ext/lora_ext.h>
+
+#include "io/atomic_file.h"
+#include "ops/common/quant_formats.h"
 
 namespace py = pybind11;
 
@@ -73,6 +77,30 @@ PYBIND11_MODULE(_C, m) {
       "whether CUDA kernels were compiled, compiler and flags.");
 
   m.def(
+      "quant_formats",
+      []() {
+        py::dict d;  // in kFormats' order
+        for (const auto& f : lora_ext::quant::kFormats) {
+          py::dict e;
+          e["block"] = f.block;
+          e["block_bytes"] = f.block_bytes;
+          e["has_qscale"] = f.has_qscale;
+          d[py::str(f.name)] = e;
+        }
+        return d;
+      },
+      "The quantized weight formats the kernels read (csrc/ops/common/quant_formats.h, their one source): "
+      "{qtype: {block: elements per block along in_features, block_bytes: bytes per block, has_qscale}}.");
+  m.def(
+      "nf4_values",
+      []() {
+        std::vector<float> v;
+        for (int c = 0; c < lora_ext::quant::kNF4Codes; ++c) v.push_back(lora_ext::quant::nf4_value(c));
+        return v;
+      },
+      "The NF4 code book the kernels decode with: the float32 value of each 4-bit code 0..15 (times the "
+      "block's absmax).");
+  m.def(
       "read_safetensors",
       [](const std::string& path) {
         auto f = lora_ext::read_safetensors(path);
@@ -92,7 +120,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
       "Write {name: tensor} (and string metadata) as a .safetensors file with the C++ writer "
-      "(atomic: temporary file + rename).");
+      "(crash-safe: unique temporary, fsync, rename, fsync of the folder).");
+  m.def(
+      "write_file_atomic",
+      [](const std::string& path, const py::bytes& data) {
+        std::string bytes = data;
+        py::gil_scoped_release nogil;
+        lora_ext::detail::write_file_atomic(path, bytes, "lora_ext::write_file_atomic: " + path + ": ");
+      },
+      py::arg("path"), py::arg("data"),
+      "Replace a file by `data` with the C++ crash-safe file primitive (csrc/io/atomic_file.h) that every C++ "
+      "writer uses: for tests and for C++ writers' Python bindings.");
   m.def(
       "read_safetensors_metadata",
       [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),

@@ -89,7 +89,6 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._exact_codes: dict[str, tuple] = {}  # adapter -> (ExactMergeCodes, adapter versions)
         self.disable_adapters: bool = False
-        self._stack_cache = None  # stacked adapters for per-row batches (lora_ext/layers/per_row.py)
         if adapter_name is not None:  # None: no adapter yet (the model-level API adds them)
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 

@@ -11,7 +11,7 @@ from .. import ops
 
 from . import saved_inputs
 from .base import LoraLayer
-from .per_row import current_batch, multi_forward, training_batch
+from .per_row import current_batch, has_training_notes, multi_forward, training_batch
 
 
 class LoraLinear(LoraLayer):
@@ -31,7 +31,6 @@ class LoraLinear(LoraLayer):
     """
 
     base_types = (nn.Linear,)
-    _train_batch = None  # the adapter_batch of the last training forward (multi.training_batch)
 
     @property
     def in_features(self) -> int:
@@ -56,7 +55,7 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = current_batch(self)  # this thread's / task's adapter_batch, if any
-        if self.training and (batch is not None or self._train_batch is not None):
+        if self.training and (batch is not None or has_training_notes()):
             batch = training_batch(self, batch)  # also in a recomputation (activation checkpointing)
         per_row = batch is not None and not self.disable_adapters
         names = None if per_row else self._adapters_for_forward()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import math
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -33,6 +34,9 @@ _CURRENT: contextvars.ContextVar[Optional[dict[int, "AdapterBatch"]]] = contextv
 # not even look at the ContextVar (so torch.compile sees a plain global int, not a ContextVar).
 _open_contexts = 0
 _open_lock = threading.Lock()
+# layer -> (key, stacked adapters): one entry per layer, dropped with the layer. Shared by all threads (the
+# stacks depend on the adapters only), replaced whole, never mutated.
+_stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class AdapterBatch:
@@ -88,19 +92,58 @@ def exit_batch(token: contextvars.Token, batch: AdapterBatch) -> None:
     with _open_lock:
         _open_contexts -= 1
     _CURRENT.reset(token)
-    for layer in batch.layers:  # the batch's training forwards can no longer be recomputed with it
-        if layer._train_batch is batch:
-            layer._train_batch = EXITED
+    me = threading.get_ident()
+    with _notes_lock:  # this thread's training forwards under the batch can no longer be recomputed with it
+        for layer in batch.layers:
+            key = (me, id(layer))
+            if _notes.get(key) is batch:
+                _notes[key] = EXITED
 
 
 class _Exited:
-    """``layer._train_batch`` once the ``adapter_batch`` of the layer's last training forward closed."""
+    """The note of a layer whose last training forward (in that thread) ran under an ``adapter_batch`` that has
+    been exited since."""
 
     def __reduce__(self):  # one object, also through copy.deepcopy and pickle
         return "EXITED"
 
 
 EXITED = _Exited()
+
+# The training record activation checkpointing needs, owned here and never stored on the (shared) layer:
+# (thread ident, id(layer)) -> the AdapterBatch of that thread's last training forward of the layer, or EXITED.
+# Keyed by thread, so two threads training per-row batches through one model never overwrite each other's note.
+_notes: dict[tuple[int, int], object] = {}
+_notes_lock = threading.Lock()
+
+
+def has_training_notes() -> bool:
+    """Whether any per-row training forward has been noted (a plain read: the common case costs nothing)."""
+    return bool(_notes)
+
+
+def _recomputed_batch(layer) -> Optional[AdapterBatch]:
+    """The batch a recomputation of ``layer``'s forward with no current batch must use: this thread's note, else
+    (the autograd engine's device threads run backward on threads of their own) the one note every thread agrees
+    on. Refused when the batch was exited or the notes disagree: never silently the model's active adapters."""
+    with _notes_lock:
+        mine = _notes.get((threading.get_ident(), id(layer)))
+        seen = [mine] if mine is not None else [v for (_, lid), v in _notes.items() if lid == id(layer)]
+    if not seen:
+        return None
+    if any(v is EXITED for v in seen):
+        raise RuntimeError(
+            f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward "
+            "during backward, and the adapter_batch it ran under has been exited; expected backward() inside that "
+            "`with lora_ext.adapter_batch(...)` (the recomputation must give each row the same adapter), got a "
+            "recomputation after the `with`")
+    if len({id(v) for v in seen}) > 1:
+        raise RuntimeError(
+            f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward on "
+            f"a thread other than the one that ran it, while {len(seen)} threads train different per-row batches "
+            "through this layer; expected backward() on the thread that ran the forward (CPU), or one per-row "
+            "training batch at a time per layer")
+    return seen[0]
 
 
 def training_batch(layer, batch: Optional[AdapterBatch]) -> Optional[AdapterBatch]:
@@ -109,22 +152,21 @@ def training_batch(layer, batch: Optional[AdapterBatch]) -> Optional[AdapterBatc
     Activation checkpointing (``torch.utils.checkpoint``, reentrant or not) runs the forward again
     during backward, where the ``adapter_batch`` of the original forward is not current when
     backward runs after the ``with`` or on another thread (the autograd engine's device threads).
-    So every training forward notes its batch on the layer (``exit_batch`` replaces it by
-    ``EXITED``), and a recomputation with no current batch uses the noted one while its ``with`` is
-    open; after it, the recomputation is refused rather than silently run with the model's active
-    adapters (wrong gradients).
+    So every training forward notes its batch, per thread (``exit_batch`` replaces it by ``EXITED``),
+    and a recomputation with no current batch uses the noted one while its ``with`` is open; after
+    it, the recomputation is refused rather than silently run with the model's active adapters
+    (wrong gradients).
     """
     if torch._C._current_graph_task_id() == -1 or not torch.is_grad_enabled():  # not a recomputation
-        layer._train_batch = batch  # None clears the note
+        key = (threading.get_ident(), id(layer))
+        if batch is not None or key in _notes:
+            with _notes_lock:
+                if batch is None:
+                    _notes.pop(key, None)  # a plain training forward clears this thread's note
+                else:
+                    _notes[key] = batch
         return batch
-    noted = layer._train_batch
-    if batch is not None or noted is not EXITED:
-        return batch if batch is not None else noted
-    raise RuntimeError(
-        f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward "
-        "during backward, and the adapter_batch it ran under has been exited; expected backward() inside that "
-        "`with lora_ext.adapter_batch(...)` (the recomputation must give each row the same adapter), got a "
-        "recomputation after the `with`")
+    return batch if batch is not None else _recomputed_batch(layer)
 
 
 def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,8 +182,8 @@ def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Ten
     every in-place op (an optimizer step, ``load_adapter``) moves. Writes that bypass the counter
     are not seen: FSDP2 fills the same unsharded parameters with new values at every all-gather,
     so ``adapter_batch`` on a model holding FSDP2 modules or DTensors passes ``cache=False``
-    (``AdapterBatch.cache_stacks``); so do writes through ``param.data`` (set
-    ``layer._stack_cache = None`` after them).
+    (``AdapterBatch.cache_stacks``); so do writes through ``param.data`` (call
+    :func:`drop_cached_stack` after them).
     """
     names = tuple(layer.adapter_names)
     weights = [layer.adapter_weights(n) for n in names]
@@ -149,7 +191,7 @@ def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Ten
     cache = cache and not need_grad
     key = (names, tuple((id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version) for a, b in weights),
            tuple(layer.scaling[n] for n in names)) if cache else None
-    cached = layer._stack_cache  # one read: another thread may replace it meanwhile
+    cached = _stacks.get(layer)  # one read: another thread may replace it meanwhile
     if cache and cached is not None and cached[0] == key:
         return cached[1]
     r_max = max(a.shape[0] for a, _ in weights)
@@ -158,8 +200,19 @@ def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Ten
     scales = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=A.device)
     out = (A, Bt.transpose(1, 2), scales)
     if cache:
-        layer._stack_cache = (key, out)  # replaced whole; never mutated
+        _stacks[layer] = (key, out)  # replaced whole; never mutated
     return out
+
+
+def cached_stack(layer):
+    """The stacked adapters cached for ``layer`` (``stacked_adapters``' last cached result), or None."""
+    hit = _stacks.get(layer)
+    return None if hit is None else hit[1]
+
+
+def drop_cached_stack(layer) -> None:
+    """Forget ``layer``'s stacked adapters (after writes that bypass the version counter, e.g. ``param.data``)."""
+    _stacks.pop(layer, None)
 
 
 def per_row_plan(layer, x: torch.Tensor, batch: AdapterBatch):

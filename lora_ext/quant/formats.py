@@ -1,7 +1,8 @@
 """Quantized frozen base weights (issue 15): int8, GGUF's q8_0 / q4_0 / q4_1, QLoRA's nf4.
 
 A ``QuantizedWeight`` is the bytes of a quantized ``[out, in]`` weight in one of these layouts
-(``csrc/ops/common/quant_formats.h`` documents them):
+(``csrc/ops/common/quant_formats.h`` documents them, and is the one source of their block sizes and of the
+NF4 code book: this module reads them from there through ``lora_ext._C``):
 
 =========  =====================================  ==========================  ==============================
 qtype      qdata                                  qscale                      element (o, i)
@@ -24,16 +25,24 @@ from typing import Optional
 
 import torch
 
+from . import _C
+
 __all__ = ["QTYPES", "QuantizedWeight", "quantize", "dequantize", "from_gguf", "NF4_VALUES"]
 
-QTYPES = ("int8", "q8_0", "q4_0", "q4_1", "nf4")
-_GGUF = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32
+# The formats' numbers come from the compiled kernels' own header (csrc/ops/common/quant_formats.h), their one
+# source: {qtype: {"block": elements per block along in_features, "block_bytes": bytes per block, "has_qscale"}}.
+_FORMATS = _C.quant_formats()
+QTYPES = tuple(_FORMATS)  # ("int8", "q8_0", "q4_0", "q4_1", "nf4")
+_GGUF = {q: _FORMATS[q]["block_bytes"] for q in ("q8_0", "q4_0", "q4_1")}  # bytes per block of GGUF's formats
 
-#: QLoRA's NF4 code book (the values 4-bit codes 0..15 stand for, times the block's absmax).
-NF4_VALUES = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+#: QLoRA's NF4 code book (the values 4-bit codes 0..15 stand for, times the block's absmax): the float32 table
+#: the kernels decode with.
+NF4_VALUES = torch.tensor(_C.nf4_values(), dtype=torch.float32)
+
+
+def block_size(qtype: str) -> int:
+    """Elements per block along ``in_features`` for ``qtype`` (``in_features`` must be a multiple of it)."""
+    return _FORMATS[qtype]["block"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
         raise ValueError(f"quantize: expected a float [out, in] weight, got {weight.dtype} of shape "
                          f"{tuple(weight.shape)}")
     out_f, in_f = weight.shape
-    block = 64 if qtype == "nf4" else 32 if qtype in _GGUF else 1
+    block = block_size(qtype)
     if in_f % block:
         raise ValueError(f"quantize: {qtype} quantizes blocks of {block} along in_features: expected in_features "
                          f"divisible by {block}, got {in_f}")
@@ -107,8 +116,8 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
         absmax = blocks.abs().amax(dim=1, keepdim=True)
         codes = ((blocks * _inv(absmax))[..., None] - NF4_VALUES).abs().argmin(dim=-1).to(torch.uint8)
         packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-        return QuantizedWeight(packed.reshape(out_f, in_f // 2).contiguous(),
-                               absmax.reshape(out_f, in_f // 64).contiguous(), qtype, out_f, in_f)
+        return QuantizedWeight(packed.reshape(out_f, in_f // block * _FORMATS[qtype]["block_bytes"]).contiguous(),
+                               absmax.reshape(out_f, in_f // block).contiguous(), qtype, out_f, in_f)
     if qtype == "q8_0":
         d = blocks.abs().amax(dim=1, keepdim=True) / 127
         qs = _roundf(blocks * _inv(d)).to(torch.int8).view(torch.uint8)
@@ -123,7 +132,7 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
         d = (hi - lo) / 15
         qs = torch.trunc((blocks - lo) * _inv(d) + 0.5).clamp_(0, 15).to(torch.int64)
         raw = torch.cat([_half_bytes(d), _half_bytes(lo), _nibbles_low_high(qs)], dim=1)
-    return QuantizedWeight(raw.reshape(out_f, in_f // 32 * _GGUF[qtype]).contiguous(), None, qtype, out_f, in_f)
+    return QuantizedWeight(raw.reshape(out_f, in_f // block * _GGUF[qtype]).contiguous(), None, qtype, out_f, in_f)
 
 
 def from_gguf(tensor) -> QuantizedWeight:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from .._utils.modules import replace_submodule
-from .formats import QTYPES, QuantizedWeight, dequantize, quantize
+from .formats import QTYPES, QuantizedWeight, block_size, dequantize, quantize
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_linear_layers"]
 
@@ -130,7 +130,7 @@ def quantize_linear_layers(model: nn.Module, qtype: str, skip: tuple[str, ...] =
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize_linear_layers: the model already holds LoRA layers; quantize the base first, "
                          "then inject_adapter")
-    block = 64 if qtype == "nf4" else 32 if qtype != "int8" else 1
+    block = block_size(qtype)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or module.in_features % block:
             continue

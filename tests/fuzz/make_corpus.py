@@ -7,14 +7,13 @@ format change):
   fuzz_load_apply.cpp (Embedding, Linear fp32/bf16/fp16 in a ModuleList, Conv2d): plain, rsLoRA with
   rank/alpha patterns and a regex target, modules_to_save, fan_in_fan_out, and mismatched ones
   (the cases of tests/test_cpp_apply.py);
-- every malformed safetensors file and adapter_config.json that tests/test_cpp_reader.py builds;
+- every malformed safetensors file and adapter_config.json of lora_ext_dev/hostile_files.py (tests/test_cpp_reader.py);
 - safetensors files of every dtype (empty and 0-dim tensors, metadata) from the safetensors library
   and from the C++ writer.
 load_apply inputs are adapter_config.json, one NUL byte, adapter_model.safetensors. Files named regress_*
 are inputs that once crashed a harness (or broke a property it checks); they are kept as they are."""
 import json
 import pathlib
-import sys
 import tempfile
 
 import peft
@@ -23,10 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lora_ext
+from lora_ext_dev.hostile_files import BAD, BAD_CONFIGS, DTYPES
+from lora_ext_dev.hostile_files import write as _write
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from test_cpp_reader import BAD, BAD_CONFIGS, DTYPES, _write  # noqa: E402
+
 
 OUT = HERE / "corpus"
 TARGETS = ["emb", "l1", "q", "v", "conv"]

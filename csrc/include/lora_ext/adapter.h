@@ -35,7 +35,8 @@ struct LORA_EXT_API AdapterConfig {
 
 // Reads adapter_config.json (a path to the file or to its folder). Throws
 // c10::Error naming the file on bad JSON or ill-typed fields, and on options
-// that would change results and that lora_ext does not implement (use_dora...).
+// that would change results and that lora_ext does not implement (use_dora...):
+// it refuses the configs lora_ext's Python reader (LoraConfig.from_dict) refuses.
 LORA_EXT_API AdapterConfig load_adapter_config(const std::string& path);
 
 struct LORA_EXT_API Adapter {

@@ -44,7 +44,8 @@ const quant::Format& check_quantized_weight(const char* op, const at::Tensor& qd
                    : (s.dim() == 2 && s.sym_size(0) == out_features && s.sym_size(1) == cols),
               "lora_ext::", op, ": expected ", f->name, " qscale of shape ",
               int8 ? "[" + std::to_string(out_features) + "] (one scale per output row)"
-                   : "[" + std::to_string(out_features) + ", " + std::to_string(cols) + "] (one absmax per 64)",
+                   : "[" + std::to_string(out_features) + ", " + std::to_string(cols) + "] (one absmax per " +
+                         std::to_string(f->block) + ")",
               ", got ", s.sym_sizes());
   TORCH_CHECK(s.device() == qdata.device(), "lora_ext::", op, ": expected qscale on ", qdata.device(), ", got ",
               s.device());

@@ -23,6 +23,11 @@ namespace lora_ext::quant {
 
 enum class QType : int { Int8 = 0, Q8_0, Q4_0, Q4_1, NF4 };
 
+// The one source of these numbers: the kernels read them from here, and lora_ext/quant.py from here
+// too, through lora_ext._C.quant_formats() and lora_ext._C.nf4_values() (csrc/python/module.cpp).
+inline constexpr int64_t kGgufBlock = 32;  // elements per GGUF block (q8_0, q4_0, q4_1)
+inline constexpr int64_t kNF4Block = 64;   // elements per nf4 block: one absmax each
+
 struct Format {
   QType type;
   const char* name;
@@ -33,12 +38,19 @@ struct Format {
 
 inline constexpr Format kFormats[] = {
     {QType::Int8, "int8", 1, 1, true},
-    {QType::Q8_0, "q8_0", 32, 34, false},
-    {QType::Q4_0, "q4_0", 32, 18, false},
-    {QType::Q4_1, "q4_1", 32, 20, false},
-    {QType::NF4, "nf4", 64, 32, true},  // 64 codes = 32 bytes; absmax in qscale
+    {QType::Q8_0, "q8_0", kGgufBlock, 2 + kGgufBlock, false},      // fp16 d, int8 q[32]
+    {QType::Q4_0, "q4_0", kGgufBlock, 2 + kGgufBlock / 2, false},  // fp16 d, 16 bytes of nibbles
+    {QType::Q4_1, "q4_1", kGgufBlock, 4 + kGgufBlock / 2, false},  // fp16 d, fp16 m, 16 bytes
+    {QType::NF4, "nf4", kNF4Block, kNF4Block / 2, true},           // 64 codes = 32 bytes; absmax in qscale
 };
 
+// kFormats in QType order: the format of a type.
+constexpr const Format& format_of(QType t) {
+  return kFormats[static_cast<int>(t)];
+}
+static_assert(format_of(QType::Int8).type == QType::Int8 && format_of(QType::Q8_0).type == QType::Q8_0 &&
+              format_of(QType::Q4_0).type == QType::Q4_0 && format_of(QType::Q4_1).type == QType::Q4_1 &&
+              format_of(QType::NF4).type == QType::NF4, "kFormats must list the formats in QType order");
 // nullptr when `name` is not a format.
 inline const Format* find_format(std::string_view name) {
   for (const auto& f : kFormats) {
@@ -48,12 +60,13 @@ inline const Format* find_format(std::string_view name) {
 }
 
 // The NF4 code book (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+inline constexpr int kNF4Codes = 16;
 LORA_EXT_HOST_DEVICE float nf4_value(int code) {
-  constexpr float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-                              -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-                              0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
-                              0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-                              0.7229568362236023f, 1.0f};
+  constexpr float kNF4[kNF4Codes] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                                     0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                                     0.7229568362236023f, 1.0f};
   return kNF4[code & 15];
 }
 

@@ -28,7 +28,7 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
       float* o = out + r * ld;
       bool ok = true;
       const float* scale_row =
-          scales == nullptr ? nullptr : scales + (row0 + r) * (f.type == QType::Int8 ? 1 : in_features / 64);
+          scales == nullptr ? nullptr : scales + (row0 + r) * (f.type == QType::Int8 ? 1 : in_features / f.block);
       if (dequantize_row_fast(f, q, scale_row, in_features, o, &ok)) {
         // AVX2 (ops/cpu/quant_gemv.cpp): the same values as the portable decoder below
       } else switch (f.type) {
@@ -40,19 +40,19 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
           break;
         }
         case QType::NF4: {
-          const float* absmax = scales + (row0 + r) * (in_features / 64);
+          const float* absmax = scales + (row0 + r) * (in_features / quant::kNF4Block);
           for (int64_t i = 0; i < in_features; i += 2) {
-            const float s = absmax[i / 64];
+            const float s = absmax[i / quant::kNF4Block];
             const uint8_t byte = q[i / 2];
             o[i] = quant::nf4_value(byte >> 4) * s;
             o[i + 1] = quant::nf4_value(byte & 0x0F) * s;
           }
-          for (int64_t b = 0; b < in_features / 64; ++b) ok = ok && absmax[b] - absmax[b] == 0.0f;
+          for (int64_t b = 0; b < in_features / quant::kNF4Block; ++b) ok = ok && absmax[b] - absmax[b] == 0.0f;
           break;
         }
         default:
-          for (int64_t b = 0; b < in_features / 32; ++b) {
-            ok = quant::decode_gguf_block(f.type, q + b * f.block_bytes, o + b * 32) && ok;
+          for (int64_t b = 0; b < in_features / quant::kGgufBlock; ++b) {
+            ok = quant::decode_gguf_block(f.type, q + b * f.block_bytes, o + b * quant::kGgufBlock) && ok;
           }
       }
       if (!ok) bad.note(row0 + r);

@@ -64,21 +64,22 @@ __attribute__((target("avx2,fma,f16c"))) bool dequantize_row(QType type, const u
     alignas(32) float tbl[16];
     for (int c = 0; c < 16; ++c) tbl[c] = quant::nf4_value(c);
     const __m256 tbl_lo = _mm256_load_ps(tbl), tbl_hi = _mm256_load_ps(tbl + 8);
-    for (int64_t b = 0; b < in / 64; ++b) {
+    constexpr int64_t kBlock = quant::kNF4Block, kBytes = quant::format_of(QType::NF4).block_bytes;
+    for (int64_t b = 0; b < in / kBlock; ++b) {
       const float s = scale_row[b];
       ok = ok && finite(s);
       const __m256 sv = _mm256_set1_ps(s);
-      for (int j = 0; j < 64; j += 8) {
-        _mm256_storeu_ps(o + b * 64 + j, _mm256_mul_ps(nf4x8(q + b * 32 + j / 2, tbl_lo, tbl_hi), sv));
+      for (int j = 0; j < kBlock; j += 8) {
+        _mm256_storeu_ps(o + b * kBlock + j, _mm256_mul_ps(nf4x8(q + b * kBytes + j / 2, tbl_lo, tbl_hi), sv));
       }
     }
     return ok;
   }
-  const int64_t bytes = type == QType::Q8_0 ? 34 : type == QType::Q4_0 ? 18 : 20;
+  const int64_t bytes = quant::format_of(type).block_bytes;
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < in / 32; ++b) {
+  for (int64_t b = 0; b < in / quant::kGgufBlock; ++b) {
     const uint8_t* qb = q + b * bytes;
-    float* ob = o + b * 32;
+    float* ob = o + b * quant::kGgufBlock;
     const float d = half_at(qb);
     const float off = type == QType::Q4_0 ? -8.0f * d : type == QType::Q4_1 ? half_at(qb + 2) : 0.0f;
     ok = ok && finite(d) && finite(off);
@@ -139,19 +140,20 @@ __attribute__((target("avx2,fma,f16c"))) bool row_dots(QType type, const uint8_t
     return ok;
   }
   if (type == QType::NF4) {
-    const int64_t nb = in / 64;
+    constexpr int64_t kBlock = quant::kNF4Block, kBytes = quant::format_of(QType::NF4).block_bytes;
+    const int64_t nb = in / kBlock;
     alignas(32) float tbl[16];
     for (int c = 0; c < 16; ++c) tbl[c] = quant::nf4_value(c);
     const __m256 tbl_lo = _mm256_load_ps(tbl), tbl_hi = _mm256_load_ps(tbl + 8);
     for (int64_t b = 0; b < nb; ++b) {
       const float s = scale_row[b];
       ok = ok && finite(s);
-      const uint8_t* qb = q + b * 32;
+      const uint8_t* qb = q + b * kBytes;
       __m256 bacc[N];
       for (int n = 0; n < N; ++n) bacc[n] = _mm256_setzero_ps();
-      for (int j = 0; j < 64; j += 8) {
+      for (int j = 0; j < kBlock; j += 8) {
         const __m256 wv = nf4x8(qb + j / 2, tbl_lo, tbl_hi);
-        for (int n = 0; n < N; ++n) bacc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[n] + b * 64 + j), bacc[n]);
+        for (int n = 0; n < N; ++n) bacc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[n] + b * kBlock + j), bacc[n]);
       }
       const __m256 sv = _mm256_set1_ps(s);
       for (int n = 0; n < N; ++n) acc[n] = _mm256_fmadd_ps(bacc[n], sv, acc[n]);
@@ -159,8 +161,8 @@ __attribute__((target("avx2,fma,f16c"))) bool row_dots(QType type, const uint8_t
     for (int n = 0; n < N; ++n) dot[n] = hsum(acc[n]);
     return ok;
   }
-  const int64_t nb = in / 32;
-  const int64_t bytes = type == QType::Q8_0 ? 34 : type == QType::Q4_0 ? 18 : 20;
+  const int64_t nb = in / quant::kGgufBlock;
+  const int64_t bytes = quant::format_of(type).block_bytes;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = q + b * bytes;
@@ -186,7 +188,7 @@ __attribute__((target("avx2,fma,f16c"))) bool row_dots(QType type, const uint8_t
     const float off = type == QType::Q4_0 ? -8.0f * d : type == QType::Q4_1 ? half_at(qb + 2) : 0.0f;
     if (type == QType::Q4_1) ok = ok && finite(off);
     for (int n = 0; n < N; ++n) {
-      const float* xb = x[n] + b * 32;
+      const float* xb = x[n] + b * quant::kGgufBlock;
       __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
       t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
       t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
@@ -203,7 +205,7 @@ template <int N>
 void gemv_rows(const quant::Format& f, const uint8_t* q, int64_t row_bytes, const float* scales,
                const float* const* x, const float* xsum, int64_t in, int64_t out, float* y, int64_t ldy,
                bool accumulate) {
-  const int64_t scale_cols = f.type == QType::Int8 ? 1 : in / 64;
+  const int64_t scale_cols = f.type == QType::Int8 ? 1 : in / quant::kNF4Block;
   FirstBadRow bad;
   at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
     float dot[N];
@@ -229,14 +231,14 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
       x2d.stride(1) != 1 || y.stride(1) != 1 || !cpu_has_avx2_fma_f16c() || out == 0 || in == 0) {
     return false;
   }
-  const int64_t nb = f.block == 32 ? in / 32 : 0;
+  const int64_t nb = f.block == quant::kGgufBlock ? in / quant::kGgufBlock : 0;
   std::vector<float> xsum(static_cast<size_t>(N * nb));
   const float* xr[kQuantGemvMaxRows];
   for (int64_t n = 0; n < N; ++n) {
     xr[n] = x2d.const_data_ptr<float>() + n * x2d.stride(0);
     for (int64_t b = 0; b < nb; ++b) {
       float s = 0.0f;
-      for (int64_t i = 0; i < 32; ++i) s += xr[n][b * 32 + i];
+      for (int64_t i = 0; i < quant::kGgufBlock; ++i) s += xr[n][b * quant::kGgufBlock + i];
       xsum[n * nb + b] = s;
     }
   }

@@ -7,7 +7,7 @@ DATA/ gets base.pt2 (form a: the plain base, adapters merged from C++), slots.pt
 rank --max-rank on every linear layer but the head), adapters/<name>/ (PEFT folders), prompt.safetensors
 (input_ids [1, T]; metadata: the adapter names, the step count) and expected.safetensors (Python's tokens:
 base, merged.<name>, unmerged.<name>, per_row). --model tiny builds a 2-layer Llama from a config with two random
-adapters (the tests' setup); --model smollm2 loads SmolLM2-135M (examples/smollm2.py) with the main job's
+adapters (the tests' setup); --model smollm2 loads SmolLM2-135M (dev/lora_ext_dev/smollm2.py) with the main job's
 adapters (runs/finetune_llm/adapters/{docs,code} by default). python_bench.py DATA measures Python (eager and
 torch.compile) with the same prefix-recomputing greedy loop as the C++ program.
 """
@@ -26,18 +26,10 @@ from safetensors.torch import save_file
 
 import lora_ext
 from lora_ext.export import export_causal_lm
+from lora_ext_dev.generate import PROMPT, greedy, last_logits, load_model, tiny_llama
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, initializer_range=0.1)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def random_adapters(model, folder: pathlib.Path, names=("docs", "code"), r: int = 4) -> list[pathlib.Path]:
@@ -55,33 +47,6 @@ def random_adapters(model, folder: pathlib.Path, names=("docs", "code"), r: int 
         out.append(pathlib.Path(lora_ext.save_adapter(m, str(folder), name)))
         model = lora_ext.unload(m)
     return out
-
-
-PROMPT = "The with statement is used to"
-
-
-def load_model(name: str, prompt: str = PROMPT):
-    """``(model, input_ids [1, T])`` for ``--model``: the tiny Llama with a fixed random prompt, or SmolLM2."""
-    if name == "tiny":
-        return tiny_llama(), torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
-    sys.path.insert(0, str(REPO / "examples"))
-    from smollm2 import load_smollm2
-    model, tok = load_smollm2()
-    return model, tok(prompt, return_tensors="pt").input_ids
-
-
-def greedy(fn, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """The C++ program's loop: the whole prefix at every step, argmax of the last position."""
-    new = []
-    for _ in range(steps):
-        nxt = fn(ids).argmax(-1, keepdim=True)
-        new.append(nxt)
-        ids = torch.cat([ids, nxt], 1)
-    return torch.cat(new, 1)
-
-
-def last_logits(model):
-    return lambda ids: model(input_ids=ids, use_cache=False).logits[:, -1]
 
 
 def python_tokens(model, adapters: dict, prompt: torch.Tensor, steps: int) -> dict:

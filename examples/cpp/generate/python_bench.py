@@ -1,4 +1,4 @@
-"""Python's figures next to the C++ program's: the same prefix-recomputing greedy loop (make_data.greedy) with
+"""Python's figures next to the C++ program's: the same prefix-recomputing greedy loop (lora_ext_dev.generate.greedy) with
 transformers + lora_ext, eager and under torch.compile, at batch 1 and 8.
 
     python python_bench.py DATA [--rounds 3] [--no-compile]
@@ -22,8 +22,7 @@ from safetensors.torch import load_file
 import lora_ext
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from make_data import greedy, last_logits, load_model  # noqa: E402
+from lora_ext_dev.generate import greedy, last_logits, load_model
 
 
 def rss_mib(key: str = "VmRSS") -> float:

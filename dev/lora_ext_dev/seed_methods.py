@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # python -P adds no script folder
-import smollm2  # noqa: E402
+from . import smollm2
 
 import lora_ext  # noqa: E402
 

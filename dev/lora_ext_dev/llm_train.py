@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import corpora
 import lora_ext
 from lora_ext import BASE
+
+from . import corpora
 
 
 def add_lora_args(parser, lr: float) -> None:
@@ -216,7 +217,7 @@ def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> 
     ``model``, which ends as a plain merged model) and the last with PEFT's, each against lora_ext's
     unmerged logits."""
     from peft import PeftModel
-    import smollm2
+    from . import smollm2
 
     say = log.say if log is not None else print
     out = {"adapters": {}}
