@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import _C
+from .. import _C
 
 __all__ = ["QTYPES", "QuantizedWeight", "quantize", "dequantize", "from_gguf", "NF4_VALUES"]
 
