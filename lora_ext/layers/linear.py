@@ -55,7 +55,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = current_batch(self)  # this thread's / task's adapter_batch, if any
-        if self.training and (batch is not None or has_training_notes()):
+        # (compiled code never re-runs this forward in Python for checkpointing: no note to read)
+        if self.training and (batch is not None or (not torch.compiler.is_compiling() and has_training_notes())):
             batch = training_batch(self, batch)  # also in a recomputation (activation checkpointing)
         per_row = batch is not None and not self.disable_adapters
         names = None if per_row else self._adapters_for_forward()
