@@ -1,7 +1,7 @@
 #pragma once
 // What the backend-independent kernels (ops/common/lora_linear_forward.h,
 // ops/common/lora_linear_backward.h, ops/common/quantized_base.h) need from
-// CUDA.
+// CUDA. (The multi-adapter ops' backend is in lora_linear_multi_cuda.cu.)
 #include <optional>
 #include <tuple>
 
