@@ -26,7 +26,11 @@ PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=10)
 if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_ARGS+=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 if [ -n "${GPU_CHECK_JUNIT:-}" ]; then PYTEST_ARGS+=(--junitxml "$GPU_CHECK_JUNIT"); fi
 start=$(date +%s)
-"$PY" -P -m pytest tests/test_cuda.py tests/test_cuda_multi.py tests/test_lora_linear_module.py tests/test_quant.py tests/test_autocast.py "${PYTEST_ARGS[@]}" \
+# test_cuda*.py: what only CUDA has; the others are written once, parametrised by device (their CPU cases
+# run too).
+"$PY" -P -m pytest tests/test_cuda.py tests/test_cuda_multi.py tests/test_lora_linear_op.py \
+  tests/test_lora_linear_multi_op.py tests/test_merge.py tests/test_exact_merge.py tests/test_dropout.py \
+  tests/test_lora_linear_module.py tests/test_quant.py tests/test_autocast.py "${PYTEST_ARGS[@]}" \
   || { echo "[gpu-check] CUDA tests FAILED" >&2; FAILED=1; }
 echo "[gpu-check] tests took $(( $(date +%s) - start )) s" >&2
 echo "[gpu-check] benchmark" >&2

@@ -1,7 +1,12 @@
 """Plain-PyTorch float64 references and test helpers (no lora_ext code here)."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+# The devices of a test written once for every backend (parametrize "device" with it): the CUDA cases
+# run where a GPU is and are skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 # (atol, rtol) for comparing an op's output against the float64 reference, with data
 # scaled so outputs are O(1).
@@ -18,6 +23,20 @@ GRAD_TOL = {
     torch.bfloat16: (8e-2, 3e-2),
     torch.float16: (1e-2, 1e-2),
 }
+
+
+def tol(dtype, in_f, device="cpu", table=TOL):
+    """(atol, rtol) from ``table`` for an op on ``device`` reducing over ``in_f``: 3x for long half-precision
+    reductions on CUDA (cuBLAS may reduce in reduced precision)."""
+    atol, rtol = table[dtype]
+    if device == "cuda" and dtype in (torch.bfloat16, torch.float16) and in_f > 1000:
+        atol, rtol = 3 * atol, 3 * rtol
+    return atol, rtol
+
+
+def on(device, *ts):
+    """The tensors moved to ``device`` (None stays None)."""
+    return [None if t is None else t.to(device) for t in ts]
 
 
 def ref_lora_linear(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):

@@ -19,13 +19,12 @@ from torch import nn
 import lora_ext
 from lora_ext import LoraConfig, ops, quant
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
-from reference import GRAD_TOL, TOL, ref_lora_linear
+from reference import DEVICES, GRAD_TOL, TOL, ref_lora_linear
 
 import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 
 pytestmark = pytest.mark.numerics
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 DTYPES = [torch.bfloat16, torch.float16]
 SHAPES = {  # lead dims of x, in, out, r
     "3-D x": ((3, 5), 48, 40, 8),

@@ -1,9 +1,11 @@
-"""Dropout on the LoRA branch: the backward mask is the forward mask, masks are
-reproducible under torch.manual_seed, and nothing x-sized besides x is saved."""
+"""Dropout on the LoRA branch: the mask is ops/common/dropout_rng.h's (a numpy reference), the
+backward mask is the forward mask, masks are reproducible under torch.manual_seed, and nothing
+x-sized besides x is saved."""
 import pytest
 import torch
 
 from lora_ext import ops
+from reference import DEVICES, keep_mask_numpy
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -16,6 +18,18 @@ def _identity_setup(n, d, p, dtype=torch.float64):
     a = torch.eye(d, dtype=dtype, requires_grad=True)
     bb = torch.eye(d, dtype=dtype, requires_grad=True)
     return x, w, b, a, bb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_is_the_numpy_reference(device):
+    """With A = I the intermediate h is dropout(x) itself: its zeros are the reference's dropped elements."""
+    x = torch.ones(7, 33, dtype=torch.float64, device=device)
+    eye = torch.eye(33, dtype=torch.float64, device=device)
+    zeros = torch.zeros(2, 33, dtype=torch.float64, device=device)
+    seed = torch.tensor(99, dtype=torch.long)  # a 0-dim host tensor, as the autograd kernel draws it
+    _, h = torch.ops.lora_ext._lora_linear_forward(x, zeros, None, eye, zeros, 1.0, 0.4, seed)
+    want = keep_mask_numpy(99, 0.4, range(7 * 33)).reshape(7, 33)
+    assert torch.equal(h.cpu() != 0, torch.from_numpy(want))
 
 
 @pytest.mark.parametrize("shape", [(37, 16), (8, 33), (1, 5)])

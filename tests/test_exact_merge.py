@@ -1,12 +1,15 @@
 """Exact merge: unmerge restores the original weight bit for bit, with 2 bits per element of
-side information plus a sparse list of rare exceptions."""
+side information plus a sparse list of rare exceptions. The round trips are written once for
+every device (``device``: the CUDA cases run where a GPU is); the CUDA kernels' own cases (the
+CPU's bits, codes used across devices, list overflow) are in test_cuda.py."""
 import pytest
 import torch
 
 import lora_ext
 from lora_ext import LoraConfig, ops
 from models import LLAMA_TARGETS, llama_inputs, logits, tiny_llama
-from reference import EXACT_CASES, EXACT_IDS, ref_merge_exact, ref_merge_exact_codes, ubits, wide_adapter, wide_weight
+from reference import (DEVICES, EXACT_CASES, EXACT_IDS, on, ref_merge_exact, ref_merge_exact_codes, ubits, wide_adapter,
+                       wide_weight)
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -15,14 +18,15 @@ def _bits(w):
     return w.view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[w.dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("adtype", [torch.float32, torch.bfloat16])
-def test_thousand_cycles_restore_bit_exactly(wdtype, adtype):
+def test_thousand_cycles_restore_bit_exactly(device, wdtype, adtype):
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(96, 160, generator=g) * 0.02).to(wdtype)
+    w = (torch.randn(96, 160, generator=g) * 0.02).to(wdtype).to(device)
     w0 = w.clone()
-    a = (torch.randn(8, 160, generator=g) / 40).to(adtype)
-    b = (torch.randn(96, 8, generator=g) / 10).to(adtype)
+    a = (torch.randn(8, 160, generator=g) / 40).to(adtype).to(device)
+    b = (torch.randn(96, 8, generator=g) / 10).to(adtype).to(device)
     side_max = 0
     for cycle in range(1000):
         codes = ops.merge_exact_codes(w, a, b, 1.5)
@@ -86,10 +90,11 @@ def test_exact_ops_match_the_bit_reference(wdtype, adtype, transposed):
     assert torch.equal(ubits(w), ubits(w0))
 
 
-def test_exact_merge_empty_weight():
-    w, a, b = torch.empty(0, 8, dtype=torch.bfloat16), torch.randn(2, 8), torch.randn(0, 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_merge_empty_weight(device):
+    w, a, b = on(device, torch.empty(0, 8, dtype=torch.bfloat16), torch.randn(2, 8), torch.randn(0, 2))
     codes = ops.merge_exact_codes(w, a, b, 1.0)
-    assert codes.codes.numel() == 0 and codes.exc_index.numel() == 0
+    assert codes.codes.numel() == 0 and codes.exc_index.numel() == 0 and codes.exc_index.device.type == device
     ops.merge_exact_(w, a, b, 1.0)
     ops.unmerge_exact_(w, codes, a, b, 1.0)
 
@@ -117,9 +122,10 @@ def test_exact_merge_errors():
         ops.merge_exact_(w, torch.randn(2, 7), b, 1.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_exact_ops(dtype):
-    w, a, b = torch.randn(6, 8).to(dtype), torch.randn(2, 8), torch.randn(6, 2)
+def test_opcheck_exact_ops(device, dtype):
+    w, a, b = on(device, torch.randn(6, 8).to(dtype), torch.randn(2, 8), torch.randn(6, 2))
     torch.library.opcheck(torch.ops.lora_ext.merge_exact_.default, (w.clone(), a, b, 0.5))
     codes = ops.merge_exact_codes(w, a, b, 0.5)
     merged = w.clone()

@@ -1,11 +1,13 @@
 """lora_linear_multi and lora_group_rows against a per-row float64 reference: dtypes, ranks,
 padding, base rows, empty batches, layouts, gradients, dropout, opcheck, gradcheck,
-torch.compile (no recompilation when the ids change) and bad input."""
+torch.compile (no recompilation when the ids change) and bad input. The forward, gradcheck,
+opcheck and torch.compile tests are written once for every device (``device``: the CUDA cases
+run where a GPU is); what only CUDA has is in test_cuda_multi.py."""
 import pytest
 import torch
 
 from lora_ext import ops
-from reference import GRAD_TOL, TOL, ref_multi
+from reference import DEVICES, GRAD_TOL, TOL, on, ref_multi
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -39,21 +41,26 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
 
 SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
           ((5,), 0, 6, [2, 1]), ((4,), 7, 0, [3]), ((0,), 0, 0, [1]),  # in or out = 0
-          ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1])]
+          ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1]),
+          ((4, 9), 4097, 17, [1]), ((64,), 64, 300, [128, 8, 1]), ((20,), 9, 33, [16, 1, 3, 7])]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,adtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_matches_per_row_reference(dtype, adtype, shape, bias):
+def test_forward_matches_per_row_reference(device, dtype, adtype, shape, bias):
     lead, i, o, ranks = shape
-    x, w, b, A, B, s, ids = make_multi(lead, i, o, ranks, dtype, adtype, bias=bias)
+    args = make_multi(lead, i, o, ranks, dtype, adtype, bias=bias)
+    x, w, b, A, B, s, ids = on(device, *args)
     y = multi(x, w, b, A, B, s, ids)
-    assert y.shape == (*lead, o) and y.dtype == dtype
+    assert y.device.type == device and y.shape == (*lead, o) and y.dtype == dtype
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(y.double(), ref_multi(x, w, b, A, B, s, ids, ranks), atol=atol, rtol=rtol)
-    # int32 ids and an explicit grouping give the same result
+    torch.testing.assert_close(y.cpu().double(), ref_multi(*args, ranks), atol=atol, rtol=rtol)
+    # int32 ids and an explicit grouping give the same result; the grouping is the CPU kernel's
     order, offsets = group(ids.int(), len(ranks))
+    o_cpu, off_cpu = group(args[-1], len(ranks))
+    assert torch.equal(order.cpu(), o_cpu) and torch.equal(offsets.cpu(), off_cpu)
     torch.testing.assert_close(multi(x, w, b, A, B, s, ids.int(), 0.0, False, order, offsets), y, atol=0, rtol=0)
 
 
@@ -164,9 +171,10 @@ def test_dropout_mask_is_the_single_op_mask(p):
     torch.testing.assert_close(multi(x, w, b, A, B, s, ids, p, False), multi(x, w, b, A, B, s, ids), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_gradcheck_float64(dropout):
-    x, w, b, A, B, s, ids = make_multi((3, 4), 7, 5, [3, 2], torch.float64, torch.float64)
+def test_gradcheck_float64(device, dropout):
+    x, w, b, A, B, s, ids = on(device, *make_multi((3, 4), 7, 5, [3, 2], torch.float64, torch.float64))
     for t in (x, w, b, A, B):
         t.requires_grad_(True)
 
@@ -177,12 +185,12 @@ def test_gradcheck_float64(dropout):
     assert torch.autograd.gradcheck(fn, (x, w, b, A, B))
 
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     out = []
     for dtype, adtype in [(torch.float32, torch.float32), (torch.float64, torch.float64),
                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
         for lead, rg, grouped in [((9,), True, False), ((2, 5), False, True), ((0,), True, False)]:
-            x, w, b, A, B, s, ids = make_multi(lead, 12, 10, [3, 1, 2], dtype, adtype)
+            x, w, b, A, B, s, ids = on(device, *make_multi(lead, 12, 10, [3, 1, 2], dtype, adtype))
             if rg and dtype in (torch.float32, torch.float64):
                 for t in (x, A, B):
                     t.requires_grad_(True)
@@ -191,17 +199,21 @@ def _opcheck_samples():
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sample", range(12))
-def test_opcheck_lora_linear_multi(sample):
-    torch.library.opcheck(multi.default, _opcheck_samples()[sample])
+def test_opcheck_lora_linear_multi(device, sample):
+    torch.library.opcheck(multi.default, _opcheck_samples(device)[sample])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,adtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_opcheck_internal_pieces(dtype, adtype, p):
-    x, w, b, A, B, s, ids = make_multi((3, 5), 12, 10, [3, 2], dtype, adtype)
+def test_opcheck_internal_pieces(device, dtype, adtype, p):
+    x, w, b, A, B, s, ids = on(device, *make_multi((3, 5), 12, 10, [3, 2], dtype, adtype))
     order, offsets = group(ids, 2)
-    seed = torch.tensor([987654321], dtype=torch.long) if p > 0 else None
+    # a host tensor either way; with CUDA tensors a 0-dim one, as the autograd kernel draws it (FakeTensor
+    # takes CPU scalars next to CUDA tensors), on the CPU also the one-element 1-D form
+    seed = None if p == 0 else torch.tensor(987654321) if device == "cuda" else torch.tensor([987654321])
     torch.library.opcheck(group.default, (ids, 2))
     fwd = (x, w, b, A, B, s, ids, order, offsets, p, seed)
     torch.library.opcheck(torch.ops.lora_ext._lora_linear_multi_forward.default, fwd)
@@ -215,9 +227,9 @@ def test_opcheck_internal_pieces(dtype, adtype, p):
 
 
 class _Multi(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, device):
         super().__init__()
-        x, w, b, A, B, s, _ = make_multi((1,), 16, 12, [4, 2, 3], torch.float32, torch.float32)
+        x, w, b, A, B, s, _ = on(device, *make_multi((1,), 16, 12, [4, 2, 3], torch.float32, torch.float32))
         self.w, self.b = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
         self.A, self.B = torch.nn.Parameter(A), torch.nn.Parameter(B)
         self.register_buffer("s", s)
@@ -227,19 +239,22 @@ class _Multi(torch.nn.Module):
         return multi(x, self.w, self.b, self.A, self.B, self.s, ids, 0.0, False, order, offsets)
 
 
-def test_torch_compile_fullgraph_no_recompile_when_ids_change():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_no_recompile_when_ids_change(device):
     torch._dynamo.reset()
     from torch._dynamo.testing import CompileCounter
 
-    m = _Multi()
+    m = _Multi(device)
     counter = CompileCounter()
     compiled = torch.compile(m, fullgraph=True, backend=counter)
     inductor = torch.compile(m, fullgraph=True)
-    x = torch.randn(24, 16, requires_grad=True)
+    plain = torch.compile(lambda x, ids: multi(x, m.w, m.b, m.A, m.B, m.s, ids), fullgraph=True)  # grouped inside
+    x = torch.randn(24, 16, device=device, requires_grad=True)
     for seed in range(3):
-        ids = torch.randint(-1, 3, (24,), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(-1, 3, (24,), generator=torch.Generator().manual_seed(seed)).to(device)
         y = m(x, ids)
         torch.testing.assert_close(compiled(x, ids), y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(x, ids), y, atol=1e-5, rtol=1e-5)
         yc = inductor(x, ids)
         torch.testing.assert_close(yc, y, atol=1e-5, rtol=1e-5)
         g = torch.randn_like(y)

@@ -7,11 +7,11 @@
 // (and bias's) is computed only when they require grad.
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/op_handles.h"
 #include "ops/common/op_utils.h"
 
 namespace lora_ext::autograd {
@@ -22,42 +22,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
-
-const auto& forward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_forward", "")
-                       .typed<std::tuple<Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
-                           double, double, const optional<Tensor>&)>();
-  return op;
-}
-
-const auto& backward_input_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_backward_input", "")
-                       .typed<Tensor(
-                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                           const optional<Tensor>&)>();
-  return op;
-}
-
-const auto& backward_lora_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_backward_lora", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                           double, const optional<Tensor>&)>();
-  return op;
-}
-
-const auto& lora_linear_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::lora_linear", "")
-                       .typed<Tensor(
-                           const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
-                           double, double, bool)>();
-  return op;
-}
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
@@ -73,7 +37,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       bool training) {
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
-    auto [y, h] = forward_op().call(x, weight, bias, lora_A, lora_B, scale, p, seed);
+    auto [y, h] = handles::lora_linear_forward().call(x, weight, bias, lora_A, lora_B, scale, p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, h, seed.value_or(Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
@@ -104,8 +68,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       // grad_h = scale * g B comes out of the LoRA backward and feeds grad_x,
       // so grad_y is read once for both.
       Tensor grad_h;
-      std::tie(grad_A, grad_B, grad_h) = backward_lora_op().call(g, x, lora_A, lora_B, h, scale, p, seed);
-      if (need_x) grad_x = backward_input_op().call(g, weight, lora_A, grad_h, p, seed);
+      std::tie(grad_A, grad_B, grad_h) =
+          handles::lora_linear_backward_lora().call(g, x, lora_A, lora_B, h, scale, p, seed);
+      if (need_x) grad_x = handles::lora_linear_backward_input().call(g, weight, lora_A, grad_h, p, seed);
     }
     const bool need_w = ctx->saved_data["grad_w"].toBool(), need_b = ctx->saved_data["grad_b"].toBool();
     if (need_w || need_b) {
@@ -131,7 +96,7 @@ Tensor lora_linear_autograd(
        lora_B.requires_grad());
   if (!any_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return lora_linear_op().call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
+    return handles::lora_linear().call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);
   }
   detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);

@@ -4,11 +4,11 @@
 // from its own rows only. scales and adapter_ids are not differentiable.
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/op_handles.h"
 #include "ops/common/op_utils.h"
 
 namespace lora_ext::autograd {
@@ -20,34 +20,16 @@ using torch::autograd::variable_list;
 
 namespace {
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using GroupSig = std::tuple<Tensor, Tensor>(const Tensor&, int64_t);
-using MultiSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
-                        const Tensor&, const Tensor&, double, bool, const optional<Tensor>&, const optional<Tensor>&);
-using ForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&,
-                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                              const Tensor&, double, const optional<Tensor>&);
-using BackwardLoraSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                           const Tensor&, const Tensor&, const Tensor&,
-                                                           const Tensor&, const Tensor&, double,
-                                                           const optional<Tensor>&);
-using BackwardInputSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, double, const optional<Tensor>&);
-
 class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMultiFunction> {
  public:
   static Tensor forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
       const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids,
       const Tensor& order, const Tensor& offsets, double dropout_p, bool training) {
-    static auto fwd = handle<ForwardSig>("lora_ext::_lora_linear_multi_forward");
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
-    auto [y, h] = fwd.call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, p, seed);
+    auto [y, h] = handles::lora_linear_multi_forward().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids,
+                                                            order, offsets, p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, scales, order, offsets, h, seed.value_or(Tensor())});
     ctx->saved_data["p"] = p;
     ctx->saved_data["grad_x"] = x.requires_grad();
@@ -58,8 +40,6 @@ class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMulti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static auto bl = handle<BackwardLoraSig>("lora_ext::_lora_linear_multi_backward_lora");
-    static auto bi = handle<BackwardInputSig>("lora_ext::_lora_linear_multi_backward_input");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &scales = saved[4],
                  &order = saved[5], &offsets = saved[6], &h = saved[7];
@@ -71,8 +51,11 @@ class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMulti
       const bool need_x = ctx->saved_data["grad_x"].toBool();
       if (need_x || ctx->saved_data["grad_ab"].toBool()) {
         Tensor grad_h;
-        std::tie(grad_A, grad_B, grad_h) = bl.call(g, x, lora_A, lora_B, scales, order, offsets, h, p, seed);
-        if (need_x) grad_x = bi.call(g, weight, lora_A, grad_h, order, offsets, p, seed);
+        std::tie(grad_A, grad_B, grad_h) =
+            handles::lora_linear_multi_backward_lora().call(g, x, lora_A, lora_B, scales, order, offsets, h, p, seed);
+        if (need_x) {
+          grad_x = handles::lora_linear_multi_backward_input().call(g, weight, lora_A, grad_h, order, offsets, p, seed);
+        }
       }
       const Tensor g2d = detail::as_rows(g);
       if (ctx->saved_data["grad_w"].toBool()) grad_w = at::mm(g2d.t(), detail::as_rows(x));
@@ -90,10 +73,9 @@ Tensor lora_linear_multi_autograd(
       (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) || lora_A.requires_grad() ||
        lora_B.requires_grad());
   if (!any_grad) {
-    static auto op = handle<MultiSig>("lora_ext::lora_linear_multi");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, training, group_order,
-                   group_offsets);
+    return handles::lora_linear_multi().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
+                                             training, group_order, group_offsets);
   }
   detail::check_lora_linear_multi_args("lora_linear_multi", x, weight, bias, lora_A, lora_B, scales, adapter_ids,
                                        dropout_p, group_order, group_offsets);
@@ -102,9 +84,8 @@ Tensor lora_linear_multi_autograd(
     order = *group_order;
     offsets = *group_offsets;
   } else {
-    static auto group = handle<GroupSig>("lora_ext::lora_group_rows");
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(order, offsets) = group.call(adapter_ids, lora_A.size(0));
+    std::tie(order, offsets) = handles::lora_group_rows().call(adapter_ids, lora_A.size(0));
   }
   return LoraLinearMultiFunction::apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets,
                                         dropout_p, training);

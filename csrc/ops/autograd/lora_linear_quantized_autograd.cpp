@@ -6,10 +6,10 @@
 #include <string>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/common/op_handles.h"
 #include "ops/common/op_utils.h"
 #include "ops/common/quant_checks.h"
 
@@ -21,53 +21,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
-
-const auto& forward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_quantized_forward", "")
-                       .typed<std::tuple<Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view, int64_t, int64_t,
-                           const optional<Tensor>&, const Tensor&, const Tensor&, double, double,
-                           const optional<Tensor>&)>();
-  return op;
-}
-
-const auto& backward_input_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_quantized_backward_input", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view, int64_t,
-                                     int64_t, const optional<Tensor>&, const optional<Tensor>&, double,
-                                     const optional<Tensor>&)>();
-  return op;
-}
-
-const auto& backward_lora_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::_lora_linear_backward_lora", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const Tensor&, double, double,
-                                                                 const optional<Tensor>&)>();
-  return op;
-}
-
-using LinearQuantizedSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view, int64_t,
-                                  int64_t, const optional<Tensor>&);
-using LoraLinearQuantizedSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view,
-                                      int64_t, int64_t, const optional<Tensor>&, const Tensor&, const Tensor&, double,
-                                      double, bool);
-
-const auto& linear_quantized_op() {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lora_ext::linear_quantized", "").typed<LinearQuantizedSig>();
-  return op;
-}
-
-const auto& lora_linear_quantized_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lora_ext::lora_linear_quantized", "")
-                       .typed<LoraLinearQuantizedSig>();
-  return op;
-}
 
 optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? optional<Tensor>(t) : std::nullopt;
@@ -91,7 +44,8 @@ class LoraLinearQuantizedFunction : public torch::autograd::Function<LoraLinearQ
                         const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p, bool training) {
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
-    auto [y, h] = forward_op().call(x, qdata, qscale, qtype, out, in, bias, lora_A, lora_B, scale, p, seed);
+    auto [y, h] = handles::lora_linear_quantized_forward().call(x, qdata, qscale, qtype, out, in, bias, lora_A,
+                                                                lora_B, scale, p, seed);
     ctx->save_for_backward({x, qdata, qscale.value_or(Tensor()), lora_A, lora_B, h, seed.value_or(Tensor())});
     save_base(ctx, qtype, out, in);
     ctx->saved_data["scale"] = scale;
@@ -115,9 +69,11 @@ class LoraLinearQuantizedFunction : public torch::autograd::Function<LoraLinearQ
       const bool need_x = ctx->saved_data["grad_x"].toBool();
       if (need_x || ctx->saved_data["grad_ab"].toBool()) {
         Tensor grad_h;
-        std::tie(grad_A, grad_B, grad_h) = backward_lora_op().call(g, x, lora_A, lora_B, h, scale, p, seed);
+        std::tie(grad_A, grad_B, grad_h) =
+            handles::lora_linear_backward_lora().call(g, x, lora_A, lora_B, h, scale, p, seed);
         if (need_x) {
-          grad_x = backward_input_op().call(g, qdata, qscale, qtype, out, in, lora_A, grad_h, p, seed);
+          grad_x = handles::lora_linear_quantized_backward_input().call(g, qdata, qscale, qtype, out, in, lora_A,
+                                                                        grad_h, p, seed);
         }
       }
       grad_b = bias_grad(g, ctx->saved_data["grad_b"].toBool());
@@ -136,7 +92,7 @@ class LinearQuantizedFunction : public torch::autograd::Function<LinearQuantized
     ctx->saved_data["grad_x"] = x.requires_grad();
     ctx->saved_data["grad_b"] = detail::requires_grad(bias);
     at::AutoDispatchBelowADInplaceOrView guard;
-    return linear_quantized_op().call(x, qdata, qscale, qtype, out, in, bias);
+    return handles::linear_quantized().call(x, qdata, qscale, qtype, out, in, bias);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -147,8 +103,8 @@ class LinearQuantizedFunction : public torch::autograd::Function<LinearQuantized
     Tensor grad_x, grad_b;
     if (g.defined()) {
       if (ctx->saved_data["grad_x"].toBool()) {
-        grad_x = backward_input_op().call(g, s[0], opt(s[1]), qtype, out, in, std::nullopt, std::nullopt, 0.0,
-                                          std::nullopt);
+        grad_x = handles::lora_linear_quantized_backward_input().call(g, s[0], opt(s[1]), qtype, out, in,
+                                                                      std::nullopt, std::nullopt, 0.0, std::nullopt);
       }
       grad_b = bias_grad(g, ctx->saved_data["grad_b"].toBool());
     }
@@ -170,8 +126,8 @@ Tensor lora_linear_quantized_autograd(const Tensor& x, const Tensor& qdata, cons
                                       bool training) {
   if (!any_grad({x.requires_grad(), detail::requires_grad(bias), lora_A.requires_grad(), lora_B.requires_grad()})) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return lora_linear_quantized_op().call(x, qdata, qscale, qtype, out, in, bias, lora_A, lora_B, scale, dropout_p,
-                                           training);
+    return handles::lora_linear_quantized().call(x, qdata, qscale, qtype, out, in, bias, lora_A, lora_B, scale,
+                                                 dropout_p, training);
   }
   detail::check_lora_linear_quantized_args("lora_linear_quantized", x, qdata, qscale,
                                            std::string_view(qtype.data(), qtype.size()), out, in, bias, &lora_A,
@@ -184,7 +140,7 @@ Tensor linear_quantized_autograd(const Tensor& x, const Tensor& qdata, const opt
                                  c10::string_view qtype, int64_t out, int64_t in, const optional<Tensor>& bias) {
   if (!any_grad({x.requires_grad(), detail::requires_grad(bias)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return linear_quantized_op().call(x, qdata, qscale, qtype, out, in, bias);
+    return handles::linear_quantized().call(x, qdata, qscale, qtype, out, in, bias);
   }
   return LinearQuantizedFunction::apply(x, qdata, qscale, qtype, out, in, bias);
 }

@@ -1,5 +1,6 @@
 #pragma once
 // Small helpers shared by the kernels of every op (header-only).
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -53,6 +54,24 @@ inline std::optional<at::Tensor> draw_dropout_seed(double p) {
 inline std::optional<DropoutParams> dropout_from_seed(const std::optional<at::Tensor>& seed, double dropout_p) {
   if (!(seed.has_value() && seed->defined()) || dropout_p <= 0.0) return std::nullopt;
   return make_dropout_params(seed->item<int64_t>(), dropout_p);
+}
+
+// fn(s, n) for the consecutive chunks [s, s + n) of N rows, `rows` (>= 1) at a time.
+template <typename Fn>
+void for_chunks(int64_t N, int64_t rows, Fn&& fn) {
+  for (int64_t s = 0; s < N; s += rows) fn(s, std::min(rows, N - s));
+}
+
+// The same with scratch: fn(s, n, buf), buf an [n, cols] view of one tensor of
+// min(N, rows) rows allocated with opts (a row chunk converted or masked
+// there instead of a whole-matrix temporary).
+template <typename Fn>
+void for_row_chunks(int64_t N, int64_t rows, int64_t cols, const at::TensorOptions& opts, Fn&& fn) {
+  at::Tensor buf = at::empty({std::min(N, rows), cols}, opts);
+  for_chunks(N, rows, [&](int64_t s, int64_t n) {
+    at::Tensor bv = buf.narrow(0, 0, n);
+    fn(s, n, bv);
+  });
 }
 
 inline bool requires_grad(const std::optional<at::Tensor>& t) {

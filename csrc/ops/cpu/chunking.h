@@ -3,6 +3,7 @@
 // materialising output-sized or x-sized temporaries.
 #include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -26,6 +27,16 @@ void rowdot_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w);
 // another dtype or dropout is given, rows of a2d are converted (and masked) in
 // bounded chunks; otherwise one product.
 at::Tensor mm_rows(const at::Tensor& a2d, const at::Tensor& w, const std::optional<detail::DropoutParams>& drop);
+
+// (scale * g2d^T h [out, r], scale * g2d B [N, r]) in B's dtype, B [out, r]:
+// one pass over g2d (any float dtype, converted in row chunks), the GEMMs
+// unscaled and both results scaled once at the end.
+std::tuple<at::Tensor, at::Tensor> grad_B_h(const at::Tensor& g2d, const at::Tensor& h, const at::Tensor& B,
+                                            double scale);
+
+// dropout(a w) [N, cols] in w's dtype (a [N, k] in w's dtype, w [k, cols]):
+// with dropout, row chunks masked in place while they are in cache.
+at::Tensor masked_mm(const at::Tensor& a, const at::Tensor& w, const std::optional<detail::DropoutParams>& drop);
 
 }  // namespace lora_ext::cpu
 

@@ -1,7 +1,9 @@
 #pragma once
 // What the backend-independent kernels (ops/common/lora_linear_forward.h,
-// ops/common/quantized_base.h) need from the CPU.
+// ops/common/lora_linear_backward.h, ops/common/quantized_base.h) need from
+// the CPU. (The multi-adapter ops' backend is in lora_linear_multi_cpu.cpp.)
 #include <optional>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -27,6 +29,27 @@ struct CpuBackend {
   }
   static int64_t chunk_rows(int64_t cols, at::ScalarType t) { return cpu::chunk_rows(cols, t); }
   static void add_scaled_(at::Tensor& dst, const at::Tensor& src, double alpha) { cpu::add_scaled_(dst, src, alpha); }
+  static std::tuple<at::Tensor, at::Tensor> grad_B_h(const at::Tensor& g2d, const at::Tensor& h,
+                                                     const at::Tensor& B_acc, double scale) {
+    return cpu::grad_B_h(g2d, h, B_acc, scale);
+  }
+  static void convert_rows(at::Tensor& dst, const at::Tensor& src, int64_t row0,
+                           const std::optional<detail::DropoutParams>& drop) {
+    if (drop) {
+      cpu::dropout_rows(dst, src, row0, *drop);  // convert + mask in one pass
+    } else {
+      dst.copy_(src);
+    }
+  }
+  static at::Tensor masked_mm(const at::Tensor& a, const at::Tensor& w,
+                              const std::optional<detail::DropoutParams>& drop) {
+    return cpu::masked_mm(a, w, drop);
+  }
+  static void add_masked_(at::Tensor& dst, at::Tensor& src, int64_t row0,
+                          const std::optional<detail::DropoutParams>& drop) {
+    if (drop) cpu::dropout_rows(src, src, row0, *drop);  // in place
+    cpu::add_scaled_(dst, src, 1.0);
+  }
   // dst *= mask / (1 - p) for rows [row0, row0 + dst.size(0)) of the seed's mask.
   static void mask_rows_(at::Tensor& dst, int64_t row0, const detail::DropoutParams& d) {
     cpu::dropout_rows(dst, dst, row0, d);

@@ -1,5 +1,7 @@
 // CPU kernels of the multi-adapter ops: lora_group_rows, lora_linear_multi and
-// the pieces of its autograd formula.
+// the pieces of its autograd formula. The entry points (checks, grouping,
+// seed, empty batches, result dtypes) are ops/common/lora_linear_multi.h over
+// CpuMulti below; this file holds the CPU's algorithm.
 //
 // Rows are processed adapter by adapter through the grouping (order, offsets),
 // so each adapter's A and B are read once per group of rows and stay in cache,
@@ -18,8 +20,10 @@
 #include <torch/library.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/lora_linear_multi.h"
 #include "ops/common/op_utils.h"
 #include "ops/cpu/chunking.h"
+#include "ops/cpu/cpu_backend.h"
 #include "ops/cpu/dropout_cpu.h"
 #include "ops/cpu/skinny_gemm.h"
 
@@ -40,14 +44,18 @@ struct Groups {
   int64_t begin(int64_t a) const { return offsets[a]; }
   int64_t count(int64_t a) const { return offsets[a + 1] - offsets[a]; }
   Tensor rows(int64_t a, int64_t start, int64_t len) const { return order_t.narrow(0, offsets[a] + start, len); }
+  // fn(a, idx) for the rows idx (int64) of every adapter a < n, `chunk` rows at a time.
+  template <typename Fn>
+  void for_adapter_chunks(int64_t chunk, Fn&& fn) const {
+    for (int64_t a = 0; a < n; ++a) {
+      detail::for_chunks(count(a), chunk, [&](int64_t s, int64_t c) { fn(a, rows(a, s, c)); });
+    }
+  }
 };
 
-std::tuple<Tensor, Tensor> group_rows_cpu(const Tensor& ids, int64_t n) {
+// A stable counting sort of ids (shape and dtype checked), checking their values.
+std::tuple<Tensor, Tensor> group_rows(const Tensor& ids, int64_t n) {
   const char* op = "lora_group_rows";
-  TORCH_CHECK(ids.dim() == 1, "lora_ext::", op, ": expected adapter_ids of shape [N], got ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "lora_ext::", op,
-              ": expected adapter_ids of dtype int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, "lora_ext::", op, ": expected n_adapters >= 0, got ", n);
   const int64_t N = ids.size(0);
   const Tensor idc = ids.contiguous();
   std::vector<int64_t> slot(N);
@@ -73,7 +81,7 @@ std::tuple<Tensor, Tensor> group_rows_cpu(const Tensor& ids, int64_t n) {
   return {order, offsets};
 }
 
-// The grouping read on the host as given (the backward pieces: it was validated in forward).
+// The grouping read on the host as given (checked before, or by construction).
 Groups host_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
   Groups g;
   g.n = n;
@@ -82,12 +90,6 @@ Groups host_groups(const Tensor& order, const Tensor& offsets, int64_t n) {
   const Tensor offc = offsets.contiguous();
   g.offsets.assign(offc.const_data_ptr<int64_t>(), offc.const_data_ptr<int64_t>() + n + 2);
   return g;
-}
-
-// Checks that (order, offsets) is the grouping of adapter_ids (O(N)), then reads it.
-Groups read_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
-  detail::check_grouping_values(op, ids, order, offsets, n);
-  return host_groups(order, offsets, n);
 }
 
 struct Run {
@@ -108,8 +110,8 @@ std::vector<Run> row_runs(const Groups& g, int64_t N) {
   return runs;
 }
 
-std::vector<double> read_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {
-  detail::check_finite_scales(op, scales, adapter_dtype);
+// The scales (checked) on the host.
+std::vector<double> host_scales(const Tensor& scales) {
   const Tensor s = scales.to(at::kDouble).contiguous();
   return std::vector<double>(s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel());
 }
@@ -177,22 +179,18 @@ void fused_lora_f32(Tensor& y, Tensor& h, const Tensor& x2d, const Tensor& A, co
   });
 }
 
-std::tuple<Tensor, Tensor> multi_forward_impl(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_, const Tensor& lora_A, const Tensor& lora_B,
-    const std::vector<double>& scales, const Groups& g, double dropout_p, const optional<Tensor>& seed) {
-  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(1), n = lora_A.size(0);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = detail::as_rows(x);
+// y [N, out] and h (zeros [N, r]) filled on the adapter rows, N >= 1.
+Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
+                     const Tensor& lora_B, const std::vector<double>& scales, const Groups& g,
+                     const optional<detail::DropoutParams>& drop, Tensor& h) {
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(1);
   const int64_t N = x2d.size(0);
-  const auto out_shape = detail::with_last(x.sizes(), out);
-  Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
-  if (N == 0) return {at::empty(out_shape, x.options()), h};
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  const optional<Tensor> bias = bias_.has_value() && bias_->defined() ? bias_ : std::nullopt;
+  const auto acc = h.scalar_type();
+  const auto xt = x2d.scalar_type();
   const Tensor A_acc = lora_A.to(acc).contiguous();
-  Tensor y = at::empty({N, out}, x.options());
+  Tensor y = at::empty({N, out}, x2d.options());
 
-  const bool fast = x.scalar_type() == at::kFloat && acc == at::kFloat && !drop && has_avx2_fma() &&
+  const bool fast = xt == at::kFloat && acc == at::kFloat && !drop && has_avx2_fma() &&
                     x2d.stride(1) == 1 && r <= 256 && in >= 8;
   if (fast) {
     // lora_B given as the transpose of a contiguous [n, r, out] stack (the module's layout) is used as is
@@ -222,120 +220,63 @@ std::tuple<Tensor, Tensor> multi_forward_impl(
       else at::mm_out(y, x2d, weight.t());
       fused_lora_f32(y, h, x2d, A_acc, Bt, scales, g, /*expand=*/true);
     }
-    return {y.view(out_shape), h};
+    return y;
   }
 
   // h = dropout(x) A[a]^T per group, in bounded row chunks
   const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
-  for (int64_t a = 0; a < n; ++a) {
-    for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-      const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-      h.index_copy_(0, idx, at::mm(rows_acc(x2d, idx, acc, drop), A_acc[a].t()));
-    }
-  }
+  g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
+    h.index_copy_(0, idx, at::mm(rows_acc(x2d, idx, acc, drop), A_acc[a].t()));
+  });
   const Tensor B_acc = lora_B.to(acc);
-  if (x.scalar_type() == acc) {
+  if (xt == acc) {
     // y = bias + s_a h B[a]^T first, then the base GEMM accumulates into y
     if (bias) y.copy_(bias->expand({N, out}));
     else y.zero_();
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-        y.index_add_(0, idx, at::mm(h.index_select(0, idx), B_acc[a].t()), scales[a]);
-      }
-    }
+    g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
+      y.index_add_(0, idx, at::mm(h.index_select(0, idx), B_acc[a].t()), scales[a]);
+    });
     y.addmm_(x2d, weight.t());
   } else {
     // half/bf16 output: the float32 branch is added to the base rows and rounded once
     y = bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-        Tensor v = y.index_select(0, idx).to(acc);
-        v.addmm_(h.index_select(0, idx), B_acc[a].t(), 1, scales[a]);
-        y.index_copy_(0, idx, v.to(x.scalar_type()));
-      }
-    }
+    g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
+      Tensor v = y.index_select(0, idx).to(acc);
+      v.addmm_(h.index_select(0, idx), B_acc[a].t(), 1, scales[a]);
+      y.index_copy_(0, idx, v.to(xt));
+    });
   }
-  return {y.view(out_shape), h};
+  return y;
 }
 
-Tensor lora_linear_multi_cpu(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
-    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
-  const char* op = "lora_linear_multi";
-  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
-                                       group_order, group_offsets);
-  const int64_t n = lora_A.size(0);
-  // a grouping passed in is checked against the ids; one computed here is right by construction
-  const Groups g = group_order.has_value() && group_order->defined()
-                       ? read_groups(op, adapter_ids, *group_order, *group_offsets, n)
-                       : std::apply([&](const Tensor& o, const Tensor& off) { return host_groups(o, off, n); },
-                                    group_rows_cpu(adapter_ids, n));
-  const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, p, detail::draw_dropout_seed(p)));
-}
-
-std::tuple<Tensor, Tensor> lora_linear_multi_forward_cpu(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets, double dropout_p,
-    const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_forward";
-  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
-                                       offsets);
-  detail::check_seed(op, seed, dropout_p);
-  const Groups g = read_groups(op, adapter_ids, order, offsets, lora_A.size(0));
-  return multi_forward_impl(x, weight, bias, lora_A, lora_B, read_scales(op, scales, lora_A.scalar_type()), g, dropout_p, seed);
-}
-
-std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cpu(
-    const Tensor& grad_y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales,
-    const Tensor& order, const Tensor& offsets, const Tensor& h, double dropout_p, const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_backward_lora";
-  detail::check_seed(op, seed, dropout_p);
-  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
-  const Tensor g2d = detail::as_rows(grad_y);
-  const Tensor x2d = detail::as_rows(x);
+// grad_A, grad_B (in the acc dtype) and grad_h, adapter by adapter, N >= 1.
+std::tuple<Tensor, Tensor, Tensor> multi_backward_lora(const char* op, const Tensor& g2d, const Tensor& x2d,
+                                                       const Tensor& lora_A, const Tensor& B_acc, const Tensor& scales,
+                                                       const Groups& g, const Tensor& h,
+                                                       const optional<detail::DropoutParams>& drop) {
+  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = B_acc.size(1);
+  const int64_t N = g2d.size(0);
+  const auto acc = B_acc.scalar_type();
   Tensor gA = at::zeros({n, r, in}, lora_A.options().dtype(acc));
   Tensor gB = at::zeros({n, out, r}, lora_A.options().dtype(acc));
   Tensor gh = at::zeros({N, r}, lora_A.options().dtype(acc));
-  if (N > 0) {
-    const Groups g = host_groups(order, offsets, n);
-    const auto sc = read_scales(op, scales, lora_A.scalar_type());
-    const auto drop = detail::dropout_from_seed(seed, dropout_p);
-    const Tensor B_acc = lora_B.to(acc);
-    const int64_t rows_per_chunk = chunk_rows(std::max(in, out), acc);
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-        const Tensor G = g2d.index_select(0, idx).to(acc);          // [c, out]
-        gB[a].addmm_(G.t(), h.index_select(0, idx), 1, sc[a]);       // s G^T H
-        const Tensor GH = at::mm(G, B_acc[a]).mul_(sc[a]);          // [c, r]
-        gh.index_copy_(0, idx, GH);
-        gA[a].addmm_(GH.t(), rows_acc(x2d, idx, acc, drop));         // GH^T dropout(X)
-      }
-    }
-  }
-  return {gA.to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
+  detail::check_finite_scales(op, scales, lora_A.scalar_type());
+  const auto sc = host_scales(scales);
+  g.for_adapter_chunks(chunk_rows(std::max(in, out), acc), [&](int64_t a, const Tensor& idx) {
+    const Tensor G = g2d.index_select(0, idx).to(acc);          // [c, out]
+    gB[a].addmm_(G.t(), h.index_select(0, idx), 1, sc[a]);       // s G^T H
+    const Tensor GH = at::mm(G, B_acc[a]).mul_(sc[a]);          // [c, r]
+    gh.index_copy_(0, idx, GH);
+    gA[a].addmm_(GH.t(), rows_acc(x2d, idx, acc, drop));         // GH^T dropout(X)
+  });
+  return {gA, gB, gh};
 }
 
-Tensor lora_linear_multi_backward_input_cpu(
-    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, const Tensor& order,
-    const Tensor& offsets, double dropout_p, const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_backward_input";
-  detail::check_seed(op, seed, dropout_p);
-  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = detail::as_rows(grad_y);
-  const auto shape = detail::with_last(grad_y.sizes(), in);
-  if (N == 0) return at::empty(shape, grad_y.options());
-  const Groups g = host_groups(order, offsets, n);
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  const Tensor A_acc = lora_A.to(acc);
+// grad_x = grad_y W + mask/(1-p) * (grad_h A[a]) per group, N >= 1.
+Tensor multi_backward_input(const Tensor& g2d, const Tensor& weight, const Tensor& A_acc, const Tensor& grad_h,
+                            const Groups& g, const optional<detail::DropoutParams>& drop) {
+  const int64_t in = weight.size(1), N = g2d.size(0);
+  const auto acc = A_acc.scalar_type();
   const int64_t rows_per_chunk = chunk_rows(in, acc);
   // per group: T = mask/(1-p) * (grad_h A[a]) [c, in], in acc
   auto lora_rows = [&](int64_t a, const Tensor& idx) {
@@ -350,36 +291,61 @@ Tensor lora_linear_multi_backward_input_cpu(
     return T;
   };
   Tensor gx;
-  if (grad_y.scalar_type() == acc) {
-    gx = at::zeros({N, in}, grad_y.options());
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-        gx.index_copy_(0, idx, lora_rows(a, idx));
-      }
-    }
+  if (g2d.scalar_type() == acc) {
+    gx = at::zeros({N, in}, g2d.options());
+    g.for_adapter_chunks(rows_per_chunk,
+                         [&](int64_t a, const Tensor& idx) { gx.index_copy_(0, idx, lora_rows(a, idx)); });
     gx.addmm_(g2d, weight);
   } else {
     gx = at::mm(g2d, weight);
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t s = 0; s < g.count(a); s += rows_per_chunk) {
-        const Tensor idx = g.rows(a, s, std::min(rows_per_chunk, g.count(a) - s));
-        Tensor v = gx.index_select(0, idx).to(acc).add_(lora_rows(a, idx));
-        gx.index_copy_(0, idx, v.to(grad_y.scalar_type()));
-      }
-    }
+    g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
+      Tensor v = gx.index_select(0, idx).to(acc).add_(lora_rows(a, idx));
+      gx.index_copy_(0, idx, v.to(g2d.scalar_type()));
+    });
   }
-  return gx.view(shape);
+  return gx;
 }
+
+// The CPU's part of ops/common/lora_linear_multi.h: groupings read on the host.
+struct CpuMulti {
+  using Guard = CpuBackend::Guard;
+  using Groups = cpu::Groups;
+  static std::tuple<Tensor, Tensor> group_rows(const Tensor& ids, int64_t n) { return cpu::group_rows(ids, n); }
+  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets,
+                             int64_t n) {
+    detail::check_grouping_values(op, ids, order, offsets, n);  // O(N)
+  }
+  static void check_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {
+    detail::check_finite_scales(op, scales, adapter_dtype);
+  }
+  static Groups groups(const Tensor& order, const Tensor& offsets, int64_t /*N*/, int64_t n) {
+    return host_groups(order, offsets, n);
+  }
+  static Tensor forward(const char* /*op*/, const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias,
+                        const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Groups& g,
+                        const optional<detail::DropoutParams>& drop, Tensor& h) {
+    return multi_forward(x2d, weight, bias, lora_A, lora_B, host_scales(scales), g, drop, h);
+  }
+  static std::tuple<Tensor, Tensor, Tensor> backward_lora(const char* op, const Tensor& g2d, const Tensor& x2d,
+                                                          const Tensor& lora_A, const Tensor& B_acc,
+                                                          const Tensor& scales, const Groups& g, const Tensor& h,
+                                                          const optional<detail::DropoutParams>& drop) {
+    return multi_backward_lora(op, g2d, x2d, lora_A, B_acc, scales, g, h, drop);
+  }
+  static Tensor backward_input(const char* /*op*/, const Tensor& g2d, const Tensor& weight, const Tensor& A_acc,
+                               const Tensor& grad_h, const Groups& g, const optional<detail::DropoutParams>& drop) {
+    return multi_backward_input(g2d, weight, A_acc, grad_h, g, drop);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
-  m.impl("lora_group_rows", &group_rows_cpu);
-  m.impl("lora_linear_multi", &lora_linear_multi_cpu);
-  m.impl("_lora_linear_multi_forward", &lora_linear_multi_forward_cpu);
-  m.impl("_lora_linear_multi_backward_lora", &lora_linear_multi_backward_lora_cpu);
-  m.impl("_lora_linear_multi_backward_input", &lora_linear_multi_backward_input_cpu);
+  m.impl("lora_group_rows", &detail::lora_group_rows_op<CpuMulti>);
+  m.impl("lora_linear_multi", &detail::lora_linear_multi_op<CpuMulti>);
+  m.impl("_lora_linear_multi_forward", &detail::lora_linear_multi_forward_op<CpuMulti>);
+  m.impl("_lora_linear_multi_backward_lora", &detail::lora_linear_multi_backward_lora_op<CpuMulti>);
+  m.impl("_lora_linear_multi_backward_input", &detail::lora_linear_multi_backward_input_op<CpuMulti>);
 }
 
 }  // namespace lora_ext::cpu

@@ -1,5 +1,7 @@
 // CUDA kernels of the multi-adapter ops: lora_group_rows, lora_linear_multi and
 // the pieces of its autograd formula (same schemas and results as the CPU file).
+// The entry points (checks, grouping, seed, empty batches, result dtypes) are
+// ops/common/lora_linear_multi.h over CudaMulti at the end of this file.
 //
 // Rows are visited in grouped order (order[pos], adapter of pos from offsets),
 // so consecutive thread blocks work on the same adapter and its A/B stay in
@@ -24,6 +26,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/dropout_rng.h"
+#include "ops/common/lora_linear_multi.h"
 #include "ops/common/op_utils.h"
 #include "ops/cuda/params.h"
 #include "ops/cuda/utils.cuh"
@@ -256,169 +259,118 @@ void dispatch_elem(at::ScalarType t, const char* what, F&& f) {
 }
 
 // ---------------------------------------------------------------- ops
-std::tuple<Tensor, Tensor> group_rows_cuda(const Tensor& ids, int64_t n) {
-  const char* op = "lora_group_rows";
-  TORCH_CHECK(ids.dim() == 1, "lora_ext::", op, ": expected adapter_ids of shape [N], got ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "lora_ext::", op,
-              ": expected adapter_ids of dtype int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, "lora_ext::", op, ": expected n_adapters >= 0, got ", n);
-  c10::cuda::CUDAGuard guard(ids.device());
-  const Tensor ids64 = ids.to(at::kLong);
-  if (ids.numel() > 0) {
-    const auto [mn, mx] = at::aminmax(ids64);
-    const Tensor range = at::stack({mn, mx}).cpu();  // one sync
-    const auto lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-    TORCH_CHECK_INDEX(lo >= -1 && hi < n, "lora_ext::", op, ": expected adapter ids in [-1, ", n,
-                      ") (-1 = base only; n_adapters = ", n, "), got values in [", lo, ", ", hi, "]");
+// The CUDA part of ops/common/lora_linear_multi.h.
+struct CudaMulti {
+  using Guard = c10::cuda::CUDAGuard;
+  using Groups = DeviceGroups;
+
+  // A stable sort of the slots (the base rows' slot n last) and a bincount, on the device.
+  static std::tuple<Tensor, Tensor> group_rows(const Tensor& ids, int64_t n) {
+    const char* op = "lora_group_rows";
+    const Tensor ids64 = ids.to(at::kLong);
+    if (ids.numel() > 0) {
+      const auto [mn, mx] = at::aminmax(ids64);
+      const Tensor range = at::stack({mn, mx}).cpu();  // one sync
+      const auto lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+      TORCH_CHECK_INDEX(lo >= -1 && hi < n, "lora_ext::", op, ": expected adapter ids in [-1, ", n,
+                        ") (-1 = base only; n_adapters = ", n, "), got values in [", lo, ", ", hi, "]");
+    }
+    const Tensor slot = at::where(ids64 < 0, at::full_like(ids64, n), ids64);
+    const Tensor order = std::get<1>(at::sort(slot, /*stable=*/true, 0, false));
+    const Tensor counts = at::bincount(slot, {}, n + 1);
+    const Tensor offsets = at::cat({at::zeros({1}, counts.options()), at::cumsum(counts, 0)});
+    return {order, offsets};
   }
-  const Tensor slot = at::where(ids64 < 0, at::full_like(ids64, n), ids64);
-  const Tensor order = std::get<1>(at::sort(slot, /*stable=*/true, 0, false));
-  const Tensor counts = at::bincount(slot, {}, n + 1);
-  const Tensor offsets = at::cat({at::zeros({1}, counts.options()), at::cumsum(counts, 0)});
-  return {order, offsets};
-}
 
-// Checks that (order, offsets) is the grouping of adapter_ids: the CPU's check
-// (same messages) on one host copy of the three small int64 vectors (one sync).
-void check_groups(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
-  const int64_t N = ids.size(0);
-  const Tensor host = at::cat({ids.to(at::kLong), order.to(at::kLong), offsets.to(at::kLong)}).cpu();
-  detail::check_grouping_values(op, host.narrow(0, 0, N), host.narrow(0, N, order.size(0)),
-                                host.narrow(0, N + order.size(0), offsets.size(0)), n);
-}
+  // The value checks read device data on the host (a sync), which a CUDA graph capture forbids: they
+  // run eagerly and are skipped while capturing. Each distinct (ids, order, offsets) and scales tensor
+  // is checked once, not per call (every layer of a model gets the same grouping for one batch).
+  static bool capturing() { return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None; }
 
-std::tuple<Tensor, Tensor> multi_forward_impl(
-    const char* op, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_, const Tensor& lora_A,
-    const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets,
-    double dropout_p, const optional<Tensor>& seed, bool given_grouping) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor x2d = detail::as_rows(x);
-  const int64_t N = x2d.size(0);
-  Tensor h = at::zeros({N, r}, lora_A.options().dtype(acc));
-  const auto out_shape = detail::with_last(x.sizes(), out);
-  const DeviceGroups g = device_groups(order, offsets, N, n);
-  // A grouping passed in is checked against the ids (one made by group_rows_cuda is right by
-  // construction). The value checks read device data on the host (a sync), which a CUDA graph
-  // capture forbids: they run eagerly and are skipped while capturing.
-  // Each distinct (ids, order, offsets) and scales tensor is checked once, not
-  // per call (every layer of a model gets the same grouping for one batch).
-  static ValidatedInputs checked_groupings(1024), checked_scales(1 << 14);
-  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  if (given_grouping && !capturing && !checked_groupings.contains({adapter_ids, order, offsets})) {
-    check_groups(op, adapter_ids, order, offsets, n);
-    checked_groupings.insert({adapter_ids, order, offsets});
+  // The CPU's check (same messages) on one host copy of the three small int64 vectors (one sync).
+  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets,
+                             int64_t n) {
+    static ValidatedInputs checked(1024);
+    if (capturing() || checked.contains({ids, order, offsets})) return;
+    const int64_t N = ids.size(0);
+    const Tensor host = at::cat({ids.to(at::kLong), order.to(at::kLong), offsets.to(at::kLong)}).cpu();
+    detail::check_grouping_values(op, host.narrow(0, 0, N), host.narrow(0, N, order.size(0)),
+                                  host.narrow(0, N + order.size(0), offsets.size(0)), n);
+    checked.insert({ids, order, offsets});
   }
-  if (N == 0) return {at::empty(out_shape, x.options()), h};
-  if (!capturing && !checked_scales.contains({scales})) {
-    detail::check_finite_scales(op, scales.cpu(), lora_A.scalar_type());
-    checked_scales.insert({scales});
+
+  static void check_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {
+    static ValidatedInputs checked(1 << 14);
+    if (capturing() || checked.contains({scales})) return;
+    detail::check_finite_scales(op, scales.cpu(), adapter_dtype);
+    checked.insert({scales});
   }
-  const bool has_bias = bias_.has_value() && bias_->defined();
-  Tensor y = has_bias ? at::addmm(*bias_, x2d, weight.t()) : at::mm(x2d, weight.t());
-  const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-  const optional<Tensor> s = scales.to(acc).contiguous();
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  dispatch_elem(x.scalar_type(), op, [&](auto ty, auto acc_ty) {
-    using T = typename decltype(ty)::type;
-    using acc_t = typename decltype(acc_ty)::type;
-    shrink<T, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
-    expand<T, acc_t>(y, h, B, B.stride(0), B.stride(1), B.stride(2), s, std::nullopt, g, n);
-  });
-  return {y.view(out_shape), h};
-}
 
-Tensor lora_linear_multi_cuda(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
-    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
-  const char* op = "lora_linear_multi";
-  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
-                                       group_order, group_offsets);
-  const bool given = group_order.has_value() && group_order->defined();
-  const auto [order, offsets] = given ? std::make_tuple(*group_order, *group_offsets)
-                                      : group_rows_cuda(adapter_ids, lora_A.size(0));
-  const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, p,
-                                        detail::draw_dropout_seed(p), given));
-}
+  static Groups groups(const Tensor& order, const Tensor& offsets, int64_t N, int64_t n) {
+    return device_groups(order, offsets, N, n);
+  }
 
-std::tuple<Tensor, Tensor> lora_linear_multi_forward_cuda(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets, double dropout_p,
-    const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_forward";
-  detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
-                                       offsets);
-  detail::check_seed(op, seed, dropout_p);
-  return multi_forward_impl(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p, seed,
-                            /*given_grouping=*/true);
-}
+  // The base GEMM through ATen, then h = mask(x) A[a]^T (shrink) and y += s h B[a]^T (expand).
+  static Tensor forward(const char* op, const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias,
+                        const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Groups& g,
+                        const optional<detail::DropoutParams>& drop, Tensor& h) {
+    const int64_t n = lora_A.size(0);
+    const auto acc = h.scalar_type();
+    Tensor y = bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+    const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
+    const optional<Tensor> s = scales.to(acc).contiguous();
+    dispatch_elem(x2d.scalar_type(), op, [&](auto ty, auto acc_ty) {
+      using T = typename decltype(ty)::type;
+      using acc_t = typename decltype(acc_ty)::type;
+      shrink<T, acc_t>(h, x2d, A, A.stride(0), A.stride(1), A.stride(2), std::nullopt, drop, g, n);
+      expand<T, acc_t>(y, h, B, B.stride(0), B.stride(1), B.stride(2), s, std::nullopt, g, n);
+    });
+    return y;
+  }
 
-std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_cuda(
-    const Tensor& grad_y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales,
-    const Tensor& order, const Tensor& offsets, const Tensor& h, double dropout_p, const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_backward_lora";
-  detail::check_seed(op, seed, dropout_p);
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const int64_t N = detail::check_multi_backward_lora_args(op, grad_y, x, lora_A, lora_B, h, order, offsets);
-  const Tensor g2d = detail::as_rows(grad_y);
-  const Tensor x2d = detail::as_rows(x);
-  const DeviceGroups g = device_groups(order, offsets, N, n);
-  const Tensor B = lora_B.to(acc);
-  const optional<Tensor> s = scales.to(acc).contiguous();
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  const Tensor hc = h.contiguous();
-  Tensor gh = at::zeros({N, r}, h.options());
-  Tensor gA, gB;
-  dispatch_elem(x.scalar_type(), op, [&](auto ty, auto acc_ty) {
-    using T = typename decltype(ty)::type;
-    using acc_t = typename decltype(acc_ty)::type;
-    // grad_h[row, k] = s_a sum_o g[row, o] B[a, o, k]: B read as [n, r, out]
-    shrink<T, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
-    gB = outer<T, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
-    gA = outer<T, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
-  });
-  return {gA.contiguous().to(lora_A.scalar_type()), gB.to(lora_B.scalar_type()), gh};
-}
+  static std::tuple<Tensor, Tensor, Tensor> backward_lora(const char* op, const Tensor& g2d, const Tensor& x2d,
+                                                          const Tensor& lora_A, const Tensor& B,
+                                                          const Tensor& scales, const Groups& g, const Tensor& h,
+                                                          const optional<detail::DropoutParams>& drop) {
+    const int64_t n = lora_A.size(0), r = lora_A.size(1), N = g2d.size(0);
+    const optional<Tensor> s = scales.to(B.scalar_type()).contiguous();
+    const Tensor hc = h.contiguous();
+    Tensor gh = at::zeros({N, r}, h.options());
+    Tensor gA, gB;
+    dispatch_elem(x2d.scalar_type(), op, [&](auto ty, auto acc_ty) {
+      using T = typename decltype(ty)::type;
+      using acc_t = typename decltype(acc_ty)::type;
+      // grad_h[row, k] = s_a sum_o g[row, o] B[a, o, k]: B read as [n, r, out]
+      shrink<T, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
+      gB = outer<T, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
+      gA = outer<T, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
+    });
+    return {gA.contiguous(), gB, gh};
+  }
 
-Tensor lora_linear_multi_backward_input_cuda(
-    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, const Tensor& order,
-    const Tensor& offsets, double dropout_p, const optional<Tensor>& seed) {
-  const char* op = "_lora_linear_multi_backward_input";
-  detail::check_seed(op, seed, dropout_p);
-  c10::cuda::CUDAGuard guard(grad_y.device());
-  const int64_t in = weight.size(1), out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
-  const int64_t N = detail::check_multi_backward_input_args(op, grad_y, weight, lora_A, grad_h, order, offsets);
-  const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  const Tensor g2d = detail::as_rows(grad_y);
-  const auto shape = detail::with_last(grad_y.sizes(), in);
-  if (N == 0) return at::empty(shape, grad_y.options());
-  const DeviceGroups g = device_groups(order, offsets, N, n);
-  Tensor gx = at::mm(g2d, weight);
-  const Tensor A = lora_A.to(acc);
-  const Tensor ghc = grad_h.contiguous();
-  const auto drop = detail::dropout_from_seed(seed, dropout_p);
-  dispatch_elem(grad_y.scalar_type(), op, [&](auto ty, auto acc_ty) {
-    using T = typename decltype(ty)::type;
-    using acc_t = typename decltype(acc_ty)::type;
-    // grad_x[row, j] += mask(sum_k grad_h[row, k] A[a, k, j]): A read as [n, in, r]
-    expand<T, acc_t>(gx, ghc, A, A.stride(0), A.stride(2), A.stride(1), std::nullopt, drop, g, n);
-  });
-  return gx.view(shape);
-}
+  static Tensor backward_input(const char* op, const Tensor& g2d, const Tensor& weight, const Tensor& A,
+                               const Tensor& grad_h, const Groups& g, const optional<detail::DropoutParams>& drop) {
+    const int64_t n = A.size(0);
+    Tensor gx = at::mm(g2d, weight);
+    const Tensor ghc = grad_h.contiguous();
+    dispatch_elem(g2d.scalar_type(), op, [&](auto ty, auto acc_ty) {
+      using T = typename decltype(ty)::type;
+      using acc_t = typename decltype(acc_ty)::type;
+      // grad_x[row, j] += mask(sum_k grad_h[row, k] A[a, k, j]): A read as [n, in, r]
+      expand<T, acc_t>(gx, ghc, A, A.stride(0), A.stride(2), A.stride(1), std::nullopt, drop, g, n);
+    });
+    return gx;
+  }
+};
 
 }  // namespace lora_ext::cuda_multi
 
 namespace lora_ext {
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
-  m.impl("lora_group_rows", &cuda_multi::group_rows_cuda);
-  m.impl("lora_linear_multi", &cuda_multi::lora_linear_multi_cuda);
-  m.impl("_lora_linear_multi_forward", &cuda_multi::lora_linear_multi_forward_cuda);
-  m.impl("_lora_linear_multi_backward_lora", &cuda_multi::lora_linear_multi_backward_lora_cuda);
-  m.impl("_lora_linear_multi_backward_input", &cuda_multi::lora_linear_multi_backward_input_cuda);
+  m.impl("lora_group_rows", &detail::lora_group_rows_op<cuda_multi::CudaMulti>);
+  m.impl("lora_linear_multi", &detail::lora_linear_multi_op<cuda_multi::CudaMulti>);
+  m.impl("_lora_linear_multi_forward", &detail::lora_linear_multi_forward_op<cuda_multi::CudaMulti>);
+  m.impl("_lora_linear_multi_backward_lora", &detail::lora_linear_multi_backward_lora_op<cuda_multi::CudaMulti>);
+  m.impl("_lora_linear_multi_backward_input", &detail::lora_linear_multi_backward_input_op<cuda_multi::CudaMulti>);
 }
 }  // namespace lora_ext
