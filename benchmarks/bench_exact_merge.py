@@ -8,6 +8,7 @@ For a bf16 (and fp16) weight [11008, 4096] ~ N(0, 0.02^2) and an r=16 fp32 adapt
 unmerge (must be 0), the number of sparse exceptions, and the side memory (codes + sparse list) as a
 share of the weight's bytes. Nothing is asserted: the numbers are for reading.
 """
+
 import time
 
 import torch
@@ -18,8 +19,10 @@ from lora_ext import ops
 def main():
     torch.manual_seed(0)
     out, inp, r = 11008, 4096, 16
-    print("| weight | adapter | dW/W | plain round trip: elements changed | exact: elements changed | "
-          "exceptions | side memory | % of weight | codes+merge ms | unmerge ms |")
+    print(
+        "| weight | adapter | dW/W | plain round trip: elements changed | exact: elements changed | "
+        "exceptions | side memory | % of weight | codes+merge ms | unmerge ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for wdtype in (torch.bfloat16, torch.float16):
         w0 = (torch.randn(out, inp) * 0.02).to(wdtype)
@@ -40,10 +43,12 @@ def main():
             t2 = time.perf_counter()
             changed_exact = (w.view(torch.int16) != w0.view(torch.int16)).float().mean().item()
             wbytes = w0.numel() * w0.element_size()
-            print(f"| {str(wdtype)[6:]} | float32 r={r} | {rel:g} | {100 * changed_plain:.1f}% | "
-                  f"{100 * changed_exact:.1f}% | {codes.exc_index.numel()} ({100 * codes.exc_index.numel() / w0.numel():.3f}%) | "
-                  f"{codes.nbytes() / 2**20:.1f} MiB | {100 * codes.nbytes() / wbytes:.1f}% | "
-                  f"{1e3 * (t1 - t0):.0f} | {1e3 * (t2 - t1):.0f} |")
+            print(
+                f"| {str(wdtype)[6:]} | float32 r={r} | {rel:g} | {100 * changed_plain:.1f}% | "
+                f"{100 * changed_exact:.1f}% | {codes.exc_index.numel()} ({100 * codes.exc_index.numel() / w0.numel():.3f}%) | "
+                f"{codes.nbytes() / 2**20:.1f} MiB | {100 * codes.nbytes() / wbytes:.1f}% | "
+                f"{1e3 * (t1 - t0):.0f} | {1e3 * (t2 - t1):.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ bf16 on the current CUDA device, CUDA-event timing (median of repeated calls aft
     (lora_linear) (target <= 1.10x), and the shrink/expand bandwidth (adapter bytes read / LoRA time).
 Ops without a CUDA kernel are reported as such, not skipped silently.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,16 +66,25 @@ def forward_rows(tokens, shapes, iters):
         try:
             import peft
 
-            pm = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"],
-                                                                           init_lora_weights=False)).eval()
+            pm = peft.get_peft_model(
+                nn.Sequential(base),
+                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False),
+            ).eval()
             with torch.no_grad():
                 t_peft = cuda_ms(lambda: pm(x), iters)
         except ImportError:
             pass
         ratio = t_ext / t_lin if isinstance(t_ext, float) else None
-        rows.append([f"forward bf16 {tokens}x{in_f}->{out_f} r{r}", fmt(t_lin, " ms"), fmt(t_ext, " ms"),
-                     fmt(t_peft, " ms"), f"{ratio:.3f}x linear" if ratio else "-",
-                     f"PEFT {t_peft / t_lin:.3f}x" if isinstance(t_peft, float) else "-"])
+        rows.append(
+            [
+                f"forward bf16 {tokens}x{in_f}->{out_f} r{r}",
+                fmt(t_lin, " ms"),
+                fmt(t_ext, " ms"),
+                fmt(t_peft, " ms"),
+                f"{ratio:.3f}x linear" if ratio else "-",
+                f"PEFT {t_peft / t_lin:.3f}x" if isinstance(t_peft, float) else "-",
+            ]
+        )
     return rows
 
 
@@ -94,8 +104,14 @@ def merge_row(iters, copy_gbs):
     if not isinstance(ms, float):
         return ["merge_ bf16 11008x4096 r16", fmt(ms), "-", "-", "-", "-"]
     gbs = 2 * W.numel() * W.element_size() / (ms * 1e-3) / 1e9
-    return ["merge_ bf16 11008x4096 r16", fmt(ms, " ms"), f"{gbs:.0f} GB/s", f"copy {copy_gbs:.0f} GB/s",
-            f"{100 * gbs / copy_gbs:.0f}% of copy", "target >= 80%"]
+    return [
+        "merge_ bf16 11008x4096 r16",
+        fmt(ms, " ms"),
+        f"{gbs:.0f} GB/s",
+        f"copy {copy_gbs:.0f} GB/s",
+        f"{100 * gbs / copy_gbs:.0f}% of copy",
+        "target >= 80%",
+    ]
 
 
 def exact_merge_row(iters, copy_gbs):
@@ -121,9 +137,14 @@ def exact_merge_row(iters, copy_gbs):
     side = ops.merge_exact_codes(W0, A, B, 0.5).nbytes()
     ms_merge = cuda_ms(lambda: ops.merge_exact_(W, A, B, 0.5), max(3, iters // 5))  # (W drifts: timing only)
     gbs = 2 * W.numel() * W.element_size() / (ms_merge * 1e-3) / 1e9  # read + write of W
-    return [name, fmt(ms, " ms"), f"merge_exact_ {gbs:.0f} GB/s", f"copy {copy_gbs:.0f} GB/s",
-            f"bit-exact after round trips: {'yes' if exact else 'NO'}",
-            f"side info {side / 2**20:.1f} MiB ({100 * side / (W.numel() * 2):.1f}% of W)"]
+    return [
+        name,
+        fmt(ms, " ms"),
+        f"merge_exact_ {gbs:.0f} GB/s",
+        f"copy {copy_gbs:.0f} GB/s",
+        f"bit-exact after round trips: {'yes' if exact else 'NO'}",
+        f"side info {side / 2**20:.1f} MiB ({100 * side / (W.numel() * 2):.1f}% of W)",
+    ]
 
 
 def multi_rows(iters, copy_gbs, n=32, tokens=64, d=4096, r=16):
@@ -139,18 +160,28 @@ def multi_rows(iters, copy_gbs, n=32, tokens=64, d=4096, r=16):
     t_single = try_ms(lambda: lora_ext.ops.lora_linear(x, W, b, A[0], Bt[0].t(), 2.0), iters)
     try:
         order, offsets = lora_ext.ops.lora_group_rows(ids, n)
-        t_multi = cuda_ms(lambda: lora_ext.ops.lora_linear_multi(x, W, b, A, Bt.transpose(1, 2), scales, ids, 0.0,
-                                                                 False, order, offsets), iters)
+        t_multi = cuda_ms(
+            lambda: lora_ext.ops.lora_linear_multi(
+                x, W, b, A, Bt.transpose(1, 2), scales, ids, 0.0, False, order, offsets
+            ),
+            iters,
+        )
     except (RuntimeError, NotImplementedError) as e:
         t_multi = str(e).splitlines()[0][:60]
-    row = [f"multi decode bf16 {tokens} tok, {n} adapters r{r}", fmt(t_lin, " ms"), fmt(t_single, " ms"),
-           fmt(t_multi, " ms")]
+    row = [
+        f"multi decode bf16 {tokens} tok, {n} adapters r{r}",
+        fmt(t_lin, " ms"),
+        fmt(t_single, " ms"),
+        fmt(t_multi, " ms"),
+    ]
     if isinstance(t_multi, float) and isinstance(t_single, float):
         used = ids.unique().numel()
         lora_bytes = used * 2 * r * d * 4
         extra_ms = max(t_multi - t_lin, 1e-6)
-        row += [f"{t_multi / t_single:.3f}x single (target <= 1.10)",
-                f"shrink+expand {lora_bytes / (extra_ms * 1e-3) / 1e9:.0f} GB/s ({100 * lora_bytes / (extra_ms * 1e-3) / 1e9 / copy_gbs:.0f}% of copy)"]
+        row += [
+            f"{t_multi / t_single:.3f}x single (target <= 1.10)",
+            f"shrink+expand {lora_bytes / (extra_ms * 1e-3) / 1e9:.0f} GB/s ({100 * lora_bytes / (extra_ms * 1e-3) / 1e9 / copy_gbs:.0f}% of copy)",
+        ]
     else:
         row += ["-", "-"]
     return [row]
@@ -164,8 +195,10 @@ def main():
         raise SystemExit("bench_gpu: no CUDA device")
     iters = 5 if args.quick else 50
     tokens = 1024 if args.quick else 8192
-    print(f"# lora_ext GPU benchmark: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"lora_ext {lora_ext.__version__}, build {lora_ext.build_info()['cuda_arch_list']}")
+    print(
+        f"# lora_ext GPU benchmark: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"lora_ext {lora_ext.__version__}, build {lora_ext.build_info()['cuda_arch_list']}"
+    )
     copy_gbs = copy_bandwidth(iters)
     rows = forward_rows(tokens, [(4096, 4096, 16), (4096, 11008, 64)], iters)
     rows.append(merge_row(iters, copy_gbs))
@@ -178,8 +211,10 @@ def main():
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    print("forward: baseline = bare linear, other = PEFT; merge: baseline = merge time; "
-          "multi: baseline = bare linear, lora_ext = single adapter, other = lora_linear_multi")
+    print(
+        "forward: baseline = bare linear, other = PEFT; merge: baseline = merge time; "
+        "multi: baseline = bare linear, lora_ext = single adapter, other = lora_linear_multi"
+    )
 
 
 if __name__ == "__main__":

@@ -46,12 +46,12 @@ robust to load drifting over the run.
    falls back to the ``"[memory]"`` events (with a warning) if that API is unavailable.
    Only allocations through PyTorch's CPU allocator are seen (not BLAS-internal buffers).
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +61,6 @@ import torch
 from torch import nn
 
 import lora_ext
-
 from lora_ext_dev.timing import Budget, Timings, Variant, fmt_ms, machine_info, md_table, run_interleaved  # noqa: E402
 
 try:
@@ -117,7 +116,9 @@ class Shape:
         try:
             n, i, o, r = (int(p) for p in text.lower().split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected TOKENSxINxOUTxR, e.g. 2048x4096x4096x16, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected TOKENSxINxOUTxR, e.g. 2048x4096x4096x16, got {text!r}"
+            ) from None
         return cls(n, i, o, r)
 
     def __str__(self) -> str:
@@ -274,8 +275,11 @@ def _allocation_deltas(prof) -> list[tuple[float, int]]:
 
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except Exception:  # pragma: no cover - older/newer torch without the event tree
-        print("warning: profiler event tree unavailable; using '[memory]' events only "
-              "(misses allocations made inside ops)", file=sys.stderr)
+        print(
+            "warning: profiler event tree unavailable; using '[memory]' events only "
+            "(misses allocations made inside ops)",
+            file=sys.stderr,
+        )
         evs = [e for e in prof.events() if e.name == "[memory]"]
         return [(e.time_range.start, e.cpu_memory_usage) for e in evs]
 
@@ -411,26 +415,38 @@ def saved_table(results: list[tuple[Shape, float, dict[str, SavedBytes]]]) -> st
 
 
 def merge_table(results: list[MergeResult]) -> str:
-    headers = ["base dtype", "variant", "rounds", "merge ms", "unmerge ms", f"merge / fp32 {REF}",
-               "merge peak extra", "% of W", "unmerge peak extra", "% of W"]
+    headers = [
+        "base dtype",
+        "variant",
+        "rounds",
+        "merge ms",
+        "unmerge ms",
+        f"merge / fp32 {REF}",
+        "merge peak extra",
+        "% of W",
+        "unmerge peak extra",
+        "% of W",
+    ]
     ref_ms = next((r.timings.median_ms(f"{REF}.merge") for r in results if REF in r.variants), None)
     rows = []
     for res in results:
         t = res.timings
         for n in res.variants:
             m_ms = t.median_ms(f"{n}.merge")
-            rows.append([
-                str(res.dtype).replace("torch.", ""),
-                n,
-                str(t.rounds),
-                fmt_ms(m_ms),
-                fmt_ms(t.median_ms(f"{n}.unmerge")),
-                f"{m_ms / ref_ms:.2f}" if ref_ms else "-",
-                f"{res.peak_merge[n] / MB:.1f} MB",
-                f"{100 * res.peak_merge[n] / res.weight_bytes:.1f}%",
-                f"{res.peak_unmerge[n] / MB:.1f} MB",
-                f"{100 * res.peak_unmerge[n] / res.weight_bytes:.1f}%",
-            ])
+            rows.append(
+                [
+                    str(res.dtype).replace("torch.", ""),
+                    n,
+                    str(t.rounds),
+                    fmt_ms(m_ms),
+                    fmt_ms(t.median_ms(f"{n}.unmerge")),
+                    f"{m_ms / ref_ms:.2f}" if ref_ms else "-",
+                    f"{res.peak_merge[n] / MB:.1f} MB",
+                    f"{100 * res.peak_merge[n] / res.weight_bytes:.1f}%",
+                    f"{res.peak_unmerge[n] / MB:.1f} MB",
+                    f"{100 * res.peak_unmerge[n] / res.weight_bytes:.1f}%",
+                ]
+            )
     return md_table(headers, rows)
 
 
@@ -444,11 +460,17 @@ def log(msg: str) -> None:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: small shapes only, few rounds")
-    ap.add_argument("--shapes", nargs="+", type=Shape.parse, metavar="NxINxOUTxR",
-                    help="shapes to run (default: the four standard ones; --quick: the two small ones)")
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        type=Shape.parse,
+        metavar="NxINxOUTxR",
+        help="shapes to run (default: the four standard ones; --quick: the two small ones)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="measuring seconds per case after warm-up (default 20; --quick 1)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="measuring seconds per case after warm-up (default 20; --quick 1)"
+    )
     ap.add_argument("--no-merge", action="store_true", help="skip the merge section")
     return ap.parse_args(argv)
 
@@ -508,8 +530,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(md_table(["", ""], machine_info(args.threads)))
     print()
-    print("fp32, CPU, bias-free frozen base, lora_alpha = 2r, random A and B. Times are medians over "
-          "interleaved rounds; `a / b` is the median of per-round time ratios (< 1: a is faster).")
+    print(
+        "fp32, CPU, bias-free frozen base, lora_alpha = 2r, random A and B. Times are medians over "
+        "interleaved rounds; `a / b` is the median of per-round time ratios (< 1: a is faster)."
+    )
     print()
     print("## 1. Forward, eval mode, torch.no_grad()")
     print()
@@ -528,8 +552,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print()
         print(merge_table(merges))
         print()
-        print(f"`{REF}` is the in-place reference `W.addmm_(B, A, alpha=±s)` (fp32 only). Peak extra memory is "
-              "the peak of allocations minus frees seen by the torch profiler during one call.")
+        print(
+            f"`{REF}` is the in-place reference `W.addmm_(B, A, alpha=±s)` (fp32 only). Peak extra memory is "
+            "the peak of allocations minus frees seen by the torch profiler during one call."
+        )
     log(f"done in {time.perf_counter() - t_start:.1f} s")
 
 

@@ -26,6 +26,7 @@ and every figure is reported as the range over rounds. Step time: the median of 
 (``dev/lora_ext_dev/seed_methods.py``'s PeakRSS); LoRA's own memory is the variant's increase minus the floor's.
 This VM's whole-model steps vary by +-15% between runs: read ratios from the same round only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("floor", "peft", "lora_ext", "peft+ckpt", "lora_ext+ckpt", "lora_ext+bf16", "lora_ext+int8",
-            "floor+compile", "peft+compile", "lora_ext+compile", "full", "full+compile")
+VARIANTS = (
+    "floor",
+    "peft",
+    "lora_ext",
+    "peft+ckpt",
+    "lora_ext+ckpt",
+    "lora_ext+bf16",
+    "lora_ext+int8",
+    "floor+compile",
+    "peft+compile",
+    "lora_ext+compile",
+    "full",
+    "full+compile",
+)
 ROWS, SEQ, LR, SEED = 4, 128, 2e-4, 0
 
 
@@ -73,8 +86,9 @@ def _setup(variant: str, model, dropout: float):
     if base == "lora_ext":
         import lora_ext
 
-        lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                            target_modules=TARGETS))
+        lora_ext.inject_adapter(
+            model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS)
+        )
         return model, [p for p in model.parameters() if p.requires_grad]
     raise ValueError(f"bench_model: expected a variant in {VARIANTS}, got {variant!r}")
 
@@ -135,8 +149,15 @@ def child(variant: str, dropout: float, steps: int, warmup: int, threads: int) -
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     peak = rss.stop()
-    return dict(variant=variant, dropout=dropout, step_s=statistics.median(times[warmup:]), times=times,
-                losses=losses, peak_rss_increase=peak, trainable=sum(p.numel() for p in params))
+    return dict(
+        variant=variant,
+        dropout=dropout,
+        step_s=statistics.median(times[warmup:]),
+        times=times,
+        losses=losses,
+        peak_rss_increase=peak,
+        trainable=sum(p.numel() for p in params),
+    )
 
 
 def _category(stack: list) -> str:
@@ -145,16 +166,21 @@ def _category(stack: list) -> str:
     mods = [type(m).__module__ for m in stack]
     if any(n == "LoraLinear" or (n == "Linear" and "peft" in mod) for n, mod in zip(names, mods)):
         return "LoRA layers (inputs for the A gradient, dropout, h)"
-    for key, label in (("RMSNorm", "norms"), ("Attention", "attention (q/k/v, softmax)"), ("MLP", "MLP (gate/up/act)"),
-                       ("Embedding", "embeddings")):
+    for key, label in (
+        ("RMSNorm", "norms"),
+        ("Attention", "attention (q/k/v, softmax)"),
+        ("MLP", "MLP (gate/up/act)"),
+        ("Embedding", "embeddings"),
+    ):
         if any(key in n for n in names[-1:]) or (names and key in names[-1]):
             return label
     if any("Attention" in n for n in names):
         return "attention (q/k/v, softmax)"
     if any("MLP" in n for n in names):
         return "MLP (gate/up/act)"
-    return "head, logits and loss" if not names or names[-1] in ("Linear", "LlamaForCausalLM") else \
-        f"other ({names[-1]})"
+    return (
+        "head, logits and loss" if not names or names[-1] in ("Linear", "LlamaForCausalLM") else f"other ({names[-1]})"
+    )
 
 
 def breakdown(variant: str, dropout: float, threads: int) -> dict:
@@ -219,28 +245,48 @@ def allocator_peak(variant: str, dropout: float, threads: int, steps: int = 2) -
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
-              and e["args"].get("Device Type", 0) == 0]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    ]
     return max(totals, default=0)
 
 
 def _run(variant: str, dropout: float, steps: int, warmup: int, threads: int) -> dict:
     from lora_ext_dev import timing
 
-    return timing.run_child(__file__, ["--child", variant, "--dropout", str(dropout), "--steps", str(steps),
-                                       "--warmup", str(warmup), "--threads", str(threads)],
-                            f"bench_model: {variant} (dropout {dropout})")
+    return timing.run_child(
+        __file__,
+        [
+            "--child",
+            variant,
+            "--dropout",
+            str(dropout),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--threads",
+            str(threads),
+        ],
+        f"bench_model: {variant} (dropout {dropout})",
+    )
 
 
 def _range(values: list[float], fmt: str) -> str:
     lo, hi = min(values), max(values)
-    return fmt.format(lo) if len(values) == 1 or fmt.format(lo) == fmt.format(hi) else \
-        f"{fmt.format(lo)}–{fmt.format(hi)}"
+    return (
+        fmt.format(lo) if len(values) == 1 or fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+    )
 
 
 def table(rounds: list[dict], variants: list[str], dropouts: list[float]) -> str:
-    lines = ["| variant | dropout | step (s) | / PEFT | / floor | peak RSS above the model | above the floor | "
-             "/ PEFT's above the floor |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | dropout | step (s) | / PEFT | / floor | peak RSS above the model | above the floor | "
+        "/ PEFT's above the floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in dropouts:
         for v in variants:
             if v == "floor" and p != dropouts[0]:
@@ -258,14 +304,17 @@ def table(rounds: list[dict], variants: list[str], dropouts: list[float]) -> str
             if above and pefts and v != "floor":
                 peft_above = [y["peak_rss_increase"] - f["peak_rss_increase"] for y, f in zip(pefts, floors)]
                 ratio = _range([a / b for a, b in zip(above, peft_above) if b > 0], "{:.2f}x")
-            lines.append(f"| {v} | {p if v != 'floor' else '-'} | {step} | {vs_peft} | {vs_floor} | {mem} | "
-                         f"{above_s} | {ratio} |")
+            lines.append(
+                f"| {v} | {p if v != 'floor' else '-'} | {step} | {vs_peft} | {vs_floor} | {mem} | "
+                f"{above_s} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
 def _print_breakdown(threads: int) -> None:
-    runs = [("floor", 0.0)] + [(v, p) for p in (0.0, 0.05)
-                               for v in ("peft", "lora_ext", "lora_ext+bf16", "lora_ext+int8")]
+    runs = [("floor", 0.0)] + [
+        (v, p) for p in (0.0, 0.05) for v in ("peft", "lora_ext", "lora_ext+bf16", "lora_ext+int8")
+    ]
     got = []
     for v, p in runs:
         cmd = [sys.executable, "-P", __file__, "--breakdown", v, "--dropout", str(p), "--threads", str(threads)]
@@ -275,9 +324,11 @@ def _print_breakdown(threads: int) -> None:
         got.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{v} (dropout {p}): allocator peak +{got[-1]['allocator_peak'] / 2**20:.1f} MiB", flush=True)
     cats = sorted({c for g in got for c in g["bytes"]})
-    print("\nMiB saved for backward in one step (unique storages, parameters excluded), plus gradients and AdamW "
-          "state; and the CPU allocator's peak over the first 2 steps above the loaded model; batch 4 x 128, "
-          "fp32\n")
+    print(
+        "\nMiB saved for backward in one step (unique storages, parameters excluded), plus gradients and AdamW "
+        "state; and the CPU allocator's peak over the first 2 steps above the loaded model; batch 4 x 128, "
+        "fp32\n"
+    )
     print("| | " + " | ".join(f"{g['variant']} (dropout {g['dropout']})" for g in got) + " |")
     print("|---|" + "---|" * len(got))
     for c in cats:
@@ -285,8 +336,11 @@ def _print_breakdown(threads: int) -> None:
     floor = next(g for g in got if g["variant"] == "floor")
 
     def above(g, key):
-        return (sum(g["bytes"].values()) - sum(floor["bytes"].values())) if key == "saved" else \
-            g["allocator_peak"] - floor["allocator_peak"]
+        return (
+            (sum(g["bytes"].values()) - sum(floor["bytes"].values()))
+            if key == "saved"
+            else g["allocator_peak"] - floor["allocator_peak"]
+        )
 
     print("| **saved total** | " + " | ".join(f"{sum(g['bytes'].values()) / 2**20:.1f}" for g in got) + " |")
     print("| **allocator peak** | " + " | ".join(f"{g['allocator_peak'] / 2**20:.1f}" for g in got) + " |")
@@ -341,18 +395,24 @@ def main() -> None:
         got = {}
         for v, p in order:
             got[(v, p)] = _run(v, p, args.steps, args.warmup, args.threads)
-            print(f"round {r + 1}: {v:14s} dropout {p}: {got[(v, p)]['step_s']:.2f} s/step, peak RSS +"
-                  f"{got[(v, p)]['peak_rss_increase'] / 2**30:.2f} GiB", flush=True)
+            print(
+                f"round {r + 1}: {v:14s} dropout {p}: {got[(v, p)]['step_s']:.2f} s/step, peak RSS +"
+                f"{got[(v, p)]['peak_rss_increase'] / 2**30:.2f} GiB",
+                flush=True,
+            )
         rounds.append(got)
-    print(f"\nSmolLM2-135M fp32, LoRA r=8 on {len(TARGETS)} projections, batch {ROWS}x{SEQ}, AdamW, "
-          f"{args.threads} threads; {args.rounds} round(s) of {args.steps} steps ({args.warmup} untimed), "
-          f"{time.time() - start:.0f} s\n")
+    print(
+        f"\nSmolLM2-135M fp32, LoRA r=8 on {len(TARGETS)} projections, batch {ROWS}x{SEQ}, AdamW, "
+        f"{args.threads} threads; {args.rounds} round(s) of {args.steps} steps ({args.warmup} untimed), "
+        f"{time.time() - start:.0f} s\n"
+    )
     if rounds:
         print(table(rounds, variants, dropouts))
     result = {"rounds": [{f"{v}@{p}": x for (v, p), x in r.items()} for r in rounds], "args": vars(args)}
     if args.curve:
-        curves = {v: _run(v, 0.05, args.curve, 0, args.threads)["losses"]
-                  for v in ("peft", "lora_ext", "lora_ext+int8")}
+        curves = {
+            v: _run(v, 0.05, args.curve, 0, args.threads)["losses"] for v in ("peft", "lora_ext", "lora_ext+int8")
+        }
         print(f"\nloss curves over {args.curve} steps (dropout 0.05, same seed and data)\n")
         print("| step | " + " | ".join(curves) + " |")
         print("|---|" + "---|" * len(curves))

@@ -46,12 +46,12 @@ to load drifting over the run.
 Correctness guard (reported, not asserted): before timing, ``max|multi-peft|`` over the whole
 output and ``max|multi-f64|`` against a float64 per-row reference on a few rows.
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import math
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -63,7 +63,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_ext  # registers torch.ops.lora_ext.*
-
 from lora_ext_dev.timing import Budget, Timings, Variant, fmt_ms, machine_info, md_table, run_interleaved  # noqa: E402
 
 try:
@@ -175,8 +174,10 @@ def build(case: Case) -> Setup:
     peft_model, names = None, [f"a{i}" for i in ids_seq.tolist()]
     if HAVE_PEFT:
         holder = nn.Sequential(OrderedDict(lin=lin))
-        cfg = lambda: LoraConfig(r=R, lora_alpha=LORA_ALPHA, target_modules=["lin"],  # noqa: E731
-                                 init_lora_weights=False)
+
+        def cfg():
+            return LoraConfig(r=R, lora_alpha=LORA_ALPHA, target_modules=["lin"], init_lora_weights=False)
+
         peft_model = get_peft_model(holder, cfg(), adapter_name="a0")
         for i in range(1, n):
             peft_model.add_adapter(f"a{i}", cfg())
@@ -189,8 +190,25 @@ def build(case: Case) -> Setup:
         assert layer.base_layer is lin  # PEFT wraps (shares) the same base linear
         peft_model.eval()
 
-    return Setup(x, lin, W, b, A_stack, Bt_stack, B_stack, scales, ids_seq, adapter_ids, order, offsets,
-                 A_stack[0].contiguous(), B_stack[0].contiguous(), scale, peft_model, names)
+    return Setup(
+        x,
+        lin,
+        W,
+        b,
+        A_stack,
+        Bt_stack,
+        B_stack,
+        scales,
+        ids_seq,
+        adapter_ids,
+        order,
+        offsets,
+        A_stack[0].contiguous(),
+        B_stack[0].contiguous(),
+        scale,
+        peft_model,
+        names,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,7 +216,8 @@ def build(case: Case) -> Setup:
 # ----------------------------------------------------------------------------------------
 def multi_op(s: Setup, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch.ops.lora_ext.lora_linear_multi.default(
-        s.x, s.W, s.b, s.A_stack, s.B_stack, s.scales, s.adapter_ids, 0.0, False, order, offsets)
+        s.x, s.W, s.b, s.A_stack, s.B_stack, s.scales, s.adapter_ids, 0.0, False, order, offsets
+    )
 
 
 def reference_rows(s: Setup, rows: torch.Tensor) -> torch.Tensor:
@@ -256,9 +275,24 @@ def bench_case(case: Case, budget: Budget) -> Result:
 # ----------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------
-HEADERS = ["case", "n_adapters", "distribution", "tokens", "rounds", "linear ms", "single ms", "multi ms",
-           "multi+group ms", "peft ms", "multi/linear", "single/linear", "multi/single", "peft/linear",
-           "max|multi-peft|", "max|multi-f64|"]
+HEADERS = [
+    "case",
+    "n_adapters",
+    "distribution",
+    "tokens",
+    "rounds",
+    "linear ms",
+    "single ms",
+    "multi ms",
+    "multi+group ms",
+    "peft ms",
+    "multi/linear",
+    "single/linear",
+    "multi/single",
+    "peft/linear",
+    "max|multi-peft|",
+    "max|multi-f64|",
+]
 
 
 def result_row(res: Result) -> list[str]:
@@ -323,13 +357,16 @@ def parse_cases(text: str) -> list[str]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: small sizes, few rounds (< 1 min)")
-    ap.add_argument("--cases", type=parse_cases, default=["a", "b", "c"], metavar="a,b,c",
-                    help="which cases to run (default a,b,c)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="exactly this many measured rounds per case (default: time budget)")
+    ap.add_argument(
+        "--cases", type=parse_cases, default=["a", "b", "c"], metavar="a,b,c", help="which cases to run (default a,b,c)"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="exactly this many measured rounds per case (default: time budget)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="measuring seconds per case after warm-up (default 30; --quick 0.5)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="measuring seconds per case after warm-up (default 30; --quick 0.5)"
+    )
     return ap.parse_args(argv)
 
 
@@ -360,8 +397,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         t0 = time.perf_counter()
         res = bench_case(case, budget)
         results.append(res)
-        log(f"{case.group} {case.label} n={case.n_adapters} {case.dist} {case.seqs}x{case.tokens}: "
-            f"{res.timings.rounds} rounds, {time.perf_counter() - t0:.1f} s")
+        log(
+            f"{case.group} {case.label} n={case.n_adapters} {case.dist} {case.seqs}x{case.tokens}: "
+            f"{res.timings.rounds} rounds, {time.perf_counter() - t0:.1f} s"
+        )
         gc.collect()
 
     h = cases[0].hidden if cases else 0
@@ -369,17 +408,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(md_table(["", ""], machine_info(args.threads)))
     print()
-    print(f"fp32, CPU, eval, torch.no_grad(); nn.Linear({h}, {h}) with bias, r={R}, lora_alpha={LORA_ALPHA}, "
-          f"one adapter per sequence (uniform, or Zipf({ZIPF_S}) over adapter ranks). Times are medians over "
-          "interleaved rounds; `a/b` is the median of per-round time ratios (< 1: a is faster). "
-          "`multi` gets the grouping (lora_group_rows) precomputed once per batch; `multi+group` computes it "
-          "inside the timed call. `tokens` is sequences x tokens per sequence. `max|multi-f64|` is against a "
-          f"float64 per-row reference on {N_REF_ROWS} rows.")
+    print(
+        f"fp32, CPU, eval, torch.no_grad(); nn.Linear({h}, {h}) with bias, r={R}, lora_alpha={LORA_ALPHA}, "
+        f"one adapter per sequence (uniform, or Zipf({ZIPF_S}) over adapter ranks). Times are medians over "
+        "interleaved rounds; `a/b` is the median of per-round time ratios (< 1: a is faster). "
+        "`multi` gets the grouping (lora_group_rows) precomputed once per batch; `multi+group` computes it "
+        "inside the timed call. `tokens` is sequences x tokens per sequence. `max|multi-f64|` is against a "
+        f"float64 per-row reference on {N_REF_ROWS} rows."
+    )
     print()
     print(md_table(HEADERS, [result_row(r) for r in results]))
     print()
-    print("Targets: multi <= 1.03x linear in (a), <= 1.05x linear in (b) and (c); "
-          "multi not slower than single by more than 2% in (a).")
+    print(
+        "Targets: multi <= 1.03x linear in (a), <= 1.05x linear in (b) and (c); "
+        "multi not slower than single by more than 2% in (a)."
+    )
     print()
     for line in target_lines(results):
         print(line)

@@ -21,6 +21,7 @@ Modes (each prints a markdown table; figures are measured, nothing is asserted):
 
     bash scripts/run.sh benchmarks/bench_quantized.py [--rounds 5] [--ppl] [--llama1b] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ ROWS, SEQ, LR = 4, 128, 2e-4
 
 def load(variant: str, tiny: bool = False):
     """(model, tokenizer) of a variant, in eval mode, nothing trainable yet."""
-    from lora_ext_dev import smollm2
-
     import lora_ext
     from lora_ext.quant.gguf import load_gguf_llama
+    from lora_ext_dev import smollm2
+
     if tiny:
         return _tiny(variant), None
     if variant == "q4_1":
@@ -66,6 +67,7 @@ def _tokenizer():
     from transformers import AutoTokenizer
 
     from lora_ext_dev import smollm2
+
     return AutoTokenizer.from_pretrained(smollm2.cache_dir())
 
 
@@ -74,9 +76,18 @@ def _tiny(variant: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lora_ext
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     if variant != "fp32":
         lora_ext.quantize_linear_layers(model, "q4_1" if variant == "q4_1" else variant)
     return model.eval()
@@ -97,12 +108,14 @@ def batches(tok, n: int, vocab: int, tiny: bool) -> list[torch.Tensor]:
     if tiny:
         return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
     from lora_ext_dev import llm_train
+
     windows = llm_train.task_data(tok, "docs", SEQ, eval_windows=1)["train"]
     return [windows[torch.randint(0, len(windows), (ROWS,), generator=g)] for _ in range(n)]
 
 
 def with_lora(model):
     import lora_ext
+
     torch.manual_seed(0)
     lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     model.train()
@@ -125,12 +138,15 @@ def child_memory(variant: str, steps: int, tiny: bool) -> dict:
     import gc
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-
     import gguf  # noqa: F401  (imports first: the figures count the model and its training, not modules)
-    from lora_ext_dev import llm_train  # noqa: F401
-    from lora_ext_dev import seed_methods
+    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
+    from lora_ext_dev import (
+        llm_train,  # noqa: F401
+        seed_methods,
+    )
+
     rss = seed_methods.PeakRSS()
     before = rss.rss()
     model, tok = load(variant, tiny)
@@ -147,10 +163,22 @@ def child_memory(variant: str, steps: int, tiny: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    alloc = max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
-                 and e["args"].get("Device Type", 0) == 0), default=0)
-    return dict(variant=variant, base_bytes=held, loaded_rss=loaded - before, peak_rss=peak - before,
-                alloc_peak=alloc, losses=losses)
+    alloc = max(
+        (
+            e["args"]["Total Allocated"]
+            for e in events
+            if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+        ),
+        default=0,
+    )
+    return dict(
+        variant=variant,
+        base_bytes=held,
+        loaded_rss=loaded - before,
+        peak_rss=peak - before,
+        alloc_peak=alloc,
+        losses=losses,
+    )
 
 
 def run_child(args: list[str], mmap_threshold: bool = True) -> dict:
@@ -209,16 +237,25 @@ def main_default(args) -> None:
     variants = args.variants.split(",")
     if not args.quick:
         from lora_ext_dev import smollm2
+
         smollm2.load_smollm2()  # builds the cache the children read the tokenizer from
-    mem = {v: run_child(["--child", v, "--steps", str(args.mem_steps)] + (["--quick"] if args.quick else []),
-                        not args.glibc_default) for v in variants}
+    mem = {
+        v: run_child(
+            ["--child", v, "--steps", str(args.mem_steps)] + (["--quick"] if args.quick else []), not args.glibc_default
+        )
+        for v in variants
+    }
     sp = speed(variants, args.rounds, args.quick)
     f = mem.get("fp32")
-    print(f"\n## bench_quantized: SmolLM2-135M{' (--quick: tiny random LLaMA)' if args.quick else ''}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
-    print("| base | bytes/weight (projections) | base weights MB | × fp32 | RSS loaded MB | peak RSS MB (train) "
-          "| × fp32 | weights + allocator peak MB | × fp32 | step s | step × fp32 | decode ms/token "
-          "| decode × fp32 |")
+    print(
+        f"\n## bench_quantized: SmolLM2-135M{' (--quick: tiny random LLaMA)' if args.quick else ''}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n"
+    )
+    print(
+        "| base | bytes/weight (projections) | base weights MB | × fp32 | RSS loaded MB | peak RSS MB (train) "
+        "| × fp32 | weights + allocator peak MB | × fp32 | step s | step × fp32 | decode ms/token "
+        "| decode × fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bpw = {"fp32": 4.0, "q4_1": 20 / 32, "int8": 1 + 4 / 1536, "nf4": 0.5 + 4 / 64, "q4_0": 18 / 32}
     for v in variants:
@@ -226,13 +263,15 @@ def main_default(args) -> None:
         rounds = sp[v]
         step_ratio = [s / sp["fp32"][i][0] for i, (s, _) in enumerate(rounds)] if "fp32" in sp else [1]
         dec_ratio = [d / sp["fp32"][i][1] for i, (_, d) in enumerate(rounds)] if "fp32" in sp else [1]
-        print(f"| {v} | {bpw.get(v, 0):.3f} | {m['base_bytes'] / 2**20:.0f} | "
-              f"{m['base_bytes'] / f['base_bytes']:.3f} | {m['loaded_rss'] / 2**20:.0f} | "
-              f"{m['peak_rss'] / 2**20:.0f} | "
-              f"{m['peak_rss'] / f['peak_rss']:.2f} | {(m['base_bytes'] + m['alloc_peak']) / 2**20:.0f} | "
-              f"{(m['base_bytes'] + m['alloc_peak']) / (f['base_bytes'] + f['alloc_peak']):.2f} | "
-              f"{_range([s for s, _ in rounds])} | {_range(step_ratio)} | "
-              f"{_range([d * 1e3 for _, d in rounds], '{:.1f}')} | {_range(dec_ratio)} |")
+        print(
+            f"| {v} | {bpw.get(v, 0):.3f} | {m['base_bytes'] / 2**20:.0f} | "
+            f"{m['base_bytes'] / f['base_bytes']:.3f} | {m['loaded_rss'] / 2**20:.0f} | "
+            f"{m['peak_rss'] / 2**20:.0f} | "
+            f"{m['peak_rss'] / f['peak_rss']:.2f} | {(m['base_bytes'] + m['alloc_peak']) / 2**20:.0f} | "
+            f"{(m['base_bytes'] + m['alloc_peak']) / (f['base_bytes'] + f['alloc_peak']):.2f} | "
+            f"{_range([s for s, _ in rounds])} | {_range(step_ratio)} | "
+            f"{_range([d * 1e3 for _, d in rounds], '{:.1f}')} | {_range(dec_ratio)} |"
+        )
     print("\nlosses of the memory runs:", {v: [round(x, 4) for x in mem[v]["losses"]] for v in variants})
 
 
@@ -240,12 +279,14 @@ def main_ppl(args) -> None:
     from lora_ext_dev import load_example
 
     finetune_llm = load_example("finetune_llm")
+    import lora_ext
     from lora_ext_dev import llm_train
 
-    import lora_ext
     ma = finetune_llm.parse_args([])
-    print(f"\n## held-out perplexity after the main job's budget ({ma.steps} steps, {ma.rows}+{ma.rows} rows, "
-          f"seq {ma.seq_len}, r={ma.r}, dropout {ma.dropout})\n")
+    print(
+        f"\n## held-out perplexity after the main job's budget ({ma.steps} steps, {ma.rows}+{ma.rows} rows, "
+        f"seq {ma.seq_len}, r={ma.r}, dropout {ma.dropout})\n"
+    )
     print("| base | docs ppl (base → adapter) | code ppl (base → adapter) | train s/step |")
     print("|---|---|---|---|")
     for v in args.variants.split(","):
@@ -257,14 +298,26 @@ def main_ppl(args) -> None:
             lora_ext.add_adapter(model, llm_train.lora_config(ma), t)
         lora_ext.set_adapter(model, list(finetune_llm.TASKS))
         start = time.perf_counter()
-        llm_train.train_per_row(model, {t: data[t]["train"] for t in finetune_llm.TASKS}, steps=ma.steps,
-                                rows=ma.rows, lr=ma.lr, seed=ma.seed, progress=False)
+        llm_train.train_per_row(
+            model,
+            {t: data[t]["train"] for t in finetune_llm.TASKS},
+            steps=ma.steps,
+            rows=ma.rows,
+            lr=ma.lr,
+            seed=ma.seed,
+            progress=False,
+        )
         per = (time.perf_counter() - start) / ma.steps
         after = llm_train.perplexity(model, held, desc="adapters")
-        base_t = {t: llm_train.perplexity(model, {lora_ext.BASE: held[t]}, desc="base")[lora_ext.BASE]
-                  for t in finetune_llm.TASKS}
-        print(f"| {v} | {base_t['docs']:.2f} → {after['docs']:.2f} | {base_t['code']:.2f} → {after['code']:.2f} "
-              f"| {per:.2f} |", flush=True)
+        base_t = {
+            t: llm_train.perplexity(model, {lora_ext.BASE: held[t]}, desc="base")[lora_ext.BASE]
+            for t in finetune_llm.TASKS
+        }
+        print(
+            f"| {v} | {base_t['docs']:.2f} → {after['docs']:.2f} | {base_t['code']:.2f} → {after['code']:.2f} "
+            f"| {per:.2f} |",
+            flush=True,
+        )
 
 
 def child_1b(variant: str, steps: int) -> dict:
@@ -273,12 +326,21 @@ def child_1b(variant: str, steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lora_ext
-    from lora_ext_dev import seed_methods
     from lora_ext.quant import quantize
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    from lora_ext_dev import seed_methods
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
     import ctypes
     import gc
+
     rss = seed_methods.PeakRSS()
     before = rss.rss()
     torch.manual_seed(0)
@@ -312,20 +374,23 @@ def child_1b(variant: str, steps: int) -> dict:
         train_step(model, opt, ids)
         times.append(time.perf_counter() - start)
     peak = rss.stop() + rss.before
-    return dict(variant=variant, base_bytes=held, loaded_rss=rss.before - before, peak_rss=peak - before,
-                times=times)
+    return dict(variant=variant, base_bytes=held, loaded_rss=rss.before - before, peak_rss=peak - before, times=times)
 
 
 def main_1b(args) -> None:
     res = [run_child(["--child-1b", v, "--steps", "3"]) for v in ("fp32", "q4_0", "nf4", "int8")]
-    print("\n## 1B-class LLaMA (TinyLlama-1.1B shape), RANDOM weights: memory and speed only; r=8 on the 7 "
-          "projections, batch 1 x 128, 3 steps; embedding and lm_head stay fp32\n")
+    print(
+        "\n## 1B-class LLaMA (TinyLlama-1.1B shape), RANDOM weights: memory and speed only; r=8 on the 7 "
+        "projections, batch 1 x 128, 3 steps; embedding and lm_head stay fp32\n"
+    )
     print("| base | base weights MB | RSS built MB | peak RSS MB (train) | × fp32 | step s (last) |")
     print("|---|---|---|---|---|---|")
     for r in res:
-        print(f"| {r['variant']} | {r['base_bytes'] / 2**20:.0f} | {r['loaded_rss'] / 2**20:.0f} | "
-              f"{r['peak_rss'] / 2**20:.0f} | "
-              f"{r['peak_rss'] / res[0]['peak_rss']:.2f} | {r['times'][-1]:.1f} |")
+        print(
+            f"| {r['variant']} | {r['base_bytes'] / 2**20:.0f} | {r['loaded_rss'] / 2**20:.0f} | "
+            f"{r['peak_rss'] / 2**20:.0f} | "
+            f"{r['peak_rss'] / res[0]['peak_rss']:.2f} | {r['times'][-1]:.1f} |"
+        )
 
 
 def main() -> None:
@@ -334,8 +399,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--glibc-default", action="store_true",
-                   help="memory children without MALLOC_MMAP_THRESHOLD_=131072 (RSS then includes glibc's retention)")
+    p.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="memory children without MALLOC_MMAP_THRESHOLD_=131072 (RSS then includes glibc's retention)",
+    )
     p.add_argument("--ppl", action="store_true")
     p.add_argument("--llama1b", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny random LLaMA, 1 round (CI's smoke run)")

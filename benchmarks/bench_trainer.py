@@ -15,12 +15,12 @@ built (sampled every 5 ms); the logged loss of every step. Prints a Markdown tab
 
     bash scripts/run.sh benchmarks/bench_trainer.py [--rounds 3] [--steps 12] [--out results.json]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -45,28 +45,28 @@ def _model(variant: str, model):
         model.enable_input_require_grads()
         return model
     if variant == "lora_ext":
-        return lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                                   target_modules="all-linear"))
+        return lora_ext.inject_adapter(
+            model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+        )
     lora_ext.integrations.peft.use_lora_ext(variant == "peft+lora_ext")
-    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                      target_modules="all-linear"))
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    )
 
 
 def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
     import datasets
-    from lora_ext_dev import seed_methods
-    from lora_ext_dev import smollm2
     import trl
     from transformers import TrainerCallback
 
-    from lora_ext_dev import llm_train
+    from lora_ext_dev import llm_train, seed_methods, smollm2
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tokenizer = smollm2.load_smollm2(torch.float32)
     windows = llm_train.task_data(tokenizer, "docs", SEQ, 1)["train"]
     g = torch.Generator().manual_seed(0)
-    chosen = windows[torch.randperm(len(windows), generator=g)[:ROWS * steps]]
+    chosen = windows[torch.randperm(len(windows), generator=g)[: ROWS * steps]]
     model = _model(variant, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     times = []
@@ -78,25 +78,49 @@ def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    args = trl.SFTConfig(output_dir="/tmp/bench_trainer_out", max_steps=steps, per_device_train_batch_size=ROWS,
-                         learning_rate=LR, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                         use_cpu=True, disable_tqdm=True)
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[StepTimer()],
-                             train_dataset=datasets.Dataset.from_dict({"input_ids": chosen.tolist()}))
+    args = trl.SFTConfig(
+        output_dir="/tmp/bench_trainer_out",
+        max_steps=steps,
+        per_device_train_batch_size=ROWS,
+        learning_rate=LR,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+        train_dataset=datasets.Dataset.from_dict({"input_ids": chosen.tolist()}),
+    )
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     rss = seed_methods.PeakRSS().start()
     trainer.train()
     peak = rss.stop()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return dict(variant=variant, step_s=statistics.median(times[warmup:]), times=times, losses=losses,
-                peak_rss_increase=peak, trainable=trainable, bf16=args.bf16)
+    return dict(
+        variant=variant,
+        step_s=statistics.median(times[warmup:]),
+        times=times,
+        losses=losses,
+        peak_rss_increase=peak,
+        trainable=trainable,
+        bf16=args.bf16,
+    )
 
 
 def _run(variant: str, steps: int, warmup: int, threads: int) -> dict:
     from lora_ext_dev import timing
 
-    return timing.run_child(__file__, ["--child", variant, "--steps", str(steps), "--warmup", str(warmup),
-                                       "--threads", str(threads)], f"bench_trainer: {variant}")
+    return timing.run_child(
+        __file__,
+        ["--child", variant, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)],
+        f"bench_trainer: {variant}",
+    )
 
 
 def _range(values: list[float], fmt: str) -> str:
@@ -105,8 +129,11 @@ def _range(values: list[float], fmt: str) -> str:
 
 
 def table(rounds: list[dict], variants: list[str]) -> str:
-    lines = ["| variant | trainable | step (s) | / PEFT | / floor | / native lora_ext | peak RSS above the model | "
-             "/ PEFT's | loss vs PEFT's, max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | trainable | step (s) | / PEFT | / floor | / native lora_ext | peak RSS above the model | "
+        "/ PEFT's | loss vs PEFT's, max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for v in variants:
         rows = [r[v] for r in rounds]
 
@@ -115,13 +142,20 @@ def table(rounds: list[dict], variants: list[str]) -> str:
                 return "-"
             return _range([x[key] / r[other][key] for x, r in zip(rows, rounds)], "{:.2f}x")
 
-        loss = "-" if v == "peft" or "peft" not in variants or v == "floor" else _range(
-            [max(abs(a - b) for a, b in zip(x["losses"], r["peft"]["losses"])) for x, r in zip(rows, rounds)],
-            "{:.3f}")
-        lines.append(f"| {v} | {rows[0]['trainable']:,} | {_range([x['step_s'] for x in rows], '{:.2f}')} | "
-                     f"{ratio('peft')} | {ratio('floor')} | {ratio('lora_ext')} | "
-                     f"{_range([x['peak_rss_increase'] / 2**20 for x in rows], '{:.0f} MiB')} | "
-                     f"{ratio('peft', 'peak_rss_increase') if v != 'floor' else '-'} | {loss} |")
+        loss = (
+            "-"
+            if v == "peft" or "peft" not in variants or v == "floor"
+            else _range(
+                [max(abs(a - b) for a, b in zip(x["losses"], r["peft"]["losses"])) for x, r in zip(rows, rounds)],
+                "{:.3f}",
+            )
+        )
+        lines.append(
+            f"| {v} | {rows[0]['trainable']:,} | {_range([x['step_s'] for x in rows], '{:.2f}')} | "
+            f"{ratio('peft')} | {ratio('floor')} | {ratio('lora_ext')} | "
+            f"{_range([x['peak_rss_increase'] / 2**20 for x in rows], '{:.0f} MiB')} | "
+            f"{ratio('peft', 'peak_rss_increase') if v != 'floor' else '-'} | {loss} |"
+        )
     return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ the report, markdown, to stdout):
    counting mode: per step the slower rank, median of the steps after the first. 2 gloo ranks on a
    shared 2-core VM: noisy, and the ranks compete for the cores with each other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_ext_dev.dist_harness import run_ranks  # forked gloo ranks
-
 import lora_ext  # noqa: E402
 from lora_ext import LoraConfig  # noqa: E402
+from lora_ext_dev.dist_harness import run_ranks  # forked gloo ranks
 
 D, HEAD_DIM, FF, R, WORLD = 256, 64, 1024, 8, 2
 TARGETS = ["q", "k", "v", "o", "up", "down"]
@@ -163,8 +163,12 @@ def kind_of(name: str) -> str:
     flat = name.replace("_", "")
     for kind in ("allreduce", "allgather", "reducescatter", "broadcast", "scatter", "alltoall"):
         if kind in flat:
-            return {"allreduce": "all-reduce", "allgather": "all-gather", "reducescatter": "reduce-scatter",
-                    "alltoall": "all-to-all"}.get(kind, kind)
+            return {
+                "allreduce": "all-reduce",
+                "allgather": "all-gather",
+                "reducescatter": "reduce-scatter",
+                "alltoall": "all-to-all",
+            }.get(kind, kind)
     return name
 
 
@@ -191,8 +195,11 @@ class Collectives(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
         ns, name = func.namespace, func._schema.name.split("::")[-1]
-        if ns in ("c10d", "_c10d_functional") and not name.startswith(("wait", "_wrap")) \
-                and name not in ("barrier", "monitored_barrier"):
+        if (
+            ns in ("c10d", "_c10d_functional")
+            and not name.startswith(("wait", "_wrap"))
+            and name not in ("barrier", "monitored_barrier")
+        ):
             first = func._schema.arguments[0].name
             given = args[1] if ns == "c10d" and first.startswith("output") else args[0]
             self.log.append((self.phase, kind_of(name), sum(nbytes(t) for t in flat(given))))
@@ -272,8 +279,10 @@ def train(mode: str, rank: int, mesh, cfg: dict, *, count: bool, steps: int) -> 
             if mode == "ddp":
                 per_step.append({"hook": list(hook["all-reduce"]), "mode": comm.by_kind()})
             else:
-                per_step.append({"all": comm.by_kind(), "base": comm.by_kind(("forward", "backward"))}
-                                | {p: comm.by_kind((p,)) for p in ("forward", "backward", "reduce", "step")})
+                per_step.append(
+                    {"all": comm.by_kind(), "base": comm.by_kind(("forward", "backward"))}
+                    | {p: comm.by_kind((p,)) for p in ("forward", "backward", "reduce", "step")}
+                )
         if mode == "tp plain":
             break
     out = dict(times=times, comm=per_step, setup=setup)
@@ -392,10 +401,14 @@ def ms(times: list) -> str:
 def delta(runs: list, want: dict) -> str:
     """max |delta| after the SGD steps and at the end, over the runs (ranks) and every adapter element, and
     how many elements of a run are outside the tests' tolerance (rtol 1e-5, atol 1e-6) at the end."""
-    worst = [max(float((run[key][n] - w).abs().max()) for run in runs for n, w in want[key].items())
-             for key in ("after sgd", "trained")]
-    outside = max(sum(int((~torch.isclose(run["trained"][n], w, rtol=1e-5, atol=1e-6)).sum())
-                      for n, w in want["trained"].items()) for run in runs)
+    worst = [
+        max(float((run[key][n] - w).abs().max()) for run in runs for n, w in want[key].items())
+        for key in ("after sgd", "trained")
+    ]
+    outside = max(
+        sum(int((~torch.isclose(run["trained"][n], w, rtol=1e-5, atol=1e-6)).sum()) for n, w in want["trained"].items())
+        for run in runs
+    )
     return f"{worst[0]:.1e} / {worst[1]:.1e}" + (f" ({outside} †)" if outside else "")
 
 
@@ -403,30 +416,41 @@ def comm_table(ranks: list, cfg: dict, want: dict, control: dict, ref_times: lis
     r0 = ranks[0]
     timed = {m: [max(t) for t in zip(*(r[m]["timed"] for r in ranks))] for m in TRAINED}  # the slower rank
     sizes_cells = f"{B(sizes['trainable'])} | {B(sizes['total'])}"
-    lines = ["| mode | all-reduce | all-gather | reduce-scatter | trainable | total parameters "
-             "| max abs Δ vs 1 process | ms / step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | all-reduce | all-gather | reduce-scatter | trainable | total parameters "
+        "| max abs Δ vs 1 process | ms / step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     ddp = r0["ddp"]["comm"]
     if any(s["hook"] != ddp[0]["hook"] for s in ddp):
         notes.append(f"DDP: the bucket all-reduces differed between steps: {[s['hook'] for s in ddp]}")
     for step, s in enumerate(ddp):  # the dispatch mode sees DDP's all-reduces too, and whatever else DDP sends
         if s["mode"].get("all-reduce", []) != s["hook"] or set(s["mode"]) - {"all-reduce"}:
             extra = {k: B(sum(v)) for k, v in s["mode"].items() if k != "all-reduce"}
-            notes.append(f"DDP, step {step + 1}: the dispatch mode also saw {extra or s['mode']} (bucket "
-                         f"all-reduces: {B(sum(s['hook']))})")
-    lines.append(f"| DDP (each rank {cfg['batch'] // WORLD} sequences) | {B(sum(ddp[0]['hook']))} "
-                 f"({count(ddp[0]['hook'], 'bucket')}) | - | - | {sizes_cells} | "
-                 f"{delta([r['ddp'] for r in ranks], want)} | {ms(timed['ddp'])} |")
-    for mode, label in (("fsdp reshard", "FSDP2, `reshard_after_forward=True`"),
-                        ("fsdp keep", "FSDP2, `reshard_after_forward=False`")):
+            notes.append(
+                f"DDP, step {step + 1}: the dispatch mode also saw {extra or s['mode']} (bucket "
+                f"all-reduces: {B(sum(s['hook']))})"
+            )
+    lines.append(
+        f"| DDP (each rank {cfg['batch'] // WORLD} sequences) | {B(sum(ddp[0]['hook']))} "
+        f"({count(ddp[0]['hook'], 'bucket')}) | - | - | {sizes_cells} | "
+        f"{delta([r['ddp'] for r in ranks], want)} | {ms(timed['ddp'])} |"
+    )
+    for mode, label in (
+        ("fsdp reshard", "FSDP2, `reshard_after_forward=True`"),
+        ("fsdp keep", "FSDP2, `reshard_after_forward=False`"),
+    ):
         steps = r0[mode]["comm"]
         if any(s["all"] != steps[0]["all"] for s in steps):
             notes.append(f"{label}: steps differed: {[s['all'] for s in steps]}")
         c = steps[0]["all"]
         ag, rs, ar = c.get("all-gather", []), c.get("reduce-scatter", []), c.get("all-reduce", [])
         fwd, bwd = (len(steps[0][p].get("all-gather", [])) for p in ("forward", "backward"))
-        lines.append(f"| {label} | {B(sum(ar)) if ar else '-'} | {B(sum(ag))} ({fwd} gathers in forward, {bwd} in "
-                     f"backward) | {B(sum(rs))} ({count(rs, 'group')}) | {sizes_cells} | "
-                     f"{delta([r[mode] for r in ranks], want)} | {ms(timed[mode])} |")
+        lines.append(
+            f"| {label} | {B(sum(ar)) if ar else '-'} | {B(sum(ag))} ({fwd} gathers in forward, {bwd} in "
+            f"backward) | {B(sum(rs))} ({count(rs, 'group')}) | {sizes_cells} | "
+            f"{delta([r[mode] for r in ranks], want)} | {ms(timed[mode])} |"
+        )
         if set(c) - {"all-gather", "reduce-scatter", "all-reduce"}:
             notes.append(f"{label}: also {c}")
     plain = r0["tp plain"]["comm"][0]["base"].get("all-reduce", [])
@@ -439,69 +463,106 @@ def comm_table(ranks: list, cfg: dict, want: dict, control: dict, ref_times: lis
         notes.append(f"TP: forward/backward collectives with LoRA {tp['base']} differ from torch's plain TP's")
     if tp["step"] or set(tp["all"]) - {"all-reduce"}:
         notes.append(f"TP: also {tp}")
-    lines.append(f"| TP, torch's own collectives (the same model without LoRA, torch's Colwise/RowwiseParallel) | "
-                 f"{B(sum(plain))} ({len(plain)} x {B(plain[0]) if plain else '-'}) | - | - | - | "
-                 f"{B(sizes['total'] - sizes['trainable'])} | - | - |")
-    lines.append(f"| TP with LoRA (`LoraColwiseParallel` q/k/v/up, `LoraRowwiseParallel` o/down, "
-                 f"`reduce_replicated_grads`) | {B(sum(base) + sum(added))} = {B(sum(base))} forward/backward "
-                 f"+ **{B(sum(added))}** added by LoRA ({len(added)} x {B(added[0]) if added else '-'}) | - | - | "
-                 f"{sizes_cells} | {delta([r['tp'] for r in ranks], want)} | {ms(timed['tp'])} |")
+    lines.append(
+        f"| TP, torch's own collectives (the same model without LoRA, torch's Colwise/RowwiseParallel) | "
+        f"{B(sum(plain))} ({len(plain)} x {B(plain[0]) if plain else '-'}) | - | - | - | "
+        f"{B(sizes['total'] - sizes['trainable'])} | - | - |"
+    )
+    lines.append(
+        f"| TP with LoRA (`LoraColwiseParallel` q/k/v/up, `LoraRowwiseParallel` o/down, "
+        f"`reduce_replicated_grads`) | {B(sum(base) + sum(added))} = {B(sum(base))} forward/backward "
+        f"+ **{B(sum(added))}** added by LoRA ({len(added)} x {B(added[0]) if added else '-'}) | - | - | "
+        f"{sizes_cells} | {delta([r['tp'] for r in ranks], want)} | {ms(timed['tp'])} |"
+    )
     lines.append(f"| single process (1 thread, whole batch) | - | - | - | {sizes_cells} | 0 | {ms(ref_times)} |")
-    lines.append(f"| control: single process, gradient = mean of the two half-batch gradients | - | - | - | "
-                 f"{sizes_cells} | {delta([control], want)} | - |")
+    lines.append(
+        f"| control: single process, gradient = mean of the two half-batch gradients | - | - | - | "
+        f"{sizes_cells} | {delta([control], want)} | - |"
+    )
     return lines
 
 
 def save_table(ranks: list, files_single: dict) -> list:
-    lines = ["| gathering | all-gather inputs per rank | gathered (sum over ranks) | other collectives "
-             "| file = single-process save (sha256) |", "|---|---|---|---|---|"]
+    lines = [
+        "| gathering | all-gather inputs per rank | gathered (sum over ranks) | other collectives "
+        "| file = single-process save (sha256) |",
+        "|---|---|---|---|---|",
+    ]
     for mode, label in (("fsdp keep", "FSDP2"), ("tp", "TP")):
         identical = all(r[mode]["saves"]["files"] == files_single[mode] for r in ranks)
-        for key, what in (("save", f"collective `lora_ext.save_adapter` ({label} model)"),
-                          ("whole", f"`full_tensor()` of every parameter ({label} model)")):
+        for key, what in (
+            ("save", f"collective `lora_ext.save_adapter` ({label} model)"),
+            ("whole", f"`full_tensor()` of every parameter ({label} model)"),
+        ):
             c = ranks[0][mode]["saves"][key]
             gathered = sum(sum(r[mode]["saves"][key].get("all-gather", [])) for r in ranks)
             rest = ", ".join(f"{k} {B(sum(v))}" for k, v in c.items() if k != "all-gather") or "-"
             same = ("yes" if identical else "NO") if key == "save" else ""
-            lines.append(f"| {what} | {B(sum(c.get('all-gather', [])))} ({count(c.get('all-gather', []), 'tensor')}) "
-                         f"| {B(gathered)} | {rest} | {same} |")
+            lines.append(
+                f"| {what} | {B(sum(c.get('all-gather', [])))} ({count(c.get('all-gather', []), 'tensor')}) "
+                f"| {B(gathered)} | {rest} | {same} |"
+            )
     return lines
 
 
 def report(ranks: list, cfg: dict, ref: dict, control: dict, files_single: dict, elapsed: float) -> str:
     model = make_model()
-    sizes = {"total": sum(nbytes(p) for p in model.parameters()),
-             "trainable": sum(nbytes(p) for p in model.parameters() if p.requires_grad)}
+    sizes = {
+        "total": sum(nbytes(p) for p in model.parameters()),
+        "trainable": sum(nbytes(p) for p in model.parameters() if p.requires_grad),
+    }
     want = {"after sgd": ref["after sgd"], "trained": ref["trained"]}
     moved = max(float((w - ref["initial"][n]).abs().max()) for n, w in want["trained"].items())
     largest = max(float(w.abs().max()) for w in want["trained"].values())
-    vs_control = {m: max(float((r[m]["trained"][n] - w).abs().max())
-                         for r in ranks for n, w in control["trained"].items()) for m in TRAINED}
+    vs_control = {
+        m: max(float((r[m]["trained"][n] - w).abs().max()) for r in ranks for n, w in control["trained"].items())
+        for m in TRAINED
+    }
     notes: list[str] = []
-    lines = [f"2 pre-norm blocks (d={D}, 4 heads, MLP {FF}), LoRA r={R} on q/k/v/o/up/down, fp32: trainable "
-             f"{B(sizes['trainable'])}, total parameters {B(sizes['total'])} ({sizes['total'] // 4:,} parameters). "
-             f"Global batch {cfg['batch']} x {cfg['seq']} tokens; {cfg['sgd_steps']} SGD + "
-             f"{cfg['steps'] - cfg['sgd_steps']} AdamW steps; world size {WORLD} (gloo, CPU). Bytes are each rank's "
-             "collective inputs per optimizer step.", ""]
+    lines = [
+        f"2 pre-norm blocks (d={D}, 4 heads, MLP {FF}), LoRA r={R} on q/k/v/o/up/down, fp32: trainable "
+        f"{B(sizes['trainable'])}, total parameters {B(sizes['total'])} ({sizes['total'] // 4:,} parameters). "
+        f"Global batch {cfg['batch']} x {cfg['seq']} tokens; {cfg['sgd_steps']} SGD + "
+        f"{cfg['steps'] - cfg['sgd_steps']} AdamW steps; world size {WORLD} (gloo, CPU). Bytes are each rank's "
+        "collective inputs per optimizer step.",
+        "",
+    ]
     lines += comm_table(ranks, cfg, want, control, ref["times"], sizes, notes)
-    lines += ["", f"max abs Δ: after the SGD steps / at the end, over both ranks and every adapter element, vs one "
-              f"process on the concatenated batch. Training moved the adapters by up to {moved:.1e}; the largest "
-              f"adapter element is {largest:.2f}; {sizes['trainable'] // 4:,} adapter elements. (n †): n elements "
-              "of a rank outside the tests' tolerance (rtol 1e-5, atol 1e-6) at the end. At the end, vs the control "
-              "instead: " + ", ".join(f"{m} {v:.1e}" if v else f"{m} 0 (bitwise equal)" for m, v in vs_control.items())
-              + ".", ""]
+    lines += [
+        "",
+        f"max abs Δ: after the SGD steps / at the end, over both ranks and every adapter element, vs one "
+        f"process on the concatenated batch. Training moved the adapters by up to {moved:.1e}; the largest "
+        f"adapter element is {largest:.2f}; {sizes['trainable'] // 4:,} adapter elements. (n †): n elements "
+        "of a rank outside the tests' tolerance (rtol 1e-5, atol 1e-6) at the end. At the end, vs the control "
+        "instead: " + ", ".join(f"{m} {v:.1e}" if v else f"{m} 0 (bitwise equal)" for m, v in vs_control.items()) + ".",
+        "",
+    ]
     lines += save_table(ranks, files_single)
-    lines += ["", f"Adapter bytes: {B(ranks[0]['fsdp keep']['saves']['adapter_bytes'])}; whole model "
-              f"{B(sizes['total'])}.", ""]
-    setup = [f"{label}: " + (", ".join(f"{k} {B(sum(v))} ({count(v, 'call')})"
-                                       for k, v in ranks[0][mode]["setup"].items()) or "none")
-             for mode, label in (("ddp", "`DDP(model)`"), ("fsdp keep", "`shard_lora_model`"),
-                                 ("tp", "`parallelize_module`"))]
-    lines += ["One-off collectives when wrapping (rank 0's inputs: what it scatters or broadcasts): "
-              + "; ".join(setup) + ".", ""]
-    lines.append(f"Wall time per step: the slower rank's, median of {cfg['timing_steps'] - 1} steps after the first; "
-                 f"2 gloo ranks (1 thread each) on a shared 2-core VM, noisy (load average {cfg['load']:.1f} at the "
-                 f"start). Whole script: {elapsed:.0f} s.")
+    lines += [
+        "",
+        f"Adapter bytes: {B(ranks[0]['fsdp keep']['saves']['adapter_bytes'])}; whole model {B(sizes['total'])}.",
+        "",
+    ]
+    setup = [
+        f"{label}: "
+        + (", ".join(f"{k} {B(sum(v))} ({count(v, 'call')})" for k, v in ranks[0][mode]["setup"].items()) or "none")
+        for mode, label in (
+            ("ddp", "`DDP(model)`"),
+            ("fsdp keep", "`shard_lora_model`"),
+            ("tp", "`parallelize_module`"),
+        )
+    ]
+    lines += [
+        "One-off collectives when wrapping (rank 0's inputs: what it scatters or broadcasts): "
+        + "; ".join(setup)
+        + ".",
+        "",
+    ]
+    lines.append(
+        f"Wall time per step: the slower rank's, median of {cfg['timing_steps'] - 1} steps after the first; "
+        f"2 gloo ranks (1 thread each) on a shared 2-core VM, noisy (load average {cfg['load']:.1f} at the "
+        f"start). Whole script: {elapsed:.0f} s."
+    )
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines)
@@ -509,8 +570,7 @@ def report(ranks: list, cfg: dict, ref: dict, control: dict, files_single: dict,
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 SGD + 1 AdamW step, batch 4 x 16, 4 timed steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 SGD + 1 AdamW step, batch 4 x 16, 4 timed steps")
     return ap.parse_args(argv)
 
 
@@ -529,8 +589,10 @@ def main(argv=None) -> None:
         ref = single_process(cfg, cfg["timing_steps"])
         control = single_process(cfg, cfg["steps"], halves=True)
         # each mode's file against a single-process save of the values that mode trained
-        files_single = {m: single_process_files(ranks[0][m]["trained"], os.path.join(tmp, f"single_{i}"))
-                        for i, m in enumerate(("fsdp keep", "tp"))}
+        files_single = {
+            m: single_process_files(ranks[0][m]["trained"], os.path.join(tmp, f"single_{i}"))
+            for i, m in enumerate(("fsdp keep", "tp"))
+        }
     print(report(ranks, cfg, ref, control, files_single, time.perf_counter() - start))
 
 

@@ -19,6 +19,7 @@ beat: it must stream x twice (for h and for grad_A), read grad_y once (for grad_
 read and write y and grad_x once each to add the low-rank terms, at the measured copy bandwidth (its
 flops, 4 x 2*N*r*(in or out), are negligible next to the GEMMs). Nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def _time(fn, reps: int = 1) -> float:
 def measure(n: int, d_in: int, d_out: int, r: int, rounds: int) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
-    layers = {p: lora_ext.LoraLinear(base, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False).train()
-              for p in (0.0, 0.1)}
+    layers = {
+        p: lora_ext.LoraLinear(base, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False).train()
+        for p in (0.0, 0.1)
+    }
     x = torch.randn(n, d_in)
     g = torch.randn(n, d_out)
     A, B = torch.randn(r, d_in), torch.randn(d_out, r)
@@ -74,11 +77,13 @@ def measure(n: int, d_in: int, d_out: int, r: int, rounds: int) -> dict:
     times = {k: [] for k in cases}
     names = list(cases)
     for i in range(rounds):
-        for k in names[i % len(names):] + names[:i % len(names)]:
+        for k in names[i % len(names) :] + names[: i % len(names)]:
             times[k].append(_time(cases[k]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {p: statistics.median(a / b for a, b in zip(times[f"lora_ext fwd+bwd p={p}"], times["linear fwd+bwd"]))
-              for p in (0, 0.1)}
+    ratios = {
+        p: statistics.median(a / b for a, b in zip(times[f"lora_ext fwd+bwd p={p}"], times["linear fwd+bwd"]))
+        for p in (0, 0.1)
+    }
     bw = 2 * src.numel() * 4 / med["copy 64 MiB"]
     extra_bytes = 4 * (2 * n * d_in + n * d_out + 2 * n * d_out + 2 * n * d_in)  # x twice, grad_y, y and grad_x RMW
     return dict(med=med, ratios=ratios, bw=bw, extra_bytes=extra_bytes, shape=(n, d_in, d_out, r))
@@ -92,16 +97,26 @@ def report(m: dict) -> None:
     gemm_flops = 2 * 2 * n * d_in * d_out
     pieces = [k for k in med if k not in ("copy 64 MiB", "linear fwd+bwd") and not k.startswith("lora_ext")]
     print(f"\n### {n} tokens x {d_in} -> {d_out}, r={r}\n")
-    print(f"- copy bandwidth {bw / 1e9:.1f} GB/s; linear forward+backward {lin * 1e3:.2f} ms "
-          f"({gemm_flops / lin / 1e9:.0f} GFLOP/s over its two GEMMs)")
-    print(f"- LoRA's unavoidable extra traffic without fusing into the GEMMs: {m['extra_bytes'] / 2**20:.0f} MiB "
-          f"-> {bound * 1e3:.2f} ms at that bandwidth: **lower bound {1 + bound / lin:.3f}x** the linear")
+    print(
+        f"- copy bandwidth {bw / 1e9:.1f} GB/s; linear forward+backward {lin * 1e3:.2f} ms "
+        f"({gemm_flops / lin / 1e9:.0f} GFLOP/s over its two GEMMs)"
+    )
+    print(
+        f"- LoRA's unavoidable extra traffic without fusing into the GEMMs: {m['extra_bytes'] / 2**20:.0f} MiB "
+        f"-> {bound * 1e3:.2f} ms at that bandwidth: **lower bound {1 + bound / lin:.3f}x** the linear"
+    )
     print(f"- lora_ext measured: {m['ratios'][0]:.3f}x (dropout 0), {m['ratios'][0.1]:.3f}x (dropout 0.1)\n")
     print("| extra operation (plain torch) | ms | GB/s of its operands | % of the linear |")
     print("|---|---|---|---|")
-    sizes = {"h = x A^T": n * d_in, "y += s h B^T": 2 * n * d_out, "grad_h = s grad_y B": n * d_out,
-             "grad_B^T = s h^T grad_y": n * d_out, "grad_A = grad_h^T x": n * d_in,
-             "grad_x += grad_h A": 2 * n * d_in, "bernoulli_ mask": n * d_in}
+    sizes = {
+        "h = x A^T": n * d_in,
+        "y += s h B^T": 2 * n * d_out,
+        "grad_h = s grad_y B": n * d_out,
+        "grad_B^T = s h^T grad_y": n * d_out,
+        "grad_A = grad_h^T x": n * d_in,
+        "grad_x += grad_h A": 2 * n * d_in,
+        "bernoulli_ mask": n * d_in,
+    }
     for k in pieces:
         print(f"| {k} | {med[k] * 1e3:.2f} | {4 * sizes[k] / med[k] / 1e9:.1f} | {100 * med[k] / lin:.1f}% |")
     total = sum(med[k] for k in pieces if k != "bernoulli_ mask")

@@ -10,6 +10,7 @@ base model's greedy answers) and the base model's logits on it. Printed: the mea
 of each method's sweep), the sweep, and the computed table for larger LLaMA shapes (meta device, never
 downloaded); everything goes to ``--out`` as JSON. See ``dev/lora_ext_dev/seed_methods.py`` for the methods.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,18 +26,26 @@ from pathlib import Path
 
 import torch
 
+import lora_ext  # noqa: E402
+from lora_ext import BASE  # noqa: E402
 from lora_ext_dev import corpora, llm_train, smollm2
 from lora_ext_dev import seed_methods as sm
 
-import lora_ext  # noqa: E402
-from lora_ext import BASE  # noqa: E402
-
 # A fourth, larger rate per method was added after the first full run found the third best for every method.
-SWEEP = {"full": (1e-5, 3e-5, 1e-4, 3e-4), "adapters": (3e-4, 1e-3, 3e-3, 1e-2), "prompt": (3e-3, 1e-2, 3e-2, 1e-1),
-         "peft_lora": (3e-4, 1e-3, 3e-3, 1e-2), "lora_ext_all": (3e-4, 1e-3, 3e-3, 1e-2),
-         "lora_ext_qv": (3e-4, 1e-3, 3e-3, 1e-2)}
-CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying healthy.",
-                "Write a short poem about the sea.", "How do I make a cup of tea?")
+SWEEP = {
+    "full": (1e-5, 3e-5, 1e-4, 3e-4),
+    "adapters": (3e-4, 1e-3, 3e-3, 1e-2),
+    "prompt": (3e-3, 1e-2, 3e-2, 1e-1),
+    "peft_lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora_ext_all": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora_ext_qv": (3e-4, 1e-3, 3e-3, 1e-2),
+}
+CHAT_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a short poem about the sea.",
+    "How do I make a cup of tea?",
+)
 # Seconds measured by a --quick run on this project's 2-core machine with nothing else running (for the
 # estimate printed at the start): a training step (4 x 128 tokens) per method, a no-grad forward of 4 x 128, a
 # run's fixed cost (process start, imports, model load, set-up, hashes, checkpoint), the prep's fixed cost.
@@ -52,8 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 24; --quick 3)")
     p.add_argument("--eval-windows", type=int, help="held-out windows of 128 tokens (default 24; --quick 4)")
     p.add_argument("--text-windows", type=int, help="LICENSE windows for forgetting (default 8; --quick 2)")
-    p.add_argument("--chat-prompts", type=int,
-                   help=f"chat prompts for forgetting (default {len(CHAT_PROMPTS)}; --quick 2)")
+    p.add_argument(
+        "--chat-prompts", type=int, help=f"chat prompts for forgetting (default {len(CHAT_PROMPTS)}; --quick 2)"
+    )
     p.add_argument("--infer-reps", type=int, help="timed forwards after one warm-up (default 5; --quick 2)")
     p.add_argument("--methods", default=",".join(sm.METHODS))
     p.add_argument("--rows", type=int, default=4)
@@ -61,9 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="greedy answer tokens per chat prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", metavar="RESULTS_JSON",
-                   help="keep the runs of an earlier full run (same settings) and do only the (method, lr) pairs it "
-                        "lacks, e.g. after the sweep was extended")
+    p.add_argument(
+        "--resume",
+        metavar="RESULTS_JSON",
+        help="keep the runs of an earlier full run (same settings) and do only the (method, lr) pairs it "
+        "lacks, e.g. after the sweep was extended",
+    )
     # internal: one process per run
     p.add_argument("--prep", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--worker", metavar="METHOD", help=argparse.SUPPRESS)
@@ -73,8 +86,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
-    defaults = dict(steps=(3, 24), eval_windows=(4, 24), text_windows=(2, 8), chat_prompts=(2, len(CHAT_PROMPTS)),
-                    infer_reps=(2, 5))
+    defaults = dict(
+        steps=(3, 24), eval_windows=(4, 24), text_windows=(2, 8), chat_prompts=(2, len(CHAT_PROMPTS)), infer_reps=(2, 5)
+    )
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
@@ -87,6 +101,7 @@ def say(text: str) -> None:
 
 
 # -- prep: data, forgetting set, base model figures ----------------------------------------------------------
+
 
 def safe_perplexity(net, heldout: torch.Tensor, adapter_name) -> float:
     try:
@@ -102,27 +117,54 @@ def prep(args) -> dict:
     license_path, text = sm.unrelated_text()
     text_windows = corpora.token_windows(tokenizer, {"license": text}, args.seq_len)
     text_windows = corpora.spread(text_windows, args.text_windows)
-    say(f"prep: forgetting set: {text_windows.shape[0]} windows of {license_path}, {args.chat_prompts} chat prompts "
-        f"+ the base model's greedy {args.new_tokens}-token answers")
-    chats, answers = sm.chat_sequences(model, tokenizer, CHAT_PROMPTS[:args.chat_prompts], args.new_tokens)
+    say(
+        f"prep: forgetting set: {text_windows.shape[0]} windows of {license_path}, {args.chat_prompts} chat prompts "
+        f"+ the base model's greedy {args.new_tokens}-token answers"
+    )
+    chats, answers = sm.chat_sequences(model, tokenizer, CHAT_PROMPTS[: args.chat_prompts], args.new_tokens)
     with torch.no_grad():
-        base_text = torch.cat([model(input_ids=text_windows[i:i + 1]).logits for i in range(text_windows.shape[0])])
+        base_text = torch.cat([model(input_ids=text_windows[i : i + 1]).logits for i in range(text_windows.shape[0])])
         base_chat = [model(input_ids=c).logits for c in chats]
-    torch.save({"train": data["train"], "heldout": data["heldout"], "text": text_windows, "base_text": base_text,
-                "chats": chats, "base_chat": base_chat}, folder / "prep.pt")
+    torch.save(
+        {
+            "train": data["train"],
+            "heldout": data["heldout"],
+            "text": text_windows,
+            "base_text": base_text,
+            "chats": chats,
+            "base_chat": base_chat,
+        },
+        folder / "prep.pt",
+    )
     ppl = safe_perplexity(model, data["heldout"], None)
-    times, _ = sm.time_forward(model, data["heldout"][:args.rows], args.infer_reps)
+    times, _ = sm.time_forward(model, data["heldout"][: args.rows], args.infer_reps)
     say(f"prep: base held-out perplexity {ppl:.3f}")
-    return {"data": {"train_windows": data["train"].shape[0], "heldout_windows": data["heldout"].shape[0],
-                     "train_docs": data["train_docs"], "heldout_docs": data["heldout_docs"]},
-            "forgetting_set": {"text_file": license_path, "text_windows": text_windows.shape[0],
-                               "chat": [{"prompt": p, "base_answer": a, "tokens": c.shape[1]}
-                                        for p, a, c in zip(CHAT_PROMPTS, answers, chats)]},
-            "base": {"parameters": sm.unique_parameters(model), "perplexity": ppl, "infer_s": times,
-                     "infer_median_s": statistics.median(times), "sha256": smollm2.base_weights_hash(model)}}
+    return {
+        "data": {
+            "train_windows": data["train"].shape[0],
+            "heldout_windows": data["heldout"].shape[0],
+            "train_docs": data["train_docs"],
+            "heldout_docs": data["heldout_docs"],
+        },
+        "forgetting_set": {
+            "text_file": license_path,
+            "text_windows": text_windows.shape[0],
+            "chat": [
+                {"prompt": p, "base_answer": a, "tokens": c.shape[1]} for p, a, c in zip(CHAT_PROMPTS, answers, chats)
+            ],
+        },
+        "base": {
+            "parameters": sm.unique_parameters(model),
+            "perplexity": ppl,
+            "infer_s": times,
+            "infer_median_s": statistics.median(times),
+            "sha256": smollm2.base_weights_hash(model),
+        },
+    }
 
 
 # -- one (method, learning rate) run ------------------------------------------------------------------------
+
 
 def _median_after_warmup(xs: list[float]) -> float:
     return statistics.median(xs[2:] if len(xs) > 2 else xs)
@@ -154,11 +196,19 @@ def train(s: sm.Setup, windows: torch.Tensor, args, lr: float) -> dict:
         say(f"  {args.worker} lr={lr:g} step {step + 1}/{args.steps}: loss {losses[-1]:.4f}, {step_s[-1]:.2f} s")
     peak = sampler.stop()
     s.net.eval()
-    return {"losses": losses, "step_s": step_s, "median_step_s": _median_after_warmup(step_s),
-            "step_cpu_s": step_cpu_s, "median_step_cpu_s": _median_after_warmup(step_cpu_s),
-            "rss_before_bytes": sampler.before, "peak_rss_increase_bytes": peak, "rss_samples": sampler.samples,
-            "grad_bytes": grad_bytes, "optimizer_bytes": opt_bytes,
-            "grad_plus_optimizer_bytes": grad_bytes + opt_bytes}
+    return {
+        "losses": losses,
+        "step_s": step_s,
+        "median_step_s": _median_after_warmup(step_s),
+        "step_cpu_s": step_cpu_s,
+        "median_step_cpu_s": _median_after_warmup(step_cpu_s),
+        "rss_before_bytes": sampler.before,
+        "peak_rss_increase_bytes": peak,
+        "rss_samples": sampler.samples,
+        "grad_bytes": grad_bytes,
+        "optimizer_bytes": opt_bytes,
+        "grad_plus_optimizer_bytes": grad_bytes + opt_bytes,
+    }
 
 
 def worker(args) -> dict:
@@ -176,8 +226,14 @@ def worker(args) -> dict:
     torch.manual_seed(args.seed)
     s = sm.setup(method, model)
     trainable = sum(p.numel() for p in s.params)
-    r = {"method": method, "lr": lr, "steps": args.steps, "base_parameters": n_base, "trainable": trainable,
-         "trainable_percent": 100 * trainable / n_base}
+    r = {
+        "method": method,
+        "lr": lr,
+        "steps": args.steps,
+        "base_parameters": n_base,
+        "trainable": trainable,
+        "trainable_percent": 100 * trainable / n_base,
+    }
     phase("setup")
     r.update(train(s, d["train"], args, lr))
     phase("train")
@@ -194,7 +250,7 @@ def worker(args) -> dict:
     r["checkpoint_bytes"] = sum(r["checkpoint_files"].values())
     phase("hash_checkpoint")
     if args.time_inference:
-        ids = d["heldout"][:args.rows]
+        ids = d["heldout"][: args.rows]
         r["infer_unmerged_s"], logits = sm.time_forward(s.net, ids, args.infer_reps)
         r["infer_unmerged_median_s"] = statistics.median(r["infer_unmerged_s"])
         if s.merge is not None:
@@ -208,6 +264,7 @@ def worker(args) -> dict:
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
+
 
 def plan(args) -> list[tuple[str, float, bool]]:
     """(method, lr, time inference?) in run order: round-robin over the methods for each learning-rate index,
@@ -236,11 +293,34 @@ def estimate_s(args, runs) -> float:
 
 
 def subprocess_json(flags: list[str], path: Path, args) -> dict:
-    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), *flags, "--dir", str(path.parent),
-           "--steps", str(args.steps), "--eval-windows", str(args.eval_windows), "--text-windows",
-           str(args.text_windows), "--chat-prompts", str(args.chat_prompts), "--infer-reps", str(args.infer_reps),
-           "--rows", str(args.rows), "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        "-P",
+        str(Path(__file__).resolve()),
+        *flags,
+        "--dir",
+        str(path.parent),
+        "--steps",
+        str(args.steps),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--text-windows",
+        str(args.text_windows),
+        "--chat-prompts",
+        str(args.chat_prompts),
+        "--infer-reps",
+        str(args.infer_reps),
+        "--rows",
+        str(args.rows),
+        "--seq-len",
+        str(args.seq_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
     if proc.returncode != 0 or not path.exists():
         return {"error": f"exit status {proc.returncode}", "command": cmd}
@@ -248,6 +328,7 @@ def subprocess_json(flags: list[str], path: Path, args) -> dict:
 
 
 # -- tables -------------------------------------------------------------------------------------------------
+
 
 def best_runs(runs: list[dict]) -> dict[str, dict]:
     """Per method, the run with the lowest held-out perplexity, with the inference times of the method's run
@@ -282,17 +363,21 @@ def report(results: dict) -> str:
         best, base = results["best"], results["prep"]["base"]
         full_step = best.get("full", {}).get("median_step_s")
         loads = [r[k][0] for r in results["runs"] for k in ("loadavg_start", "loadavg_end") if k in r] or [math.nan]
-        lines += [f"### Measured: SmolLM2-135M-Instruct, fp32, CPU ({a['threads']} threads), task 'docs', "
-                  f"{a['steps']} steps x {a['rows']} x {a['seq_len']} tokens, best learning rate of each sweep", "",
-                  f"Load average (1 min) at the runs' starts and ends: {min(loads):.1f} to {max(loads):.1f} on "
-                  f"{os.cpu_count()} cores; the time columns compare methods only while it stays near the "
-                  f"{a['threads']} threads used here.", "",
-                  "| method | trainable | trainable % | peak RSS increase (MiB) | grads + AdamW state (MiB) | "
-                  "median step, s (CPU s) | step / full FT | checkpoint (MiB) | base weights changed | "
-                  "held-out ppl | KL text | KL chat | inference unmerged (s) | inference merged (s) |",
-                  "|" + "---|" * 14,
-                  f"| base model, no training | 0 | 0 | | | | | | | {base['perplexity']:.3f} | 0 | 0 | "
-                  f"{base['infer_median_s']:.2f} | |"]
+        lines += [
+            f"### Measured: SmolLM2-135M-Instruct, fp32, CPU ({a['threads']} threads), task 'docs', "
+            f"{a['steps']} steps x {a['rows']} x {a['seq_len']} tokens, best learning rate of each sweep",
+            "",
+            f"Load average (1 min) at the runs' starts and ends: {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} cores; the time columns compare methods only while it stays near the "
+            f"{a['threads']} threads used here.",
+            "",
+            "| method | trainable | trainable % | peak RSS increase (MiB) | grads + AdamW state (MiB) | "
+            "median step, s (CPU s) | step / full FT | checkpoint (MiB) | base weights changed | "
+            "held-out ppl | KL text | KL chat | inference unmerged (s) | inference merged (s) |",
+            "|" + "---|" * 14,
+            f"| base model, no training | 0 | 0 | | | | | | | {base['perplexity']:.3f} | 0 | 0 | "
+            f"{base['infer_median_s']:.2f} | |",
+        ]
         for m, r in best.items():
             ratio = f"{r['median_step_s'] / full_step:.2f}x" if full_step else "n/a"
             lines.append(
@@ -300,10 +385,16 @@ def report(results: dict) -> str:
                 f"{_mib(r['grad_plus_optimizer_bytes'])} | {r['median_step_s']:.2f} ({r['median_step_cpu_s']:.1f}) | "
                 f"{ratio} | {_mib(r['checkpoint_bytes'])} | {'yes' if r['base_changed'] else 'no'} | "
                 f"{r['perplexity']:.3f} (lr {r['lr']:g}) | {r['kl_text']:.4f} | {r['kl_chat']:.4f} | "
-                f"{_cell(r, 'infer_unmerged_median_s')} | {_cell(r, 'infer_merged_median_s')} |")
+                f"{_cell(r, 'infer_unmerged_median_s')} | {_cell(r, 'infer_merged_median_s')} |"
+            )
         lrs = max(len(SWEEP[m]) for m in best)
-        lines += ["", "### Learning-rate sweep: held-out perplexity (final training loss); * = best", "",
-                  "| method |" + "".join(f" lr {i + 1} |" for i in range(lrs)), "|---|" + "---|" * lrs]
+        lines += [
+            "",
+            "### Learning-rate sweep: held-out perplexity (final training loss); * = best",
+            "",
+            "| method |" + "".join(f" lr {i + 1} |" for i in range(lrs)),
+            "|---|" + "---|" * lrs,
+        ]
         for m in best:
             cells = []
             for r in (r for r in results["runs"] if r["method"] == m):
@@ -314,18 +405,25 @@ def report(results: dict) -> str:
                     cells.append(f"{r['lr']:g}: {r['perplexity']:.3f}{star} ({r['losses'][-1]:.3f})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     c = results["computed"]
-    lines += ["", "### Computed, not measured: parameters and bytes of weights + gradients + AdamW state",
-              "", "Models built on the meta device from their configs, each method set up on them. Optimizer "
-              "state: the AdamW moments, plus the fp32 master weights for full fine-tuning. Precision: "
-              f"{c['precision']}.",
-              "",
-              "| model | method | parameters | trainable | trainable % | weights (GiB) | gradients (GiB) | "
-              "optimizer state (GiB) | total (GiB) |", "|" + "---|" * 9]
+    lines += [
+        "",
+        "### Computed, not measured: parameters and bytes of weights + gradients + AdamW state",
+        "",
+        "Models built on the meta device from their configs, each method set up on them. Optimizer "
+        "state: the AdamW moments, plus the fp32 master weights for full fine-tuning. Precision: "
+        f"{c['precision']}.",
+        "",
+        "| model | method | parameters | trainable | trainable % | weights (GiB) | gradients (GiB) | "
+        "optimizer state (GiB) | total (GiB) |",
+        "|" + "---|" * 9,
+    ]
     for r in c["rows"]:
         b = r["bytes"]
-        lines.append(f"| {r['model']} | {r['method']} | {r['total']:,} | {r['trainable']:,} | "
-                     f"{r['trainable_percent']:.3g} | {_gib(b['weights'])} | {_gib(b['gradients'])} | "
-                     f"{_gib(b['optimizer'])} | {_gib(b['total'])} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['total']:,} | {r['trainable']:,} | "
+            f"{r['trainable_percent']:.3g} | {_gib(b['weights'])} | {_gib(b['gradients'])} | "
+            f"{_gib(b['optimizer'])} | {_gib(b['total'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -341,9 +439,11 @@ def main(argv=None) -> dict:
     results = {"args": vars(args), "torch": torch.__version__, "lora_ext": lora_ext.__version__}
     if not args.computed_only:
         runs = plan(args)
-        say(f"seed_table: {len(runs)} runs of {args.steps} steps x {args.rows} x {args.seq_len} tokens, one process "
+        say(
+            f"seed_table: {len(runs)} runs of {args.steps} steps x {args.rows} x {args.seq_len} tokens, one process "
             f"each, {args.threads} threads; estimated {estimate_s(args, runs) / 60:.1f} min on an otherwise idle "
-            "2-core machine like this project's (another busy process makes it several times longer)")
+            "2-core machine like this project's (another busy process makes it several times longer)"
+        )
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="seed_table_") as tmp:
             say("[prep] data, forgetting set, base model")
@@ -355,8 +455,10 @@ def main(argv=None) -> dict:
                 earlier = json.loads(Path(args.resume).read_text())
                 keep = ("steps", "eval_windows", "text_windows", "chat_prompts", "rows", "seq_len", "seed", "threads")
                 if any(earlier["args"][k] != getattr(args, k) for k in keep):
-                    raise SystemExit(f"seed_table --resume: {args.resume} was run with other settings "
-                                     f"{ {k: earlier['args'][k] for k in keep} }")
+                    raise SystemExit(
+                        f"seed_table --resume: {args.resume} was run with other settings "
+                        f"{ {k: earlier['args'][k] for k in keep} }"
+                    )
                 results["runs"] = [r for r in earlier["runs"] if "error" not in r]
                 # the base model's row is the earlier prep's (the base does not change; a run's prep figures are
                 # from the same conditions as the runs they are compared with)
@@ -369,11 +471,21 @@ def main(argv=None) -> dict:
                 say(f"--resume: {len(results['runs'])} runs kept from {args.resume}; {len(runs)} to do")
             for k, (m, lr, infer) in enumerate(runs):
                 say(f"[{k + 1}/{len(runs)}] {m} lr={lr:g} ({(time.perf_counter() - t0) / 60:.1f} min so far)")
-                r = subprocess_json(["--worker", m, "--lr", repr(lr)] + (["--time-inference"] if infer else []),
-                                    Path(tmp) / f"{m}_{lr:g}.json", args)
+                r = subprocess_json(
+                    ["--worker", m, "--lr", repr(lr)] + (["--time-inference"] if infer else []),
+                    Path(tmp) / f"{m}_{lr:g}.json",
+                    args,
+                )
                 results["runs"].append({"method": m, "lr": lr, **r})
-                say("    -> " + (r["error"] if "error" in r else f"held-out ppl {r['perplexity']:.3f}, median step "
-                                    f"{r['median_step_s']:.2f} s, {r['wall_s']:.0f} s in all"))
+                say(
+                    "    -> "
+                    + (
+                        r["error"]
+                        if "error" in r
+                        else f"held-out ppl {r['perplexity']:.3f}, median step "
+                        f"{r['median_step_s']:.2f} s, {r['wall_s']:.0f} s in all"
+                    )
+                )
         results["total_s"] = time.perf_counter() - t0
         results["best"] = best_runs(results["runs"])
     say("computing the table for larger shapes on the meta device")

@@ -13,6 +13,7 @@
 
 Torch is found without importing it (its version.py is read), so this costs nothing per build.
 """
+
 from __future__ import annotations
 
 import ast

@@ -22,6 +22,7 @@ available; ``python examples/distributed_finetune.py`` runs a world of one proce
 :func:`finetune` is steps 1-6 on a given model and data (``tests/test_distributed_example.py`` runs it on
 a tiny Llama in 2 ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from lora_ext_dev import corpora, llm_train, smollm2
-
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 
 def parse_args(argv=None):
@@ -49,18 +49,38 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="optimizer steps")
     p.add_argument("--rows", type=int, default=2, help="training rows per rank and step")
     llm_train.add_lora_args(p, lr=3e-3)
-    p.add_argument("--eval-windows", type=int, default=24,
-                   help="held-out windows for perplexity (rounded down to a multiple of the world size)")
-    p.add_argument("--check-windows", type=int, default=2,
-                   help="held-out windows whose logits are compared (rounded up to a multiple of the world size)")
-    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
-                   help="FSDP2: free the gathered block weights after the forward (gather them again for the "
-                        "backward); --no-reshard-after-forward keeps them, trading memory for communication")
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=24,
+        help="held-out windows for perplexity (rounded down to a multiple of the world size)",
+    )
+    p.add_argument(
+        "--check-windows",
+        type=int,
+        default=2,
+        help="held-out windows whose logits are compared (rounded up to a multiple of the world size)",
+    )
+    p.add_argument(
+        "--reshard-after-forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FSDP2: free the gathered block weights after the forward (gather them again for the "
+        "backward); --no-reshard-after-forward keeps them, trading memory for communication",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank (default: the cores divided by the ranks on this machine)")
-    p.add_argument("--min-drop", type=float, default=0.05,
-                   help="the check: the adapter lowers the held-out perplexity by at least this share")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per rank (default: the cores divided by the ranks on this machine)",
+    )
+    p.add_argument(
+        "--min-drop",
+        type=float,
+        default=0.05,
+        help="the check: the adapter lowers the held-out perplexity by at least this share",
+    )
     return p.parse_args(argv)
 
 
@@ -70,7 +90,7 @@ def share(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     if t.shape[0] % world:
         raise ValueError(f"share: expected a row count divisible by the world size {world}, got {t.shape[0]}")
     n = t.shape[0] // world
-    return t[rank * n:(rank + 1) * n]
+    return t[rank * n : (rank + 1) * n]
 
 
 def _perplexity(model, name: str, windows: torch.Tensor, rank: int, world: int, desc: str) -> float:
@@ -106,17 +126,24 @@ def finetune(model, make_fresh: Callable[[], torch.nn.Module], data: dict, args,
     blocks = [path for path, _ in lora_ext.distributed.transformer_blocks(model)]
     lora_ext.distributed.shard_lora_model(model, reshard_after_forward=args.reshard_after_forward)
     results["model"] = {"parameters": n_base, "trainable": trainable, "fsdp_blocks": len(blocks)}
-    log.say(f"{world} rank(s), backend {dist.get_backend()}, {torch.get_num_threads()} thread(s) per rank; "
-            f"{kind} with {n_base / 1e6:.1f}M parameters, LoRA r={args.r} alpha={args.alpha:g} "
-            f"dropout={args.dropout:g} on {args.targets}: {trainable:,} trainable "
-            f"({100 * trainable / n_base:.2f}%)")
-    log.say(f"FSDP2: fully_shard on {len(blocks)} blocks ({blocks[0]} ... {blocks[-1]}) + the root"
-            if blocks else "FSDP2: no blocks found by the naming rule: fully_shard on the root only")
+    log.say(
+        f"{world} rank(s), backend {dist.get_backend()}, {torch.get_num_threads()} thread(s) per rank; "
+        f"{kind} with {n_base / 1e6:.1f}M parameters, LoRA r={args.r} alpha={args.alpha:g} "
+        f"dropout={args.dropout:g} on {args.targets}: {trainable:,} trainable "
+        f"({100 * trainable / n_base:.2f}%)"
+    )
+    log.say(
+        f"FSDP2: fully_shard on {len(blocks)} blocks ({blocks[0]} ... {blocks[-1]}) + the root"
+        if blocks
+        else "FSDP2: no blocks found by the naming rule: fully_shard on the root only"
+    )
 
     # 2. base perplexity, each rank its share ----------------------------------------------------------------------
-    heldout = data["heldout"][:data["heldout"].shape[0] // world * world]
-    log.phase(f"2. held-out perplexity of the base: {heldout.shape[0]} windows of {heldout.shape[1]} tokens, "
-              f"{heldout.shape[0] // world} per rank")
+    heldout = data["heldout"][: data["heldout"].shape[0] // world * world]
+    log.phase(
+        f"2. held-out perplexity of the base: {heldout.shape[0]} windows of {heldout.shape[1]} tokens, "
+        f"{heldout.shape[0] // world} per rank"
+    )
     t = time.perf_counter()
     base_ppl = _perplexity(model, BASE, heldout, rank, world, "base")
     timings["base_eval"] = time.perf_counter() - t
@@ -124,23 +151,28 @@ def finetune(model, make_fresh: Callable[[], torch.nn.Module], data: dict, args,
 
     # 3. train, each rank on its own rows ---------------------------------------------------------------------------
     train = data["train"][rank::world]  # this rank's training windows
-    log.phase(f"3. train {task!r} under FSDP2: {args.steps} steps x {args.rows} rows x {world} rank(s) of "
-              f"{data['train'].shape[1]} tokens (each rank draws from its own {train.shape[0]} windows)")
+    log.phase(
+        f"3. train {task!r} under FSDP2: {args.steps} steps x {args.rows} rows x {world} rank(s) of "
+        f"{data['train'].shape[1]} tokens (each rank draws from its own {train.shape[0]} windows)"
+    )
     t = time.perf_counter()
     # train_per_row gives its optimizer model.parameters(): after a forward with reshard_after_forward=False
     # (the evaluation above) those are FSDP2's gathered copies, which each all-gather overwrites and whose
     # gradients it moves to the shards: nothing would train. Back to the sharded parameters first.
     lora_ext.distributed.reshard(model)
-    curve = llm_train.train_per_row(model, {task: train}, steps=args.steps, rows=args.rows, lr=args.lr,
-                                    seed=args.seed, progress=rank == 0)[task]
+    curve = llm_train.train_per_row(
+        model, {task: train}, steps=args.steps, rows=args.rows, lr=args.lr, seed=args.seed, progress=rank == 0
+    )[task]
     timings["train"] = time.perf_counter() - t
     losses = torch.tensor(curve, dtype=torch.float64, device=device)
     dist.all_reduce(losses)
     results["loss_curve"] = (losses / world).tolist()  # the mean over ranks: the loss of the whole step's batch
     tokens = args.steps * args.rows * world * data["train"].shape[1]
-    log.say(f"trained in {timings['train']:.0f} s ({timings['train'] / args.steps:.2f} s/step, "
-            f"{tokens / timings['train']:.0f} tokens/s over all ranks); loss (mean over ranks) "
-            + " ".join(f"{v:.3f}" for v in results["loss_curve"]))
+    log.say(
+        f"trained in {timings['train']:.0f} s ({timings['train'] / args.steps:.2f} s/step, "
+        f"{tokens / timings['train']:.0f} tokens/s over all ranks); loss (mean over ranks) "
+        + " ".join(f"{v:.3f}" for v in results["loss_curve"])
+    )
 
     # 4. adapter perplexity ------------------------------------------------------------------------------------------
     log.phase("4. held-out perplexity with the adapter")
@@ -158,14 +190,17 @@ def finetune(model, make_fresh: Callable[[], torch.nn.Module], data: dict, args,
     timings["save"] = time.perf_counter() - t
     files = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()} if rank == 0 else {}
     results["adapter"] = {"path": str(path), "files": files}
-    log.say(f"saved {path} ({sum(files.values()) / 2**20:.2f} MiB: {', '.join(sorted(files))}) "
-            f"in {timings['save']:.1f} s")
+    log.say(
+        f"saved {path} ({sum(files.values()) / 2**20:.2f} MiB: {', '.join(sorted(files))}) in {timings['save']:.1f} s"
+    )
 
     # 6. sharded logits, gathered, against one process reading the saved folder -------------------------------------
     n_check = -(-args.check_windows // world) * world
     check = corpora.spread(heldout, n_check)
-    log.phase(f"6. logits of the sharded model on {check.shape[0]} held-out windows vs a fresh unsharded model "
-              "loading the saved folder")
+    log.phase(
+        f"6. logits of the sharded model on {check.shape[0]} held-out windows vs a fresh unsharded model "
+        "loading the saved folder"
+    )
     t = time.perf_counter()
     with torch.no_grad():
         mine = model(input_ids=share(check, rank, world)).logits.contiguous()
@@ -181,16 +216,18 @@ def finetune(model, make_fresh: Callable[[], torch.nn.Module], data: dict, args,
             comparisons["lora_ext.load_adapter"] = llm_train.compare_logits(fresh(input_ids=check).logits, sharded)
             del fresh
             from peft import PeftModel
+
             peft_model = PeftModel.from_pretrained(make_fresh(), str(path)).eval()
-            comparisons["PEFT from_pretrained"] = llm_train.compare_logits(peft_model(input_ids=check).logits,
-                                                                          sharded)
+            comparisons["PEFT from_pretrained"] = llm_train.compare_logits(peft_model(input_ids=check).logits, sharded)
             del peft_model
         for what, d in comparisons.items():
             log.say(llm_train.describe_comparison(f"unsharded + {what} vs sharded (gathered)", d))
         results["single_process"] = comparisons
         checks = {
-            **{f"one process ({what}) reproduces the sharded model's logits": d["allclose"] and d["same_argmax"]
-               for what, d in comparisons.items()},
+            **{
+                f"one process ({what}) reproduces the sharded model's logits": d["allclose"] and d["same_argmax"]
+                for what, d in comparisons.items()
+            },
             f"held-out perplexity >= {100 * args.min_drop:g}% lower than the base's": drop >= args.min_drop,
         }
     timings["check"] = time.perf_counter() - t

@@ -17,6 +17,7 @@ two task adapters trained at the same time on one frozen base, then use them eve
    fresh base with PEFT itself and compare logits; merge with ``merge_and_unload`` and compare again;
 7. write ``OUT/results.json`` (every number printed) and ``OUT/loss.png`` and print a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,15 @@ from pathlib import Path
 
 import torch
 
-from lora_ext_dev import corpora, llm_train, smollm2
-
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 TASKS = corpora.TASKS
 PROMPTS = {  # the opening of a held-out document of each task (the topic 'with', the module 'glob')
     "docs": 'The "with" statement\n********************\n\nThe "with" statement is used to',
     "code": '"""Filename globbing utility."""\n\nimport contextlib\nimport os\nimport re\nimport fnmatch\n\n'
-            '__all__ = ["glob", "iglob", "escape"]\n\ndef glob(pathname, *, root_dir=None',
+    '__all__ = ["glob", "iglob", "escape"]\n\ndef glob(pathname, *, root_dir=None',
 }
 
 
@@ -51,8 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--min-drop", type=float, default=0.15,
-                   help="the check: each adapter lowers its own task's held-out perplexity by at least this")
+    p.add_argument(
+        "--min-drop",
+        type=float,
+        default=0.15,
+        help="the check: each adapter lowers its own task's held-out perplexity by at least this",
+    )
     return p.parse_args(argv)
 
 
@@ -76,22 +80,28 @@ def main(argv=None) -> dict:
     config = llm_train.lora_config(args)
     n_base = sum(p.numel() for p in model.parameters())
     hash_before = smollm2.base_weights_hash(model)
-    log.say(f"model: LlamaForCausalLM, {n_base / 1e6:.1f}M parameters (fp32, dequantized from Q4_1), "
-            f"loaded in {timings['load']:.1f} s from {smollm2.cache_dir()}")
+    log.say(
+        f"model: LlamaForCausalLM, {n_base / 1e6:.1f}M parameters (fp32, dequantized from Q4_1), "
+        f"loaded in {timings['load']:.1f} s from {smollm2.cache_dir()}"
+    )
     for task in TASKS:
         d = data[task]
-        log.say(f"task {task!r}: {d['train_docs']} training / {d['heldout_docs']} held-out documents; "
-                f"{d['train'].shape[0]} training windows and {d['heldout'].shape[0]} held-out windows "
-                f"of {args.seq_len} tokens")
+        log.say(
+            f"task {task!r}: {d['train_docs']} training / {d['heldout_docs']} held-out documents; "
+            f"{d['train'].shape[0]} training windows and {d['heldout'].shape[0]} held-out windows "
+            f"of {args.seq_len} tokens"
+        )
     results["model"] = {"parameters": n_base, "base_sha256": hash_before, "source": str(smollm2.gguf_path())}
-    results["data"] = {task: {k: (v if isinstance(v, int) else list(v.shape)) for k, v in data[task].items()}
-                       for task in TASKS}
+    results["data"] = {
+        task: {k: (v if isinstance(v, int) else list(v.shape)) for k, v in data[task].items()} for task in TASKS
+    }
 
     # 2. base perplexity ----------------------------------------------------------------------------------
     log.phase("2. held-out perplexity of the base model")
     t = time.perf_counter()
-    base_ppl = {task: llm_train.perplexity(model, {BASE: data[task]["heldout"]}, desc=f"base / {task}")[BASE]
-                for task in TASKS}
+    base_ppl = {
+        task: llm_train.perplexity(model, {BASE: data[task]["heldout"]}, desc=f"base / {task}")[BASE] for task in TASKS
+    }
     timings["base_eval"] = time.perf_counter() - t
     log.say("base perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in base_ppl.items()))
 
@@ -101,34 +111,56 @@ def main(argv=None) -> dict:
     lora_ext.set_adapter(model, list(TASKS))  # both active: both trainable
     per_adapter = llm_train.adapter_parameters(model, TASKS[0])
     trainable, total = lora_ext.trainable_parameters(model)
-    log.say(f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on {args.targets}: "
-            f"{per_adapter:,} parameters per adapter = {100 * per_adapter / n_base:.2f}% of the base; "
-            f"trainable now (both adapters): {trainable:,} of {total:,}")
-    results["trainable"] = {"per_adapter": per_adapter, "per_adapter_percent": 100 * per_adapter / n_base,
-                            "trainable_both": trainable, "total": total}
-    log.phase(f"3. train 'docs' and 'code' at once: {args.steps} steps x ({args.rows} + {args.rows}) rows, "
-              f"each row through its own adapter")
+    log.say(
+        f"LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on {args.targets}: "
+        f"{per_adapter:,} parameters per adapter = {100 * per_adapter / n_base:.2f}% of the base; "
+        f"trainable now (both adapters): {trainable:,} of {total:,}"
+    )
+    results["trainable"] = {
+        "per_adapter": per_adapter,
+        "per_adapter_percent": 100 * per_adapter / n_base,
+        "trainable_both": trainable,
+        "total": total,
+    }
+    log.phase(
+        f"3. train 'docs' and 'code' at once: {args.steps} steps x ({args.rows} + {args.rows}) rows, "
+        f"each row through its own adapter"
+    )
     t = time.perf_counter()
-    curves = llm_train.train_per_row(model, {task: data[task]["train"] for task in TASKS}, steps=args.steps,
-                                     rows=args.rows, lr=args.lr, seed=args.seed)
+    curves = llm_train.train_per_row(
+        model,
+        {task: data[task]["train"] for task in TASKS},
+        steps=args.steps,
+        rows=args.rows,
+        lr=args.lr,
+        seed=args.seed,
+    )
     timings["train"] = time.perf_counter() - t
     results["loss_curves"] = curves
     tokens = args.steps * args.rows * len(TASKS) * args.seq_len
-    log.say(f"trained in {timings['train']:.0f} s ({timings['train'] / args.steps:.2f} s/step, "
-            f"{tokens / timings['train']:.0f} tokens/s)")
+    log.say(
+        f"trained in {timings['train']:.0f} s ({timings['train'] / args.steps:.2f} s/step, "
+        f"{tokens / timings['train']:.0f} tokens/s)"
+    )
 
     # 4. the 3x2 table, base unchanged ---------------------------------------------------------------------
     log.phase("4. held-out perplexity: base / docs adapter / code adapter x both tasks (per-row batches)")
     t = time.perf_counter()
-    table = {task: llm_train.perplexity(model, {name: data[task]["heldout"] for name in (BASE, *TASKS)},
-                                        desc=f"all / {task}") for task in TASKS}
+    table = {
+        task: llm_train.perplexity(
+            model, {name: data[task]["heldout"] for name in (BASE, *TASKS)}, desc=f"all / {task}"
+        )
+        for task in TASKS
+    }
     timings["eval"] = time.perf_counter() - t
     hash_after = smollm2.base_weights_hash(model)
     results["perplexity"] = {"base_before_training": base_ppl, "table": table}
     results["base_unchanged"] = hash_after == hash_before
     log.table(table, base_ppl)
-    log.say(f"base weights SHA-256 before {hash_before[:16]}..., after {hash_after[:16]}...: "
-            f"{'bit-identical' if hash_after == hash_before else 'CHANGED'}")
+    log.say(
+        f"base weights SHA-256 before {hash_before[:16]}..., after {hash_after[:16]}...: "
+        f"{'bit-identical' if hash_after == hash_before else 'CHANGED'}"
+    )
     drops = {task: 1 - table[task][task] / base_ppl[task] for task in TASKS}
     results["own_task_drop"] = drops
 
@@ -144,7 +176,8 @@ def main(argv=None) -> dict:
     log.phase("6. save in PEFT's format, reload with PEFT, merge_and_unload")
     t = time.perf_counter()
     results["interop"] = llm_train.peft_round_trip(
-        model, out / "adapters", TASKS, torch.cat([data[task]["heldout"][:1] for task in TASKS]), log)
+        model, out / "adapters", TASKS, torch.cat([data[task]["heldout"][:1] for task in TASKS]), log
+    )
     timings["save_peft_merge"] = time.perf_counter() - t
 
     # 7. results -------------------------------------------------------------------------------------------
@@ -153,11 +186,17 @@ def main(argv=None) -> dict:
     log.summary(results, out)
     checks = {
         "base weights bit-identical after training": results["base_unchanged"],
-        **{f"{task} adapter: held-out {task} perplexity >= {100 * args.min_drop:g}% lower than the base's":
-           drops[task] >= args.min_drop for task in TASKS},
+        **{
+            f"{task} adapter: held-out {task} perplexity >= {100 * args.min_drop:g}% lower than the base's": drops[task]
+            >= args.min_drop
+            for task in TASKS
+        },
         "each per-row generation equals that adapter alone": all(r["equals_adapter_alone"] for r in gen["rows"]),
-        **{f"logits equal ({k})": v["allclose"] and v["same_argmax"]
-           for k, v in results["interop"].items() if k != "adapters"},
+        **{
+            f"logits equal ({k})": v["allclose"] and v["same_argmax"]
+            for k, v in results["interop"].items()
+            if k != "adapters"
+        },
     }
     results["checks"] = checks
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))

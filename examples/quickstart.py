@@ -3,6 +3,7 @@ only the adapters on a synthetic regression task, then merge them into the weigh
 
 Run:  bash scripts/run.sh examples/quickstart.py
 """
+
 import time
 
 import torch
@@ -12,8 +13,9 @@ import lora_ext
 
 
 def make_mlp(d_in=64, d_hidden=256, d_out=16):
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_hidden), nn.GELU(),
-                         nn.Linear(d_hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out)
+    )
 
 
 def main():
@@ -31,8 +33,9 @@ def main():
         target_val = model(x_val) + x_val @ shift.T
 
     # every nn.Linear becomes a LoraLinear wrapping it (no copy); everything else is frozen
-    lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                       target_modules="all-linear"))
+    lora_ext.inject_adapter(
+        model, lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    )
     trainable, total = lora_ext.trainable_parameters(model)
 
     def val_loss():
@@ -45,7 +48,7 @@ def main():
     steps, batch = 300, 256
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, n, (batch,))
         loss = nn.functional.mse_loss(model(x[idx]), target[idx])
         opt.zero_grad(set_to_none=True)

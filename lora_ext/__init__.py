@@ -3,6 +3,7 @@
 Importing this package loads the compiled library, which registers the
 ``torch.ops.lora_ext.*`` operators (CPU, Meta and autograd kernels in C++).
 """
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._torch_check import check_torch as _check_torch
@@ -27,9 +28,9 @@ from .io import load_adapter, read_adapter, save_adapter
 from .layers import AdapterBatch, LoraConv, LoraEmbedding, LoraGPT2Conv1D, LoraLayer, LoraLinear
 from .layers.saved_inputs import compress_saved_inputs
 from .model import (
+    adapter_batch,
     add_adapter,
     add_weighted_adapter,
-    adapter_batch,
     delete_adapter,
     disable_adapters,
     inject_adapter,
@@ -72,19 +73,53 @@ def build_info() -> dict:
 
 __all__ = [
     # layers and config
-    "LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraGPT2Conv1D", "BASE",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "LoraGPT2Conv1D",
+    "BASE",
     # the model-level API
-    "inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
-    "merge_and_unload", "unload", "trainable_parameters", "lora_layers", "add_weighted_adapter",
+    "inject_adapter",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "unload",
+    "trainable_parameters",
+    "lora_layers",
+    "add_weighted_adapter",
     # adapter files
-    "save_adapter", "load_adapter", "read_adapter",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
     # several adapters in one batch; training memory
-    "adapter_batch", "AdapterBatch", "compress_saved_inputs",
+    "adapter_batch",
+    "AdapterBatch",
+    "compress_saved_inputs",
     # a quantized base
-    "QuantLinear", "QuantEmbedding", "LoraQuantLinear", "quantize_linear_layers", "load_gguf_llama",
+    "QuantLinear",
+    "QuantEmbedding",
+    "LoraQuantLinear",
+    "quantize_linear_layers",
+    "load_gguf_llama",
     # PEFT backend (imports PEFT on first use)
-    "use_lora_ext", "to_peft", "from_peft",
+    "use_lora_ext",
+    "to_peft",
+    "from_peft",
     # subpackages and the compiled library
-    "ops", "model", "layers", "io", "quant", "distributed", "export", "build_info", "cmake_prefix_path",
+    "ops",
+    "model",
+    "layers",
+    "io",
+    "quant",
+    "distributed",
+    "export",
+    "build_info",
+    "cmake_prefix_path",
     "__version__",
 ]

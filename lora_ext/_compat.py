@@ -4,6 +4,7 @@ importing one still works, gives a DeprecationWarning naming the new place, and 
 Only ``lora_ext`` and its subpackages' ``__init__`` exports are the stable surface (docs/architecture.md); these
 aliases go away in a later release.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,15 +16,32 @@ import warnings
 
 #: old module (under lora_ext.) -> where its contents live now
 MOVED = {
-    "adapter_io": "io.adapter", "atomic": "io.atomic", "aoti": "export.aoti", "batch": "model.batch",
-    "multi": "layers.per_row", "conv": "layers.conv", "embedding": "layers.embedding",
-    "gpt2_conv1d": "layers.gpt2_conv1d", "linear": "layers.linear", "layer": "layers.base",
-    "saved_inputs": "layers.saved_inputs", "registry": "model.registry", "modules_to_save": "model.modules_to_save",
-    "targeting": "model.targeting", "weighted": "model.weighted", "fsdp": "distributed.fsdp",
-    "tensor_parallel": "distributed.tensor_parallel", "training_state": "distributed.training_state",
-    "dtensors": "_utils.dtensors", "wrappers": "_utils.wrappers", "names": "_utils.names",
-    "gguf_model": "quant.gguf", "quant_linear": "quant.layers", "lora_quant_linear": "quant.lora_layer",
-    "hf_save": "model.hf_save", "peft_backend": "integrations.peft",
+    "adapter_io": "io.adapter",
+    "atomic": "io.atomic",
+    "aoti": "export.aoti",
+    "batch": "model.batch",
+    "multi": "layers.per_row",
+    "conv": "layers.conv",
+    "embedding": "layers.embedding",
+    "gpt2_conv1d": "layers.gpt2_conv1d",
+    "linear": "layers.linear",
+    "layer": "layers.base",
+    "saved_inputs": "layers.saved_inputs",
+    "registry": "model.registry",
+    "modules_to_save": "model.modules_to_save",
+    "targeting": "model.targeting",
+    "weighted": "model.weighted",
+    "fsdp": "distributed.fsdp",
+    "tensor_parallel": "distributed.tensor_parallel",
+    "training_state": "distributed.training_state",
+    "dtensors": "_utils.dtensors",
+    "wrappers": "_utils.wrappers",
+    "names": "_utils.names",
+    "gguf_model": "quant.gguf",
+    "quant_linear": "quant.layers",
+    "lora_quant_linear": "quant.lora_layer",
+    "hf_save": "model.hf_save",
+    "peft_backend": "integrations.peft",
 }
 
 
@@ -53,8 +71,12 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         target = module.__dict__["_lora_ext_target"]
-        warnings.warn(f"{module.__name__} moved to {target} (public names: import them from lora_ext); the old "
-                      f"path will be removed in a later release", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{module.__name__} moved to {target} (public names: import them from lora_ext); the old "
+            f"path will be removed in a later release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         importlib.import_module(target)
 
 

@@ -6,6 +6,7 @@ and misbehaves. CMake records the build's torch in ``lora_ext/_build_info.py`` (
 ``lora_ext/__init__.py`` calls :func:`check_torch` before it imports ``_C`` and so turns a mismatch into an
 ImportError naming both torches and the command that rebuilds (as torchvision checks its CUDA version).
 """
+
 from __future__ import annotations
 
 import os

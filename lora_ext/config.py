@@ -1,4 +1,5 @@
 """``LoraConfig``: the adapter's hyper-parameters, equal to PEFT's ``adapter_config.json``."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,18 @@ _UNSUPPORTED = {
     "megatron_config": (None,),
 }
 _OWN_FIELDS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
-    "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "fan_in_fan_out",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "modules_to_save",
+    "fan_in_fan_out",
 )
 
 

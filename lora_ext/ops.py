@@ -9,6 +9,7 @@ bfloat16/float16 base, may be float32 (PEFT's default). The LoRA branch accumula
 the adapter's dtype, or in float32 for a bfloat16/float16 adapter; the ``[N, r]``
 intermediate is float32 in that case too.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -18,7 +19,19 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["lora_linear", "lora_linear_quantized", "linear_quantized", "lora_group_rows", "lora_linear_multi", "merge_", "unmerge_", "ExactMergeCodes", "merge_exact_codes", "merge_exact_", "unmerge_exact_"]
+__all__ = [
+    "lora_linear",
+    "lora_linear_quantized",
+    "linear_quantized",
+    "lora_group_rows",
+    "lora_linear_multi",
+    "merge_",
+    "unmerge_",
+    "ExactMergeCodes",
+    "merge_exact_codes",
+    "merge_exact_",
+    "unmerge_exact_",
+]
 
 
 def lora_linear(
@@ -55,20 +68,40 @@ def lora_linear(
     )
 
 
-def lora_linear_quantized(x: Tensor, qweight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
-                          dropout_p: float = 0.0, training: bool = False) -> Tensor:
+def lora_linear_quantized(
+    x: Tensor,
+    qweight,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
     """:func:`lora_linear` over a quantized frozen base ``qweight`` (a ``lora_ext.quant.QuantizedWeight``), which is
     dequantized tile by tile into bounded scratch, never whole. Gradients reach ``x``, ``bias`` (if it requires
     grad), ``lora_A`` and ``lora_B``; the base gets none."""
     return torch.ops.lora_ext.lora_linear_quantized.default(
-        x, qweight.qdata, qweight.qscale, qweight.qtype, int(qweight.out_features), int(qweight.in_features), bias,
-        lora_A, lora_B, float(scale), float(dropout_p), bool(training))
+        x,
+        qweight.qdata,
+        qweight.qscale,
+        qweight.qtype,
+        int(qweight.out_features),
+        int(qweight.in_features),
+        bias,
+        lora_A,
+        lora_B,
+        float(scale),
+        float(dropout_p),
+        bool(training),
+    )
 
 
 def linear_quantized(x: Tensor, qweight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T + bias`` for a quantized ``W`` (``QuantizedWeight``), without building ``W``; ``x`` gets a gradient."""
     return torch.ops.lora_ext.linear_quantized.default(
-        x, qweight.qdata, qweight.qscale, qweight.qtype, int(qweight.out_features), int(qweight.in_features), bias)
+        x, qweight.qdata, qweight.qscale, qweight.qtype, int(qweight.out_features), int(qweight.in_features), bias
+    )
 
 
 def lora_group_rows(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, Tensor]:
@@ -115,7 +148,16 @@ def lora_linear_multi(
     ``[N, r_max]`` intermediate is float32 for half/bf16 adapters.
     """
     return torch.ops.lora_ext.lora_linear_multi.default(
-        x, weight, bias, lora_A, lora_B, scales, adapter_ids, float(dropout_p), bool(training), group_order,
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scales,
+        adapter_ids,
+        float(dropout_p),
+        bool(training),
+        group_order,
         group_offsets,
     )
 

@@ -12,6 +12,7 @@ mix of 8 adapters and a random batch size, forward. RSS is read from /proc/self/
 warm-up of 10% of the cycles and at the end; prints one line per loop and exits 1 if RSS grew
 by more than --max-growth percent or state was left behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -48,8 +56,9 @@ def leftovers(model) -> dict[str, int]:
     layers = [layer for _, layer in lora_ext.lora_layers(model)]
     configs = lora_ext.model.adapter_configs(model)
     return {
-        "exact-merge codes of unmerged adapters": sum(len(set(layer._exact_codes) - set(layer.merged_adapters))
-                                                      for layer in layers),
+        "exact-merge codes of unmerged adapters": sum(
+            len(set(layer._exact_codes) - set(layer.merged_adapters)) for layer in layers
+        ),
         "adapters left in layers after delete": sum(len(set(layer.r) - set(configs)) for layer in layers),
         "adapter_batch contexts still open": multi._open_contexts + (multi._CURRENT.get() is not None),
     }
@@ -69,9 +78,11 @@ def run_loop(name, cycles, step, max_growth, check) -> bool:
     growth = 100.0 * (end - start) / start
     bad = {k: v for k, v in check().items() if v != 0}
     ok = growth < max_growth and not bad
-    print(f"{name}: {cycles} cycles in {time.perf_counter() - t0:.1f} s; RSS after warm-up {start / 2**20:.1f} MiB, "
-          f"at the end {end / 2**20:.1f} MiB ({growth:+.2f}%, limit {max_growth}%); leftover state: {bad or 'none'}"
-          f" -> {'ok' if ok else 'FAIL'}")
+    print(
+        f"{name}: {cycles} cycles in {time.perf_counter() - t0:.1f} s; RSS after warm-up {start / 2**20:.1f} MiB, "
+        f"at the end {end / 2**20:.1f} MiB ({growth:+.2f}%, limit {max_growth}%); leftover state: {bad or 'none'}"
+        f" -> {'ok' if ok else 'FAIL'}"
+    )
     return ok
 
 
@@ -92,8 +103,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folders = []
         for k, r in enumerate((4, 2)):
-            m = lora_ext.inject_adapter(copy.deepcopy(base), LoraConfig(r=r, target_modules=targets[k:],
-                                                                        init_lora_weights=False), f"s{k}")
+            m = lora_ext.inject_adapter(
+                copy.deepcopy(base), LoraConfig(r=r, target_modules=targets[k:], init_lora_weights=False), f"s{k}"
+            )
             folders.append(lora_ext.save_adapter(m, tmp, f"s{k}"))
         model = copy.deepcopy(base)
         lora_ext.load_adapter(model, folders[0], adapter_name="keep")  # one adapter stays all along
@@ -109,13 +121,15 @@ def main(argv=None) -> int:
             lora_ext.set_adapter(model, "keep")
             lora_ext.delete_adapter(model, name)
 
-        ok = run_loop("load/set/merge/unmerge/delete", args.cycles, life_cycle, args.max_growth,
-                      lambda: leftovers(model))
+        ok = run_loop(
+            "load/set/merge/unmerge/delete", args.cycles, life_cycle, args.max_growth, lambda: leftovers(model)
+        )
 
     served = copy.deepcopy(base)
     for k in range(8):
-        lora_ext.inject_adapter(served, LoraConfig(r=1 + k % 4, target_modules=targets[k % 3:],
-                                                   init_lora_weights=False), f"a{k}")
+        lora_ext.inject_adapter(
+            served, LoraConfig(r=1 + k % 4, target_modules=targets[k % 3 :], init_lora_weights=False), f"a{k}"
+        )
     pool = [f"a{k}" for k in range(8)] + [lora_ext.BASE]
 
     def batch(i):
@@ -125,8 +139,9 @@ def main(argv=None) -> int:
         with torch.no_grad(), lora_ext.adapter_batch(served, names):
             served(input_ids=x)
 
-    ok &= run_loop("adapter_batch (random mixes and sizes)", args.cycles, batch, args.max_growth,
-                   lambda: leftovers(served))
+    ok &= run_loop(
+        "adapter_batch (random mixes and sizes)", args.cycles, batch, args.max_growth, lambda: leftovers(served)
+    )
     return 0 if ok else 1
 
 

@@ -1,6 +1,7 @@
 """Saved adapters of tiny models and Hypothesis strategies that mutate their folders, for the property-based
 tests of the adapter readers (test_properties_io.py: Python, test_properties_cpp_io.py: C++). A mutation is a
 plain tuple, so a failing example prints as its own reproduction."""
+
 from __future__ import annotations
 
 import atexit
@@ -77,53 +78,130 @@ def scenario(name):
     for the C++ merge); ``net_bias``: the same with bias="lora_only" (bias tensors in the file)."""
     if name not in SCENARIOS:
         if name == "llama":
-            cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                             alpha_pattern={"q_proj": 3}, init_lora_weights=False)
+            cfg = LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                rank_pattern={"v_proj": 2},
+                alpha_pattern={"q_proj": 3},
+                init_lora_weights=False,
+            )
             SCENARIOS[name] = Scenario(name, tiny_llama, cfg, LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
         else:
-            cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "l1", "l2"], use_rslora=True,
-                             rank_pattern={"l2": 2}, bias="lora_only" if name == "net_bias" else "none",
-                             init_lora_weights=False)
+            cfg = LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["emb", "l1", "l2"],
+                use_rslora=True,
+                rank_pattern={"l2": 2},
+                bias="lora_only" if name == "net_bias" else "none",
+                init_lora_weights=False,
+            )
             SCENARIOS[name] = Scenario(name, _net, cfg, LoraConfig(r=3, target_modules=["l1"]))
     return SCENARIOS[name]
 
 
 # ---- mutations ------------------------------------------------------------------------------------
 
-KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
-        "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "fan_in_fan_out", "peft_type", "use_dora",
-        "lora_bias", "layers_to_transform", "layers_pattern", "target_parameters", "task_type", "inference_mode"]
-NAMES = ["q_proj", "v_proj", "l1", "emb", "lm_head", ".*", "(", "all-linear", "LORA", "none", "all", "lora_only",
-         "gaussian", "layers\\.0"]
-ATOMS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
-         | st.sampled_from(NAMES))
-ABSURD = st.sampled_from([0, -1, 1, 2, 3, 5, 8, 2**31, 2**63, 10**30, 4.0, 2.5, "4", True, None, float("nan"),
-                          float("inf"), -0.0, [], {}])
-JSON = st.recursive(ATOMS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6)
-                    | st.sampled_from(NAMES), c, max_size=3), max_leaves=5) | ABSURD
+KEYS = [
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "peft_type",
+    "use_dora",
+    "lora_bias",
+    "layers_to_transform",
+    "layers_pattern",
+    "target_parameters",
+    "task_type",
+    "inference_mode",
+]
+NAMES = [
+    "q_proj",
+    "v_proj",
+    "l1",
+    "emb",
+    "lm_head",
+    ".*",
+    "(",
+    "all-linear",
+    "LORA",
+    "none",
+    "all",
+    "lora_only",
+    "gaussian",
+    "layers\\.0",
+]
+ATOMS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(NAMES)
+)
+ABSURD = st.sampled_from(
+    [0, -1, 1, 2, 3, 5, 8, 2**31, 2**63, 10**30, 4.0, 2.5, "4", True, None, float("nan"), float("inf"), -0.0, [], {}]
+)
+JSON = (
+    st.recursive(
+        ATOMS,
+        lambda c: (
+            st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6) | st.sampled_from(NAMES), c, max_size=3)
+        ),
+        max_leaves=5,
+    )
+    | ABSURD
+)
 FRACTION = st.floats(0.0, 1.0)
 DTYPES = ["F16", "BF16", "F64", "F32", "I32", "I64", "U8", "BOOL", "F8_E4M3", "C64", "XX", 3, None]
 ST_DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool, torch.uint8]
 RESHAPES = ["transpose", "drop_row", "add_row", "flatten", "add_dim", "scalar", "empty"]
-NEW_KEYS = ["{p}model.layers.0.self_attn.k_proj.lora_A.weight",
-            "{p}model.layers.0.self_attn.q_proj.lora_A.default.weight",
-            "{p}lm_head.weight", "{p}l1.bias", "{p}l3.lora_A.weight", "{p}emb.lora_A.weight", "{p}emb.lora_embedding_B",
-            "{p}model.embed_tokens.lora_embedding_A", "foo", "", "{p}l1.lora_B.weight.extra"]
+NEW_KEYS = [
+    "{p}model.layers.0.self_attn.k_proj.lora_A.weight",
+    "{p}model.layers.0.self_attn.q_proj.lora_A.default.weight",
+    "{p}lm_head.weight",
+    "{p}l1.bias",
+    "{p}l3.lora_A.weight",
+    "{p}emb.lora_A.weight",
+    "{p}emb.lora_embedding_B",
+    "{p}model.embed_tokens.lora_embedding_A",
+    "foo",
+    "",
+    "{p}l1.lora_B.weight.extra",
+]
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e30, 0.0, -0.0, 5e-324]
 
 MUTATIONS = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(KEYS) | st.text(max_size=8), JSON),
-    st.tuples(st.just("set"), st.sampled_from(["rank_pattern", "alpha_pattern"]),  # per-module values
-              st.dictionaries(st.sampled_from(NAMES + ["l2", "v_proj$", "layers\\.1"]), ABSURD | st.integers(-3, 9),
-                              max_size=2)),
+    st.tuples(
+        st.just("set"),
+        st.sampled_from(["rank_pattern", "alpha_pattern"]),  # per-module values
+        st.dictionaries(
+            st.sampled_from(NAMES + ["l2", "v_proj$", "layers\\.1"]), ABSURD | st.integers(-3, 9), max_size=2
+        ),
+    ),
     st.tuples(st.just("delete"), st.sampled_from(KEYS)),
     st.tuples(st.just("document"), JSON),
     st.tuples(st.just("cut"), st.sampled_from([CONFIG, WEIGHTS]), FRACTION),
     st.tuples(st.just("flip"), st.sampled_from([CONFIG, WEIGHTS]), FRACTION, st.integers(0, 7)),
     st.tuples(st.just("append"), st.sampled_from([CONFIG, WEIGHTS]), st.binary(min_size=1, max_size=16)),
     st.tuples(st.just("remove"), st.sampled_from([CONFIG, WEIGHTS])),
-    st.tuples(st.just("header"), st.integers(0, 99), st.sampled_from(["dtype", "shape", "data_offsets"]),
-              st.sampled_from(DTYPES) | JSON | st.lists(st.integers(-2, 2**40), max_size=3)),
+    st.tuples(
+        st.just("header"),
+        st.integers(0, 99),
+        st.sampled_from(["dtype", "shape", "data_offsets"]),
+        st.sampled_from(DTYPES) | JSON | st.lists(st.integers(-2, 2**40), max_size=3),
+    ),
     st.tuples(st.just("name_byte"), st.integers(0, 40), st.integers(0, 255)),
     st.tuples(st.just("dtype"), st.integers(0, 99), st.sampled_from(ST_DTYPES)),
     st.tuples(st.just("reshape"), st.integers(0, 99), st.sampled_from(RESHAPES)),
@@ -135,10 +213,15 @@ MUTATIONS = st.one_of(
 
 
 def _reshaped(t, how):
-    return {"transpose": lambda: t.T.contiguous() if t.dim() == 2 else t, "drop_row": lambda: t[:-1],
-            "add_row": lambda: torch.cat([t, t[:1]]), "flatten": lambda: t.reshape(-1),
-            "add_dim": lambda: t.unsqueeze(0), "scalar": lambda: t.reshape(-1)[0].clone(),
-            "empty": lambda: t[:0]}[how]().contiguous()
+    return {
+        "transpose": lambda: t.T.contiguous() if t.dim() == 2 else t,
+        "drop_row": lambda: t[:-1],
+        "add_row": lambda: torch.cat([t, t[:1]]),
+        "flatten": lambda: t.reshape(-1),
+        "add_dim": lambda: t.unsqueeze(0),
+        "scalar": lambda: t.reshape(-1)[0].clone(),
+        "empty": lambda: t[:0],
+    }[how]().contiguous()
 
 
 def _edit_tensors(path, m):

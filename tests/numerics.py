@@ -23,6 +23,7 @@ gradient gets a bound of ~lr * 1e-5 on top of the tight tolerance; only elements
 the noise get up to ~2 lr per step. A missing all-reduce or a wrong shard changes gradients by O(|g|), far
 beyond the noise, and fails (``tests/test_numerics.py`` shows both).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,9 @@ def adamw_drift_bound(grads: list[torch.Tensor], lr: float, betas=(0.9, 0.999), 
     for t, g in enumerate(grads, start=1):
         g = g.detach().to(torch.float64)
         v = b2 * v + (1 - b2) * g * g
-        rms = (v / (1 - b2 ** t)).sqrt()
+        rms = (v / (1 - b2**t)).sqrt()
         n_max = max(n_max, noise * g.abs().max().item())
-        w_min = (1 - b2) * b2 ** (t - 1) / (1 - b2 ** t)  # the oldest gradient's weight in v_hat
+        w_min = (1 - b2) * b2 ** (t - 1) / (1 - b2**t)  # the oldest gradient's weight in v_hat
         u_cap = 1 / math.sqrt(w_min)
         slack = (rms - n_max).clamp_min(0)
         du = torch.where(slack > 0, (1 + u_cap) * n_max / slack.clamp_min(1e-300), torch.full_like(rms, 2 * u_cap))
@@ -55,8 +56,15 @@ def adamw_drift_bound(grads: list[torch.Tensor], lr: float, betas=(0.9, 0.999), 
     return bound
 
 
-def assert_close_after_adamw(got: torch.Tensor, want: torch.Tensor, grads: list[torch.Tensor], lr: float,
-                             what: str = "", rtol: float = RTOL, atol: float = ATOL) -> None:
+def assert_close_after_adamw(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    grads: list[torch.Tensor],
+    lr: float,
+    what: str = "",
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> None:
     """``|got - want| <= atol + rtol |want| + adamw_drift_bound(grads, lr)`` element by element."""
     assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
     diff = (got.double() - want.double()).abs()
@@ -69,7 +77,8 @@ def assert_close_after_adamw(got: torch.Tensor, want: torch.Tensor, grads: list[
             f"{what}: {int(bad.sum())} of {diff.numel()} elements beyond rtol {rtol} / atol {atol} + AdamW's rounding "
             f"drift; worst at flat index {i}: got {got.flatten()[i].item():.9g}, want {want.flatten()[i].item():.9g}, "
             f"|diff| {diff.flatten()[i].item():.3g} > allowed {tol.flatten()[i].item():.3g} "
-            f"(of which AdamW drift {drift.flatten()[i].item():.3g}; lr {lr})")
+            f"(of which AdamW drift {drift.flatten()[i].item():.3g}; lr {lr})"
+        )
 
 
 class GradRecorder:

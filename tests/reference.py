@@ -1,4 +1,5 @@
 """Plain-PyTorch float64 references and test helpers (no lora_ext code here)."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,6 @@ def ref_lora_linear(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):
     if bias is not None:
         y = y + bias.double()
     return y
-
 
 
 def ref_multi(x, w, b, A, B, scales, ids, ranks=None, mask=None, p=0.0):
@@ -221,8 +221,11 @@ def wide_weight(out_f, in_f, dtype, seed=0, transposed=False):
     w = torch.where(near, (torch.randn(out_f, in_f, generator=g) * 0.02).to(dtype), w)
     flat = w.view(-1)
     ity = torch.int32 if dtype == torch.float32 else torch.int16
-    nans = {torch.float32: [0x7FC00001, -0x00400001, 0x7F800001], torch.bfloat16: [0x7FC1, -0x003F, 0x7F81],
-            torch.float16: [0x7E01, -0x0101, 0x7C01]}[dtype]  # payloads, both signs, a signalling one
+    nans = {
+        torch.float32: [0x7FC00001, -0x00400001, 0x7F800001],
+        torch.bfloat16: [0x7FC1, -0x003F, 0x7F81],
+        torch.float16: [0x7E01, -0x0101, 0x7C01],
+    }[dtype]  # payloads, both signs, a signalling one
     fi = torch.finfo(dtype)
     others = [float("inf"), float("-inf"), 0.0, -0.0, fi.max, -fi.max, fi.smallest_normal, fi.tiny / 2]
     pos = torch.randperm(flat.numel(), generator=g)[: len(nans) + len(others)]
@@ -239,6 +242,11 @@ def wide_adapter(in_f, out_f, r, adtype, seed=1):
 
 
 # (weight dtype, adapter dtype) pairs of the exact merge
-EXACT_CASES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-               (torch.float16, torch.float32), (torch.float16, torch.float16)]
+EXACT_CASES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
+]
 EXACT_IDS = [f"{str(w)[6:]}-{str(a)[6:]}" for w, a in EXACT_CASES]

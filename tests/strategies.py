@@ -1,4 +1,5 @@
 """Hypothesis strategies and layout helpers shared by the property-based tests (no lora_ext code here)."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,15 @@ from hypothesis import strategies as st
 
 # (base dtype, adapter dtype) pairs every op takes: the adapter has the base's dtype or, on a
 # bfloat16/float16 base, float32 (PEFT's default) or the other half type.
-DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
-               (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-               (torch.float16, torch.bfloat16)]
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16),
+]
 # memory layouts of an operand with the same values (see ``place``)
 LAYOUTS = ["contiguous", "permuted", "strided", "offset"]
 
@@ -68,8 +75,9 @@ def outside_unchanged(view: torch.Tensor, buffer_before: torch.Tensor) -> bool:
         return True
     after = base.clone()
     region = torch.as_strided(after, view.shape, view.stride(), view.storage_offset() - base.storage_offset())
-    region.copy_(torch.as_strided(buffer_before, view.shape, view.stride(),
-                                  view.storage_offset() - base.storage_offset()))
+    region.copy_(
+        torch.as_strided(buffer_before, view.shape, view.stride(), view.storage_offset() - base.storage_offset())
+    )
     return torch.equal(bits(after), bits(buffer_before))
 
 

@@ -1,8 +1,10 @@
 """lora_ext.adapter_batch on a tiny Llama: per-row adapters against PEFT's adapter_names= path
 and against running each row alone with its adapter; training several adapters at once;
 the stack cache; bad input."""
+
 import copy
 
+import peft  # noqa: E402
 import pytest
 import torch
 
@@ -10,8 +12,6 @@ import lora_ext
 from lora_ext import LoraConfig
 from lora_ext.layers import per_row
 from models import LLAMA_TARGETS, tiny_llama
-
-import peft  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -24,8 +24,15 @@ def _configs(n):
     out = []
     for k in range(n):
         targets = LLAMA_TARGETS if k % 3 != 2 else ["q_proj", "v_proj", "down_proj"]
-        out.append(dict(r=[4, 2, 8, 1, 3, 6, 5, 2][k], lora_alpha=[8, 3, 16, 1, 5, 12, 2, 7][k],
-                        use_rslora=k % 2 == 1, target_modules=targets, init_lora_weights=False))
+        out.append(
+            dict(
+                r=[4, 2, 8, 1, 3, 6, 5, 2][k],
+                lora_alpha=[8, 3, 16, 1, 5, 12, 2, 7][k],
+                use_rslora=k % 2 == 1,
+                target_modules=targets,
+                init_lora_weights=False,
+            )
+        )
     return out
 
 
@@ -108,8 +115,10 @@ def test_training_several_adapters_at_once_equals_each_on_its_rows(models):
     ids = _ids()
     with lora_ext.adapter_batch(model, names):
         model(input_ids=ids).logits.square().mean(-1).sum().backward()
-    got = {n: [t.grad.clone() for _, l in lora_ext.lora_layers(model) if l.has_adapter(n)
-               for t in l.adapter_weights(n)] for n in used}
+    got = {
+        n: [t.grad.clone() for _, l in lora_ext.lora_layers(model) if l.has_adapter(n) for t in l.adapter_weights(n)]
+        for n in used
+    }
     for n in used:
         ref = copy.deepcopy(ours).train()
         lora_ext.set_adapter(ref, n)
@@ -205,21 +214,33 @@ def test_more_bad_use_raises_clear_errors():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     lora_ext.inject_adapter(model, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]), "a")
-    with pytest.raises(NotImplementedError, match=r"adapter_batch: per-row adapters are implemented for linear "
-                                                  r"layers; \['2'\] hold adapters of this batch"):
+    with pytest.raises(
+        NotImplementedError,
+        match=r"adapter_batch: per-row adapters are implemented for linear "
+        r"layers; \['2'\] hold adapters of this batch",
+    ):
         with lora_ext.adapter_batch(model, ["a", "a"]):
             pass
     layer = lora_ext.LoraLinear(torch.nn.Linear(8, 4), r=2)
-    with pytest.raises(TypeError, match=r"adapter_batch: expected a list of adapter names \(one per batch row\), "
-                                        r"got \[0, 1\]"):
+    with pytest.raises(
+        TypeError,
+        match=r"adapter_batch: expected a list of adapter names \(one per batch row\), "
+        r"got \[0, 1\]",
+    ):
         with lora_ext.adapter_batch(layer, [0, 1]):
             pass
-    with pytest.raises(ValueError, match=r"adapter_batch \(LoraLinear\): expected an input whose first dim is the "
-                                         r"batch of 1 rows .* got x of shape \(8,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_batch \(LoraLinear\): expected an input whose first dim is the "
+        r"batch of 1 rows .* got x of shape \(8,\)",
+    ):
         with lora_ext.adapter_batch(layer, ["default"]):
             layer(torch.randn(8))
-    with pytest.raises(ValueError, match=r"adapter_batch \(LoraLinear\): adapters are merged into the weight; "
-                                         r"unmerge\(\) before per-row adapters"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_batch \(LoraLinear\): adapters are merged into the weight; "
+        r"unmerge\(\) before per-row adapters",
+    ):
         with lora_ext.adapter_batch(layer, ["default", "default"]):
             layer.merge()
             layer(torch.randn(2, 8))

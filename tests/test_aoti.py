@@ -3,6 +3,7 @@ tiny Llama built from a config: the export in both forms, the packages in Python
 Python's (transformers + lora_ext) for the base, each adapter merged, each adapter unmerged in a slot and both
 adapters per row, and tests/cpp/test_aoti.cpp (refused adapters change nothing, 100 switches leave the base
 bit-identical, bad inputs, threads)."""
+
 import os
 import pathlib
 import shutil
@@ -15,10 +16,10 @@ from safetensors.torch import load_file
 
 import lora_ext
 from lora_ext.export import export_causal_lm
+from lora_ext_dev.generate import tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpp" / "generate"
-from lora_ext_dev.generate import tiny_llama
 
 STEPS = 8
 
@@ -27,9 +28,20 @@ def _cmake_build(src: pathlib.Path, build: pathlib.Path, target: str) -> pathlib
     cmake = shutil.which("cmake")
     assert cmake, "cmake is needed to build the C++ programs"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    r = subprocess.run([cmake, "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            cmake,
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            *gen,
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = subprocess.run([cmake, "--build", str(build), "-j2", "--target", target], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -45,8 +57,12 @@ def _run(*args, timeout=600):
 def data(tmp_path_factory):
     """make_data.py --model tiny: both packages, two random adapters, the prompt and Python's tokens."""
     out = tmp_path_factory.mktemp("aoti_data")
-    r = subprocess.run([sys.executable, "-P", str(EXAMPLE / "make_data.py"), str(out), "--model", "tiny",
-                        "--steps", str(STEPS)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-P", str(EXAMPLE / "make_data.py"), str(out), "--model", "tiny", "--steps", str(STEPS)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -120,8 +136,9 @@ def test_export_restores_the_model(tmp_path):
     """The slot wrappers exist only during the export; the model's modules and mode are as before."""
     model = tiny_llama().train()
     before = dict(model.named_modules())
-    info = export_causal_lm(model, tmp_path / "s.pt2", adapter_slots=1, max_rank=2, target_modules=["v_proj"],
-                            max_seq=16)
+    info = export_causal_lm(
+        model, tmp_path / "s.pt2", adapter_slots=1, max_rank=2, target_modules=["v_proj"], max_seq=16
+    )
     assert dict(model.named_modules()) == before and model.training
     assert info["bytes"] > 0 and info["compile_s"] > 0
     meta_fqns = torch._inductor.aoti_load_package(info["package"]).get_constant_fqns()

@@ -8,10 +8,12 @@ tolerance. A model under autocast must match PEFT under the same autocast (PEFT 
 autocast's bf16 linears, lora_ext in float32: within the dtype's tolerance, not bit for bit), over a 20-step
 loss curve too. Written once, parametrised by device: the CUDA cases run where a GPU is.
 """
+
 from __future__ import annotations
 
 import copy
 
+import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 import pytest
 import torch
 from torch import nn
@@ -20,8 +22,6 @@ import lora_ext
 from lora_ext import LoraConfig, ops, quant
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
 from reference import DEVICES, GRAD_TOL, TOL, ref_lora_linear
-
-import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 
 pytestmark = pytest.mark.numerics
 
@@ -130,8 +130,9 @@ def test_lora_linear_multi_under_autocast_is_the_op_on_cast_inputs(device, dtype
 def test_quantized_ops_under_autocast_cast_x_and_bias_only(device, dtype, qtype):
     x, w, b, a, bb = _inputs(device, (2, 5), 64, 24, 4)
     q = quant.quantize(w.cpu(), qtype)
-    qw = quant.QuantizedWeight(q.qdata.to(device), None if q.qscale is None else q.qscale.to(device), q.qtype,
-                               q.out_features, q.in_features)
+    qw = quant.QuantizedWeight(
+        q.qdata.to(device), None if q.qscale is None else q.qscale.to(device), q.qtype, q.out_features, q.in_features
+    )
     qdata_before = qw.qdata.clone()
 
     def under_autocast(x, a, bb):
@@ -166,20 +167,33 @@ def test_float64_and_autocast_disabled_are_left_alone(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_under_autocast_is_still_named(device):
     x, w, b, a, bb = _inputs(device, (4,), 16, 8, 2)
-    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(RuntimeError, match=(
-            r"lora_ext::lora_linear: expected lora_A of shape \[r, in\] with in = 16, got \[2, 15\]")):
+    with (
+        torch.autocast(device, dtype=torch.bfloat16),
+        pytest.raises(
+            RuntimeError,
+            match=(r"lora_ext::lora_linear: expected lora_A of shape \[r, in\] with in = 16, got \[2, 15\]"),
+        ),
+    ):
         ops.lora_linear(x, w, b, a[:, :15], bb, 0.5)
-    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(RuntimeError, match=(
-            r"lora_ext::lora_linear: expected lora_A/lora_B of dtype BFloat16 \(the x/weight's dtype\), float32, "
-            r"bfloat16 or float16, got Double")):
+    with (
+        torch.autocast(device, dtype=torch.bfloat16),
+        pytest.raises(
+            RuntimeError,
+            match=(
+                r"lora_ext::lora_linear: expected lora_A/lora_B of dtype BFloat16 \(the x/weight's dtype\), float32, "
+                r"bfloat16 or float16, got Double"
+            ),
+        ),
+    ):
         ops.lora_linear(x, w, b, a.double(), bb.double(), 0.5)
 
 
 def _same_init_models(tmp_path, device):
     """A tiny Llama with lora_ext's LoRA (random B) and the same adapter loaded by PEFT, both trainable."""
     base = tiny_llama().to(device)
-    ours = lora_ext.inject_adapter(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                                   init_lora_weights=False))
+    ours = lora_ext.inject_adapter(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    )
     lora_ext.save_adapter(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True)
     return ours, theirs
@@ -189,8 +203,14 @@ def _lora_grads(model):
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            key = n.replace("base_model.model.", "").replace(".weight", "").replace("lora_A.default", "A") \
-                .replace("lora_B.default", "B").replace("lora_A", "A").replace("lora_B", "B")
+            key = (
+                n.replace("base_model.model.", "")
+                .replace(".weight", "")
+                .replace("lora_A.default", "A")
+                .replace("lora_B.default", "B")
+                .replace("lora_A", "A")
+                .replace("lora_B", "B")
+            )
             out[key] = p.grad
     return out
 
@@ -225,8 +245,9 @@ def test_20_step_layer_loss_curve_under_autocast_matches_peft(device, dtype, tmp
     lora_ext and PEFT, from the same adapter, follow the same loss curve within the dtype's rounding."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 48)).to(device)
-    ours = lora_ext.inject_adapter(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
-                                                                   init_lora_weights=False))
+    ours = lora_ext.inject_adapter(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False)
+    )
     lora_ext.save_adapter(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), is_trainable=True)
     g = torch.Generator().manual_seed(3)
@@ -268,11 +289,11 @@ def test_per_row_adapters_under_autocast(device):
         with torch.autocast(device, dtype=torch.bfloat16):
             if name == lora_ext.BASE:
                 with lora_ext.disable_adapters(model):
-                    want = model(x[i:i + 1])
+                    want = model(x[i : i + 1])
             else:
                 lora_ext.set_adapter(model, name)
-                want = model(x[i:i + 1])
-        torch.testing.assert_close(y[i:i + 1].float(), want.float(), atol=2e-2, rtol=2e-2)
+                want = model(x[i : i + 1])
+        torch.testing.assert_close(y[i : i + 1].float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -293,8 +314,9 @@ def test_torch_compile_under_autocast_equals_eager(device):
     grads = [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
     layer.zero_grad()
     y_eager.float().sum().backward()
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, (layer.lora_A["default"].weight,
-                                                                 layer.lora_B["default"].weight)))
+    assert all(
+        torch.equal(g, p.grad) for g, p in zip(grads, (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    )
 
 
 def _lora_values(model):
@@ -305,8 +327,9 @@ def test_accelerate_bf16_mixed_precision_trains_a_lora_ext_model():
     """The issue's report: accelerate's ``mixed_precision="bf16"`` raised on the first forward."""
     from accelerate import Accelerator
 
-    model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS,
-                                                             init_lora_weights=False)).train()
+    model = lora_ext.inject_adapter(
+        tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    ).train()
     before = _lora_values(model)
     acc = Accelerator(mixed_precision="bf16", cpu=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -327,13 +350,23 @@ def test_trainer_with_bf16_on_trains_a_lora_ext_model(tmp_path):
     """The issue's report: ``Trainer(bf16=True)`` raised on its first step."""
     from transformers import Trainer, TrainingArguments
 
-    model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS,
-                                                             init_lora_weights=False))
+    model = lora_ext.inject_adapter(
+        tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    )
     before = _lora_values(model)
     ids = llama_inputs(batch=4)
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, max_steps=2, per_device_train_batch_size=2,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        bf16=True,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+    )
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     after = _lora_values(model)
@@ -351,13 +384,16 @@ def test_accelerate_bf16_save_state_and_load_state_resume_bit_identically(kind, 
     def fresh():
         torch.manual_seed(0)
         if kind == "native":
-            model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS,
-                                                                     lora_dropout=0.1, init_lora_weights=False))
+            model = lora_ext.inject_adapter(
+                tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=0.1, init_lora_weights=False)
+            )
         else:
             peft_backend.use_lora_ext()
             try:
-                model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS,
-                                                                          lora_dropout=0.1, init_lora_weights=False))
+                model = peft.get_peft_model(
+                    tiny_llama(),
+                    peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=0.1, init_lora_weights=False),
+                )
             finally:
                 peft_backend.use_lora_ext(False)
         acc = Accelerator(mixed_precision="bf16", cpu=True)

@@ -1,6 +1,7 @@
 """Non-finite and absurd values: NaN/Inf adapters are refused on load (opt-out) and never merged,
 ranks above min(in, out), alpha <= 0 and a config whose r disagrees with the tensors are clear
 errors, and nothing is changed when they are raised (Python and the C++ reader/merge)."""
+
 import json
 import os
 
@@ -42,8 +43,9 @@ def _assert_load_refused(folder, match):
 
 
 def _saved(tmp_path, r=4, **cfg):
-    model = lora_ext.inject_adapter(_model(), LoraConfig(r=r, target_modules=["0", "2"], init_lora_weights=False,
-                                                         **cfg))
+    model = lora_ext.inject_adapter(
+        _model(), LoraConfig(r=r, target_modules=["0", "2"], init_lora_weights=False, **cfg)
+    )
     return model, lora_ext.save_adapter(model, str(tmp_path / "ad"))
 
 
@@ -56,6 +58,7 @@ def _rewrite(folder, edit_tensors=None, edit_config=None, keep_metadata=False):
     meta = {"format": "pt"}
     if keep_metadata:
         from safetensors import safe_open
+
         with safe_open(st, "pt") as f:
             meta = f.metadata()
     save_file(tensors, st, metadata=meta)
@@ -100,8 +103,9 @@ def test_nonfinite_adapter_is_never_merged(exact):
 
 def test_cpp_merge_refuses_nonfinite_adapter_before_changing_anything(tmp_path):
     model, folder = _saved(tmp_path)
-    _rewrite(folder, lambda t: t["base_model.model.2.lora_B.weight"].__setitem__((0, 0), float("inf")),
-             keep_metadata=True)
+    _rewrite(
+        folder, lambda t: t["base_model.model.2.lora_B.weight"].__setitem__((0, 0), float("inf")), keep_metadata=True
+    )
     base = torch.jit.script(_model())
     src, out = str(tmp_path / "m.pt"), str(tmp_path / "merged.pt")
     base.save(src)
@@ -119,7 +123,9 @@ def test_rank_above_min_in_out_is_refused():
     model = _model()
     before = _state(model)
     cfg = LoraConfig(r=4, target_modules=["0", "2"], rank_pattern={"2": 9})
-    with pytest.raises(ValueError, match=r"the model was not changed:\n  '2': expected r <= min\(in, out\) = 6, got r=9"):
+    with pytest.raises(
+        ValueError, match=r"the model was not changed:\n  '2': expected r <= min\(in, out\) = 6, got r=9"
+    ):
         lora_ext.inject_adapter(model, cfg)
     _assert_unchanged(model, before)
 
@@ -127,10 +133,13 @@ def test_rank_above_min_in_out_is_refused():
 def test_rank_above_min_in_out_in_a_file_is_refused(tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
-    save_file({"base_model.model.2.lora_A.weight": torch.randn(8, 10),
-               "base_model.model.2.lora_B.weight": torch.randn(6, 8)}, str(folder / WEIGHTS_NAME))
-    (folder / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8,
-                                                  "target_modules": ["2"]}))
+    save_file(
+        {"base_model.model.2.lora_A.weight": torch.randn(8, 10), "base_model.model.2.lora_B.weight": torch.randn(6, 8)},
+        str(folder / WEIGHTS_NAME),
+    )
+    (folder / CONFIG_NAME).write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["2"]})
+    )
     _assert_load_refused(folder, r"rank too large at '2': expected r <= min\(in, out\) = 6, got r=8")
 
 
@@ -144,15 +153,21 @@ def test_alpha_must_be_a_positive_number(alpha, tmp_path):
         LoraConfig(alpha_pattern={"x": alpha})
     _, folder = _saved(tmp_path)
     _rewrite(folder, edit_config=lambda c: c.__setitem__("lora_alpha", alpha))  # a PEFT-written file
-    _assert_load_refused(folder, r"lora_ext.load_adapter: .*adapter_config.json: LoraConfig: expected a finite "
-                                 r"lora_alpha > 0")
+    _assert_load_refused(
+        folder,
+        r"lora_ext.load_adapter: .*adapter_config.json: LoraConfig: expected a finite "
+        r"lora_alpha > 0",
+    )
 
 
 def test_config_r_disagreeing_with_tensors(tmp_path):
     _, folder = _saved(tmp_path, r=4)
     _rewrite(folder, edit_config=lambda c: c.__setitem__("r", 3))  # no embedded config: the file's r is used
-    _assert_load_refused(folder, r"shape mismatch at '0': expected A \(3, 12\) and B \(10, 3\) \(r from the "
-                                 r"config\), got \(4, 12\) and \(10, 4\)")
+    _assert_load_refused(
+        folder,
+        r"shape mismatch at '0': expected A \(3, 12\) and B \(10, 3\) \(r from the "
+        r"config\), got \(4, 12\) and \(10, 4\)",
+    )
 
 
 def test_cpp_reader_uses_the_weights_own_config_after_an_interrupted_save(tmp_path):
@@ -172,25 +187,50 @@ def _write_config(folder, text):
 
 
 BROKEN_FOLDERS = {  # edit of a saved folder (weights rewritten without lora_ext's embedded config) -> error
-    "folder missing": (lambda d: os.rename(d, d + ".gone"), FileNotFoundError,
-                       r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'"),
-    "no weights file": (lambda d: os.remove(os.path.join(d, WEIGHTS_NAME)), FileNotFoundError,
-                        r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'"),
-    "no config file": (lambda d: os.remove(os.path.join(d, CONFIG_NAME)), FileNotFoundError,
-                       r"lora_ext.load_adapter: no adapter_config.json in '.*ad'"),
-    "config not JSON": (lambda d: _write_config(d, "{"), ValueError,
-                        r"lora_ext.load_adapter: .*adapter_config.json is not valid JSON: Expecting"),
-    "config not an object": (lambda d: _write_config(d, "[1]"), ValueError,
-                             r"lora_ext.load_adapter: .*adapter_config.json: expected a JSON object, got list"),
-    "config with use_dora": (lambda d: _write_config(d, json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
-                                                                    "target_modules": ["0", "2"]})), ValueError,
-                             r"adapter_config.json: LoraConfig: these PEFT options are not supported by lora_ext "
-                             r"and would change results: \{'use_dora': True\}"),
-    "weights not safetensors": (lambda d: open(os.path.join(d, WEIGHTS_NAME), "wb").write(b"\xff" * 64), ValueError,
-                                r"lora_ext.load_adapter: .*adapter_model.safetensors is not a valid safetensors file"),
-    "weights hold no LoRA keys": (lambda d: save_file({}, os.path.join(d, WEIGHTS_NAME)), ValueError,
-                                  r"lora_ext.load_adapter: the adapter does not fit the model:\n  the file holds no "
-                                  r"LoRA weights"),
+    "folder missing": (
+        lambda d: os.rename(d, d + ".gone"),
+        FileNotFoundError,
+        r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'",
+    ),
+    "no weights file": (
+        lambda d: os.remove(os.path.join(d, WEIGHTS_NAME)),
+        FileNotFoundError,
+        r"lora_ext.load_adapter: no adapter_model.safetensors in '.*ad'",
+    ),
+    "no config file": (
+        lambda d: os.remove(os.path.join(d, CONFIG_NAME)),
+        FileNotFoundError,
+        r"lora_ext.load_adapter: no adapter_config.json in '.*ad'",
+    ),
+    "config not JSON": (
+        lambda d: _write_config(d, "{"),
+        ValueError,
+        r"lora_ext.load_adapter: .*adapter_config.json is not valid JSON: Expecting",
+    ),
+    "config not an object": (
+        lambda d: _write_config(d, "[1]"),
+        ValueError,
+        r"lora_ext.load_adapter: .*adapter_config.json: expected a JSON object, got list",
+    ),
+    "config with use_dora": (
+        lambda d: _write_config(
+            d, json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": ["0", "2"]})
+        ),
+        ValueError,
+        r"adapter_config.json: LoraConfig: these PEFT options are not supported by lora_ext "
+        r"and would change results: \{'use_dora': True\}",
+    ),
+    "weights not safetensors": (
+        lambda d: open(os.path.join(d, WEIGHTS_NAME), "wb").write(b"\xff" * 64),
+        ValueError,
+        r"lora_ext.load_adapter: .*adapter_model.safetensors is not a valid safetensors file",
+    ),
+    "weights hold no LoRA keys": (
+        lambda d: save_file({}, os.path.join(d, WEIGHTS_NAME)),
+        ValueError,
+        r"lora_ext.load_adapter: the adapter does not fit the model:\n  the file holds no "
+        r"LoRA weights",
+    ),
 }
 
 

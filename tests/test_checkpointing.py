@@ -6,6 +6,7 @@ per-row adapters (lora_ext.adapter_batch), and on the whole model through transf
 checkpointing. The recomputation of a per-row forward must see the same adapter_batch: inside the
 ``with`` it does (on any thread); after it, the recomputation is refused instead of running the
 model's active adapters."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ def lora_llama(adapters=("a",), dropout: float = 0.3):
     with two adapters both are active and trainable."""
     model = tiny_llama()
     for name in adapters:
-        cfg = lora_ext.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
-                                  target_modules=LLAMA_TARGETS)
+        cfg = lora_ext.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=LLAMA_TARGETS
+        )
         lora_ext.inject_adapter(model, cfg, name)
     lora_ext.set_adapter(model, list(adapters))
     return model.train()
@@ -57,8 +59,15 @@ class Block:
         self.calls = 0  # forwards of q_proj: a recomputation runs it again
         self.block.self_attn.q_proj.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
-    def run(self, seed: int, use_reentrant=None, rows=None, backward_inside: bool = True, thread: bool = False,
-            preserve_rng_state: bool = True) -> dict[str, torch.Tensor]:
+    def run(
+        self,
+        seed: int,
+        use_reentrant=None,
+        rows=None,
+        backward_inside: bool = True,
+        thread: bool = False,
+        preserve_rng_state: bool = True,
+    ) -> dict[str, torch.Tensor]:
         """One forward + backward from ``torch.manual_seed(seed)``: plain (``use_reentrant=None``) or under
         ``checkpoint``; ``rows``: inside ``adapter_batch(model, rows)``, backward inside or after the
         ``with``, on this thread or another one. Returns the gradients of the input and of every adapter."""
@@ -72,8 +81,11 @@ class Block:
         torch.manual_seed(seed)
         batch = lora_ext.adapter_batch(self.model, rows) if rows else contextlib.nullcontext()
         with batch:
-            y = f(x) if use_reentrant is None else checkpoint(f, x, use_reentrant=use_reentrant,
-                                                              preserve_rng_state=preserve_rng_state)
+            y = (
+                f(x)
+                if use_reentrant is None
+                else checkpoint(f, x, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state)
+            )
             loss = (y * self.w).sum()
             if backward_inside:
                 backward(loss, thread)
@@ -107,7 +119,8 @@ def assert_bitwise_equal(got: dict, want: dict, what: str) -> None:
         assert got[name] is not None and want[name] is not None, f"{what}: no gradient for {name}"
         assert torch.equal(got[name], want[name]), (
             f"{what}: gradient of {name} differs from the non-checkpointed run by up to "
-            f"{(got[name] - want[name]).abs().max().item():.3g}")
+            f"{(got[name] - want[name]).abs().max().item():.3g}"
+        )
 
 
 def differing(a: dict, b: dict) -> list[str]:
@@ -120,8 +133,9 @@ def test_block_checkpoint_regenerates_the_dropout_masks(use_reentrant):
     plain = blk.run(seed=11)
     assert blk.calls == 1
     got = blk.run(seed=11, use_reentrant=use_reentrant)
-    assert blk.calls == 3, (f"expected the checkpointed block to run q_proj twice (forward + recompute), "
-                            f"got {blk.calls - 1}")
+    assert blk.calls == 3, (
+        f"expected the checkpointed block to run q_proj twice (forward + recompute), got {blk.calls - 1}"
+    )
     assert_bitwise_equal(got, plain, f"checkpoint(use_reentrant={use_reentrant})")
 
 
@@ -139,13 +153,17 @@ def test_other_masks_give_other_gradients(use_reentrant):
     changed = differing(fresh_masks, plain)
     assert "input" in changed and len(changed) > len(plain) // 2, (
         f"checkpoint(preserve_rng_state=False): expected gradients that differ from the plain run (masks drawn "
-        f"again), got only {changed} differing")
+        f"again), got only {changed} differing"
+    )
     without_dropout = Block()
     for _, layer in lora_ext.lora_layers(without_dropout.model):
         layer.lora_dropout["a"] = 0.0
     # the same check passes without dropout: the difference above comes from the masks alone
-    assert_bitwise_equal(without_dropout.run(seed=11, use_reentrant=use_reentrant, preserve_rng_state=False),
-                         without_dropout.run(seed=12), "no dropout")
+    assert_bitwise_equal(
+        without_dropout.run(seed=11, use_reentrant=use_reentrant, preserve_rng_state=False),
+        without_dropout.run(seed=12),
+        "no dropout",
+    )
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
@@ -172,9 +190,12 @@ def test_per_row_recompute_after_the_with_is_refused(use_reentrant):
     blk = Block(adapters=("a", "b"))
     inside = blk.run(seed=5, rows=ROWS)
     assert_bitwise_equal(blk.run(seed=5, rows=ROWS, backward_inside=False), inside, "backward after the with")
-    with pytest.raises(RuntimeError, match=r"adapter_batch \(LoraLinear\): activation checkpointing recomputes "
-                                           r"this layer's forward during backward, and the adapter_batch it ran "
-                                           r"under has been exited; expected backward\(\) inside that"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"adapter_batch \(LoraLinear\): activation checkpointing recomputes "
+        r"this layer's forward during backward, and the adapter_batch it ran "
+        r"under has been exited; expected backward\(\) inside that",
+    ):
         blk.run(seed=5, use_reentrant=use_reentrant, rows=ROWS, backward_inside=False)
     assert_bitwise_equal(blk.run(seed=7, use_reentrant=use_reentrant), blk.run(seed=7), "plain after per-row")
 
@@ -261,8 +282,10 @@ def test_two_threads_train_per_row_batches_through_one_model(use_reentrant):
     alone_2 = _grads_of(blk, rows_2, use_reentrant), _param_grads(blk)
     assert not torch.equal(alone_1[0], alone_2[0])  # two different batches
     barrier = threading.Barrier(2, timeout=60)
-    (x_1, x_2), errors = _in_threads(lambda: _grads_of(blk, rows_1, use_reentrant, after_forward=barrier.wait),
-                                     lambda: _grads_of(blk, rows_2, use_reentrant, after_forward=barrier.wait))
+    (x_1, x_2), errors = _in_threads(
+        lambda: _grads_of(blk, rows_1, use_reentrant, after_forward=barrier.wait),
+        lambda: _grads_of(blk, rows_2, use_reentrant, after_forward=barrier.wait),
+    )
     assert not errors, errors
     assert torch.equal(x_1, alone_1[0]) and torch.equal(x_2, alone_2[0])
     both = _param_grads(blk)
@@ -293,6 +316,7 @@ def test_another_threads_open_batch_does_not_stand_in_for_an_exited_one(use_reen
         def hold():
             second_forward_done.set()
             assert first_may_finish.wait(60)
+
         return _grads_of(blk, ["b", "b", "a"], use_reentrant, after_forward=hold)
 
     (_, x_2), errors = _in_threads(first, second)

@@ -6,6 +6,7 @@ compiles once per adapter set (then cached).
 Backend ``aot_eager``: dynamo + AOTAutograd (the joint forward/backward graph through the lora_ext ops'
 fake and autograd kernels) without inductor's code generation, which takes ~40 s per graph on this
 2-core CPU. Graph breaks and recompiles are dynamo's, the same for every backend."""
+
 from __future__ import annotations
 
 import inspect
@@ -30,8 +31,9 @@ def _fresh_dynamo():
 
 
 def config(dropout: float) -> lora_ext.LoraConfig:
-    return lora_ext.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
-                               target_modules=LLAMA_TARGETS)
+    return lora_ext.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=LLAMA_TARGETS
+    )
 
 
 def lora_llama(dropout: float, adapters=("a",)):
@@ -131,7 +133,8 @@ def test_adding_adapters_does_not_recompile_and_switching_compiles_once_per_adap
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         want = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
         assert grads.keys() == want.keys() and grads, (
-            f"{what}: gradients reach {sorted(grads)}, expected {sorted(want)}")
+            f"{what}: gradients reach {sorted(grads)}, expected {sorted(want)}"
+        )
         for n in want:
             torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, {n}: {m}")
         return counter.frame_count - before

@@ -4,6 +4,7 @@ mixes through ONE model get exactly what each request gets when run alone.
 (Regression: the per-row batch used to live on the shared layer modules, and 4 threads
 serving adapters "a"/"b" got 534 of 1200 outputs computed with another request's adapters.)
 """
+
 import asyncio
 import sys
 import threading
@@ -25,8 +26,9 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, DIM))
     for name, r in ADAPTERS.items():
-        lora_ext.inject_adapter(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2", "4"],
-                                                  init_lora_weights=False), name)
+        lora_ext.inject_adapter(
+            model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2", "4"], init_lora_weights=False), name
+        )
     return model.eval()
 
 

@@ -1,5 +1,6 @@
 """Builds tests/cpp (a libtorch-only program) against the installed lora_ext and runs it:
 the ops work through the public C++ header with no Python in the process."""
+
 import os
 import pathlib
 import shutil
@@ -23,9 +24,19 @@ def test_cpp_program_uses_ops_without_python(tmp_path_factory):
     build = tmp_path_factory.mktemp("cpp_build")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run(
-        [cmake, "-S", str(HERE / "cpp"), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}"],
-        check=True, capture_output=True, text=True,
+        [
+            cmake,
+            "-S",
+            str(HERE / "cpp"),
+            "-B",
+            str(build),
+            *gen,
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     r = subprocess.run([cmake, "--build", str(build), "-j2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -1,9 +1,10 @@
 """lora_ext::merge_adapter / unmerge_adapter (C++, by parameter names) on a TorchScript model,
 through a test hook in lora_ext._C: same weights and outputs as the Python merge_and_unload."""
+
 import copy
 import json
-import re
 import os
+import re
 
 import pytest
 import torch
@@ -17,8 +18,15 @@ def _setup(tmp_path):
     torch.manual_seed(0)
     base = TinyNet().eval()
     model = copy.deepcopy(base)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "l1", "l2"], use_rslora=True,
-                     rank_pattern={"l2": 2}, alpha_pattern={"l1": 3}, init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["emb", "l1", "l2"],
+        use_rslora=True,
+        rank_pattern={"l2": 2},
+        alpha_pattern={"l1": 3},
+        init_lora_weights=False,
+    )
     lora_ext.inject_adapter(model, cfg)
     lora_ext.save_adapter(model, str(tmp_path / "adapter"))
     scripted = str(tmp_path / "base.pt")
@@ -56,7 +64,9 @@ def test_cpp_merge_refuses_mismatched_adapter(tmp_path):
     t["base_model.model.nothing.lora_B.weight"] = torch.zeros(8, 4)
     save_file(t, str(st))
     out = str(tmp_path / "never.pt")
-    with pytest.raises(RuntimeError, match="(?s)lora_ext::merge_adapter: .*nothing was changed.*matches no parameter nothing.weight"):
+    with pytest.raises(
+        RuntimeError, match="(?s)lora_ext::merge_adapter: .*nothing was changed.*matches no parameter nothing.weight"
+    ):
         lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), out)
     assert not os.path.exists(out)
     t = load_file(str(st))
@@ -125,8 +135,9 @@ def test_cpp_merge_refuses_overflowing_scale_before_changing_anything(tmp_path):
     # first, with merge_'s own checks (all three scales are beyond float32's range for float32 weights)
     _, _, scripted = _setup(tmp_path)
     with pytest.raises(RuntimeError, match="(?s)nothing was changed.*module l2: lora_ext::merge_: expected a finite"):
-        lora_ext._C.merge_adapter_into_script_file(scripted, str(tmp_path / "adapter"), str(tmp_path / "x.pt"),
-                                                   weight=4e307)
+        lora_ext._C.merge_adapter_into_script_file(
+            scripted, str(tmp_path / "adapter"), str(tmp_path / "x.pt"), weight=4e307
+        )
 
 
 # ---- the two readers refuse the same adapters ----------------------------------------------------------
@@ -161,37 +172,82 @@ BAD_ADAPTERS = {
     "B missing": ({}, lambda t: _fit(t, **{L1B: None}), [f"missing key {re.escape(L1B)}"]),
     "A missing": ({}, lambda t: _fit(t, **{L1A: None}), [f"missing key {re.escape(L1A)}"]),
     "embedding B missing": ({}, lambda t: _fit(t, **{EB: None}), [f"missing key {re.escape(EB)}"]),
-    "unknown module": ({}, lambda t: _fit(t, **{"base_model.model.nothing.lora_A.weight": torch.zeros(4, 16),
-                                                "base_model.model.nothing.lora_B.weight": torch.zeros(32, 4)}),
-                       [r"\bno\b.*'?nothing\b"]),
-    "key without the prefix": ({}, lambda t: _fit(t, **{"l1.lora_A.weight": torch.zeros(4, 16)}),
-                               [r"unexpected key '?l1\.lora_A\.weight"]),
-    "a bias key, bias none": ({}, lambda t: _fit(t, **{"base_model.model.l1.bias": torch.zeros(32)}),
-                              [r"unexpected key '?base_model\.model\.l1\.bias"]),
-    "the adapter name in a key": ({}, lambda t: _fit(t, **{L1A: None, "base_model.model.l1.lora_A.default.weight":
-                                                           lambda t: t[L1A]}),
-                                  [r"unexpected key '?base_model\.model\.l1\.lora_A\.default\.weight",
-                                   f"missing key {re.escape(L1A)}"]),
-    "embedding keys on a linear": ({}, lambda t: _fit(t, **{L1A: None, L1B: None,  # shapes that fit l1.weight.T
-                                                            "base_model.model.l1.lora_embedding_A": torch.zeros(4, 32),
-                                                            "base_model.model.l1.lora_embedding_B":
-                                                            torch.zeros(16, 4)}),
-                                   [r"'?l1'? is a Linear"]),
-    "linear keys on an embedding": ({}, lambda t: _fit(t, **{EA: None, EB: None,  # shapes that fit emb.weight
-                                                             "base_model.model.emb.lora_A.weight": torch.zeros(4, 16),
-                                                             "base_model.model.emb.lora_B.weight": torch.zeros(50, 4)}),
-                                    [r"'?emb'? is a.? Embedding"]),
+    "unknown module": (
+        {},
+        lambda t: _fit(
+            t,
+            **{
+                "base_model.model.nothing.lora_A.weight": torch.zeros(4, 16),
+                "base_model.model.nothing.lora_B.weight": torch.zeros(32, 4),
+            },
+        ),
+        [r"\bno\b.*'?nothing\b"],
+    ),
+    "key without the prefix": (
+        {},
+        lambda t: _fit(t, **{"l1.lora_A.weight": torch.zeros(4, 16)}),
+        [r"unexpected key '?l1\.lora_A\.weight"],
+    ),
+    "a bias key, bias none": (
+        {},
+        lambda t: _fit(t, **{"base_model.model.l1.bias": torch.zeros(32)}),
+        [r"unexpected key '?base_model\.model\.l1\.bias"],
+    ),
+    "the adapter name in a key": (
+        {},
+        lambda t: _fit(t, **{L1A: None, "base_model.model.l1.lora_A.default.weight": lambda t: t[L1A]}),
+        [r"unexpected key '?base_model\.model\.l1\.lora_A\.default\.weight", f"missing key {re.escape(L1A)}"],
+    ),
+    "embedding keys on a linear": (
+        {},
+        lambda t: _fit(
+            t,
+            **{
+                L1A: None,
+                L1B: None,  # shapes that fit l1.weight.T
+                "base_model.model.l1.lora_embedding_A": torch.zeros(4, 32),
+                "base_model.model.l1.lora_embedding_B": torch.zeros(16, 4),
+            },
+        ),
+        [r"'?l1'? is a Linear"],
+    ),
+    "linear keys on an embedding": (
+        {},
+        lambda t: _fit(
+            t,
+            **{
+                EA: None,
+                EB: None,  # shapes that fit emb.weight
+                "base_model.model.emb.lora_A.weight": torch.zeros(4, 16),
+                "base_model.model.emb.lora_B.weight": torch.zeros(50, 4),
+            },
+        ),
+        [r"'?emb'? is a.? Embedding"],
+    ),
     "integer A": ({}, lambda t: _fit(t, **{L1A: lambda t: t[L1A].to(torch.int32)}), ["l1", "floating"]),
     "bool B": ({}, lambda t: _fit(t, **{L1B: lambda t: t[L1B] > 0}), ["l1", "floating"]),
-    "NaN in A": ({}, lambda t: _fit(t, **{L1A: lambda t: t[L1A].index_fill(1, torch.tensor([3]), float("nan"))}),
-                 ["NaN/Inf", "l1"]),
-    "Inf in an embedding B": ({}, lambda t: _fit(t, **{EB: lambda t: t[EB].index_fill(0, torch.tensor([0]),
-                                                                                        float("-inf"))}),
-                              ["NaN/Inf", "emb"]),
+    "NaN in A": (
+        {},
+        lambda t: _fit(t, **{L1A: lambda t: t[L1A].index_fill(1, torch.tensor([3]), float("nan"))}),
+        ["NaN/Inf", "l1"],
+    ),
+    "Inf in an embedding B": (
+        {},
+        lambda t: _fit(t, **{EB: lambda t: t[EB].index_fill(0, torch.tensor([0]), float("-inf"))}),
+        ["NaN/Inf", "emb"],
+    ),
     "no tensors": ({}, lambda t: {}, ["holds no LoRA weights"]),
-    "rank above min(in, out)": ({"rank_pattern": {"l2": 9}}, lambda t: _fit(
-        t, **{"base_model.model.l2.lora_A.weight": torch.zeros(9, 32), "base_model.model.l2.lora_B.weight":
-              torch.zeros(8, 9)}), [r"rank too large at '?l2\b", "8"]),
+    "rank above min(in, out)": (
+        {"rank_pattern": {"l2": 9}},
+        lambda t: _fit(
+            t,
+            **{
+                "base_model.model.l2.lora_A.weight": torch.zeros(9, 32),
+                "base_model.model.l2.lora_B.weight": torch.zeros(8, 9),
+            },
+        ),
+        [r"rank too large at '?l2\b", "8"],
+    ),
     "config r other than the tensors'": ({"r": 3}, None, [r"'?l1\b", "config"]),
     "config r 0": ({"r": 0}, None, [r"r >= 1, got 0"]),
     "config r 2.5": ({"r": 2.5}, None, [r"integer (rank \()?r\b"]),
@@ -230,10 +286,29 @@ BAD_ADAPTERS = {
 GOOD_ADAPTERS = {
     "float64 tensors": ({}, lambda t: {k: v.double() for k, v in t.items()}),
     "bfloat16 tensors": ({}, lambda t: {k: v.bfloat16() for k, v in t.items()}),
-    "options at their neutral values": ({"use_dora": False, "lora_bias": None, "layers_pattern": "",
-                                         "layers_to_transform": [], "use_bdlora": 0, "megatron_config": None}, None),
-    "other PEFT fields": ({"lora_dropout": 0.5, "bias": "none", "target_modules": "emb|l[12]", "task_type": "X",
-                           "exclude_modules": ["nothing"], "inference_mode": False, "foo": {"bar": [1]}}, None),
+    "options at their neutral values": (
+        {
+            "use_dora": False,
+            "lora_bias": None,
+            "layers_pattern": "",
+            "layers_to_transform": [],
+            "use_bdlora": 0,
+            "megatron_config": None,
+        },
+        None,
+    ),
+    "other PEFT fields": (
+        {
+            "lora_dropout": 0.5,
+            "bias": "none",
+            "target_modules": "emb|l[12]",
+            "task_type": "X",
+            "exclude_modules": ["nothing"],
+            "inference_mode": False,
+            "foo": {"bar": [1]},
+        },
+        None,
+    ),
 }
 
 
@@ -247,8 +322,11 @@ def _peft_style_folder(tmp_path, cfg_changes, tensor_changes):
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     st = str(folder / "adapter_model.safetensors")
     t = load_file(st)
-    save_file({k: v.contiguous() for k, v in (tensor_changes(t) if tensor_changes else t).items()}, st,
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in (tensor_changes(t) if tensor_changes else t).items()},
+        st,
+        metadata={"format": "pt"},
+    )
     return str(folder)
 
 

@@ -2,6 +2,7 @@
 trained with lora_ext, one trained with PEFT, and Python's outputs; the C++ program lora_infer is
 built against the installed package and run with no Python in its process; its outputs (merged,
 unmerged through lora_ext::nn::LoraLinear, after unmerge) must match Python's within fp32 tolerance."""
+
 import os
 import pathlib
 import shutil
@@ -21,15 +22,30 @@ ADAPTERS = ("lora_ext", "peft")
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     data = tmp_path_factory.mktemp("example_data")
-    r = subprocess.run([sys.executable, "-P", str(EXAMPLE / "make_example.py"), str(data), "--steps", "40"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-P", str(EXAMPLE / "make_example.py"), str(data), "--steps", "40"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     build = tmp_path_factory.mktemp("example_build")
     cmake = shutil.which("cmake")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    r = subprocess.run([cmake, "-S", str(EXAMPLE), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            cmake,
+            "-S",
+            str(EXAMPLE),
+            "-B",
+            str(build),
+            *gen,
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{lora_ext.cmake_prefix_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = subprocess.run([cmake, "--build", str(build), "-j2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -46,8 +62,17 @@ def test_lora_infer_matches_python(example):
     ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
     assert "liblora_ext.so" in ldd and "libpython" not in ldd and "torch_python" not in ldd, ldd
     out = data / "outputs.safetensors"
-    r = _run(exe, data / "model.pt", data / "inputs.safetensors", data / "adapter_lora_ext", data / "adapter_peft",
-             "--out", out, "--repeat", "2")
+    r = _run(
+        exe,
+        data / "model.pt",
+        data / "inputs.safetensors",
+        data / "adapter_lora_ext",
+        data / "adapter_peft",
+        "--out",
+        out,
+        "--repeat",
+        "2",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     print(r.stdout)
     got = load_file(str(out))
@@ -78,6 +103,7 @@ def test_lora_infer_reports_bad_input(example, tmp_path):
     t["base_model.model.blocks.7.mlp.up_proj.lora_A.weight"] = torch.randn(8, 128)
     t["base_model.model.blocks.7.mlp.up_proj.lora_B.weight"] = torch.randn(512, 8)
     from safetensors.torch import save_file
+
     save_file(t, str(bad / "adapter_model.safetensors"))
     r = _run(exe, data / "model.pt", data / "inputs.safetensors", bad)
     assert r.returncode == 1 and "matches no parameter blocks.7.mlp.up_proj.weight" in r.stderr, r.stderr

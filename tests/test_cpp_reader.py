@@ -1,5 +1,6 @@
 """The C++ safetensors / adapter_config.json readers (through lora_ext._C) against the Python
 safetensors library and PEFT, and on malformed files: clear errors, never a crash."""
+
 import json
 import os
 import struct
@@ -63,12 +64,15 @@ def test_cpp_writer_round_trips_with_safetensors_library(tmp_path):
     assert load_file(path).keys() == {"x"}
 
 
-@pytest.mark.parametrize("tensors,match", [
-    ({"c": torch.ones(2, dtype=torch.complex64)}, "unsupported dtype"),
-    ({"": torch.ones(2)}, "non-empty tensor name"),
-    ({"__metadata__": torch.ones(2)}, "non-empty tensor name"),
-    ({"s": torch.ones(2).to_sparse()}, "dense"),
-])
+@pytest.mark.parametrize(
+    "tensors,match",
+    [
+        ({"c": torch.ones(2, dtype=torch.complex64)}, "unsupported dtype"),
+        ({"": torch.ones(2)}, "non-empty tensor name"),
+        ({"__metadata__": torch.ones(2)}, "non-empty tensor name"),
+        ({"s": torch.ones(2).to_sparse()}, "dense"),
+    ],
+)
 def test_cpp_writer_rejects_bad_input_and_keeps_existing_file(tmp_path, tensors, match):
     path = str(tmp_path / "keep.safetensors")
     save_file({"old": torch.arange(3.0)}, path)
@@ -109,9 +113,18 @@ def test_truncated_real_file(tmp_path):
 
 def test_adapter_config_reader_matches_python_and_peft(tmp_path):
     model = tiny_llama()
-    pm = peft.get_peft_model(model, peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}, modules_to_save=["lm_head"]))
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=LLAMA_TARGETS,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.mlp\.down_proj": 3},
+            modules_to_save=["lm_head"],
+        ),
+    )
     pm.save_pretrained(str(tmp_path))
     c = lora_ext._C.load_adapter_config(str(tmp_path))
     assert c["r"] == 4 and c["lora_alpha"] == 16 and c["use_rslora"] and not c["fan_in_fan_out"]
@@ -137,8 +150,14 @@ def test_overlapping_patterns_first_in_file_order_wins_like_peft(tmp_path, q_fir
     alpha = [("v_proj", 3), (r"layers\.1\.self_attn\.v_proj", 9)]
     if not q_first:
         rank, alpha = rank[::-1], alpha[::-1]
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-           "rank_pattern": dict(rank), "alpha_pattern": dict(alpha)}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": dict(rank),
+        "alpha_pattern": dict(alpha),
+    }
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     c = lora_ext._C.load_adapter_config(str(tmp_path))
     assert list(c["rank_pattern"]) == [k for k, _ in rank] and list(c["alpha_pattern"]) == [k for k, _ in alpha]
@@ -172,22 +191,32 @@ def test_reads_lora_ext_saved_adapter(tmp_path):
 
 def test_missing_adapter_folder_and_files(tmp_path):
     missing = str(tmp_path / "nope")
-    with pytest.raises(RuntimeError, match=r"lora_ext::load_adapter: expected an adapter folder \(adapter_config.json "
-                                           r"\+ adapter_model.safetensors\), got .*nope \(no such file or folder\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::load_adapter: expected an adapter folder \(adapter_config.json "
+        r"\+ adapter_model.safetensors\), got .*nope \(no such file or folder\)",
+    ):
         lora_ext._C.load_adapter_native(missing)
-    with pytest.raises(RuntimeError, match=r"lora_ext::load_adapter_config: expected an adapter folder containing "
-                                           r"adapter_config.json \(or the file itself\), got .*nope"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::load_adapter_config: expected an adapter folder containing "
+        r"adapter_config.json \(or the file itself\), got .*nope",
+    ):
         lora_ext._C.load_adapter_config(missing)
     with pytest.raises(RuntimeError, match="lora_ext::load_adapter: .*: no adapter_model.safetensors"):
         lora_ext._C.load_adapter_native(str(tmp_path))  # an empty folder
 
 
-@pytest.mark.parametrize("content", ['{"r": 4, "lora_alpha": -2}', '{"r": 4, "lora_alpha": 0}',
-                                     '{"r": 4, "alpha_pattern": {"x": -1}}'])
+@pytest.mark.parametrize(
+    "content", ['{"r": 4, "lora_alpha": -2}', '{"r": 4, "lora_alpha": 0}', '{"r": 4, "alpha_pattern": {"x": -1}}']
+)
 def test_adapter_config_absurd_values_are_refused_like_python(tmp_path, content):
     (tmp_path / "adapter_config.json").write_text(content)
     with pytest.raises(ValueError):  # what Python's reader does with the same file
         LoraConfig.from_dict(json.loads(content))
-    with pytest.raises(RuntimeError, match=r"lora_ext::load_adapter_config: .*expected (a finite lora_alpha > 0|"
-                                           r"alpha_pattern values that are finite and > 0), got -?[0-9]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::load_adapter_config: .*expected (a finite lora_alpha > 0|"
+        r"alpha_pattern values that are finite and > 0), got -?[0-9]",
+    ):
         lora_ext._C.load_adapter_config(str(tmp_path))

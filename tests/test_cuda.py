@@ -5,22 +5,39 @@ graphs, weight views of any strides, the exact merge's list overflow, a model mo
 devices, error messages and devices (mixed devices, a second GPU). What every device does is
 written once, parametrised by device, in test_lora_linear_op.py, test_merge.py and
 test_exact_merge.py. Skipped without a GPU."""
+
 import warnings
 
 import pytest
 import torch
 
 from lora_ext import ops
-from reference import (EXACT_CASES, EXACT_IDS, GRAD_TOL, keep_mask_numpy, make_inputs, noncontiguous, on,
-                       ref_lora_linear, ref_merge_exact_codes, tol, ubits, wide_adapter, wide_weight)
+from reference import (
+    EXACT_CASES,
+    EXACT_IDS,
+    GRAD_TOL,
+    keep_mask_numpy,
+    make_inputs,
+    noncontiguous,
+    on,
+    ref_lora_linear,
+    ref_merge_exact_codes,
+    tol,
+    ubits,
+    wide_adapter,
+    wide_weight,
+)
 from test_lora_linear_op import _Layer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ADAPTER = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                      (torch.float16, torch.bfloat16)]
+ADAPTER = [(d, d) for d in DTYPES] + [
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16),
+]
 IDS = lambda v: str(v).replace("torch.", "")  # noqa: E731
 
 
@@ -34,8 +51,9 @@ def _seed(v=987654321):
 
 
 @pytest.mark.parametrize("dtype,adtype", ADAPTER, ids=IDS)
-@pytest.mark.parametrize("shape", [((33,), 4097, 40, 1), ((17, 3), 96, 80, 128), ((5,), 64, 48, 256),
-                                   ((9,), 40, 24, 300)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [((33,), 4097, 40, 1), ((17, 3), 96, 80, 128), ((5,), 64, 48, 256), ((9,), 40, 24, 300)], ids=str
+)
 @pytest.mark.parametrize("p", [0.0, 0.4])
 def test_forward_pieces_match_cpu_kernels(dtype, adtype, shape, p):
     """_lora_linear_forward on CUDA and CPU with the same seed tensor: same mask, same (y, h)."""
@@ -52,8 +70,16 @@ def test_forward_pieces_match_cpu_kernels(dtype, adtype, shape, p):
     torch.testing.assert_close(y_gpu.cpu().double(), y_cpu.double(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype,adtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=IDS)
+@pytest.mark.parametrize(
+    "dtype,adtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ],
+    ids=IDS,
+)
 @pytest.mark.parametrize("n,d", [(37, 16), (8, 4097), (3, 300)])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_mask_identical_to_cpu(dtype, adtype, n, d, p):
@@ -87,16 +113,28 @@ def test_dropout_mask_past_2_32_elements():
     assert (4095 * in_f) < (1 << 32) < (4096 * in_f)
     # backward: grad_x = mask / (1 - p) * (grad_h A) with grad_h = A = 1, grad_y = W = 0
     gx = torch.ops.lora_ext._lora_linear_backward_input(
-        torch.zeros(n, 1, device=DEV), torch.zeros(1, in_f, device=DEV), torch.ones(1, in_f, device=DEV),
-        torch.ones(n, 1, device=DEV), p, _seed(sd))
+        torch.zeros(n, 1, device=DEV),
+        torch.zeros(1, in_f, device=DEV),
+        torch.ones(1, in_f, device=DEV),
+        torch.ones(n, 1, device=DEV),
+        p,
+        _seed(sd),
+    )
     for row in rows:
         assert torch.equal(gx[row].cpu() != 0, torch.from_numpy(want[row])), row
     del gx
     # forward shrink kernel: h = dropout(x) A^T with x = A = 1 counts the kept elements
     x = torch.ones(n, in_f, dtype=torch.bfloat16, device=DEV)
     _, h = torch.ops.lora_ext._lora_linear_forward(
-        x, torch.zeros(1, in_f, dtype=torch.bfloat16, device=DEV), None, torch.ones(1, in_f, device=DEV),
-        torch.zeros(1, 1, device=DEV), 1.0, p, _seed(sd))
+        x,
+        torch.zeros(1, in_f, dtype=torch.bfloat16, device=DEV),
+        None,
+        torch.ones(1, in_f, device=DEV),
+        torch.zeros(1, 1, device=DEV),
+        1.0,
+        p,
+        _seed(sd),
+    )
     for row in rows:
         assert h[row, 0].item() == 2.0 * int(want[row].sum()), row
 
@@ -121,7 +159,9 @@ def test_backward_pieces_match_cpu_kernels(dtype, adtype, shape, p):
     for name, u, v in zip(("grad_A", "grad_B", "grad_h"), gpu, cpu):
         assert u.dtype == v.dtype and u.shape == v.shape, name
         scale = max(1.0, v.abs().amax().item())
-        torch.testing.assert_close(u.cpu().double(), v.double(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            u.cpu().double(), v.double(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}"
+        )
     gh = cpu[2]
     gx_cpu = torch.ops.lora_ext._lora_linear_backward_input(g, w, a, gh, p, seed)
     gx_gpu = torch.ops.lora_ext._lora_linear_backward_input(*on(DEV, g, w, a, gh), p, seed)
@@ -130,8 +170,16 @@ def test_backward_pieces_match_cpu_kernels(dtype, adtype, shape, p):
     torch.testing.assert_close(gx_gpu.cpu().double(), gx_cpu.double(), atol=atol * scale, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=IDS)
+@pytest.mark.parametrize(
+    "dtype,adtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ],
+    ids=IDS,
+)
 def test_dropout_training_matches_cpu(dtype, adtype):
     """The seed is drawn on the CPU generator: under the same torch.manual_seed, a training
     step on CUDA uses the CPU's mask, so outputs and all gradients agree."""
@@ -182,6 +230,7 @@ def test_cuda_graph_capture_forward(dtype, adtype):
 # merge_ / unmerge_
 # ---------------------------------------------------------------------------
 
+
 def _merge_ref(w, a, b, s):
     return w.cpu().double() + s * b.cpu().double() @ a.cpu().double()
 
@@ -209,8 +258,16 @@ def _assert_merged(got, want, dtype, w=None, a=None, b=None, s=None):
         assert ((got.double() - rounded.double()).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("dtype,adtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                          (torch.float32, torch.float32), (torch.float16, torch.float32)], ids=IDS)
+@pytest.mark.parametrize(
+    "dtype,adtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+    ids=IDS,
+)
 @pytest.mark.parametrize("shape", [(40, 48, 4), (300, 4097, 16), (33, 1, 1)], ids=str)
 def test_merge_transposed_weight_view(dtype, adtype, shape):
     # GPT-2 Conv1D stores [in, out]: merge through the transposed [out, in] view

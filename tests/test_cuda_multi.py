@@ -3,6 +3,7 @@ kernels with the same seed, CUDA's own check of the adapter ids, CUDA graphs, an
 cache of groupings and scales (skipped without a CUDA device; scripts/gpu_check.sh runs them on a
 GPU machine). The forward, gradcheck, opcheck and torch.compile tests are written once for every
 device in test_lora_linear_multi_op.py."""
+
 import pytest
 import torch
 
@@ -13,8 +14,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
-DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-          (torch.float16, torch.float16)]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+]
 
 
 def cuda(*ts):

@@ -1,5 +1,6 @@
 """The multi-process test harness (dist_harness.run_ranks) itself: it returns every rank's value, re-raises
 the failing rank's exception with its rank and traceback at once, and fails a hung world after its timeout."""
+
 import time
 
 import pytest
@@ -30,4 +31,6 @@ def test_run_ranks_reraises_with_the_rank_and_does_not_hang():
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 3"):
         run_ranks(_rank1_hangs, 2, timeout=3)
     assert time.perf_counter() - start < 30
-    assert run_ranks(lambda rank, n, k: (rank, n, k, dist.get_world_size()), 3, "x") == [(r, 3, "x", 3) for r in range(3)]
+    assert run_ranks(lambda rank, n, k: (rank, n, k, dist.get_world_size()), 3, "x") == [
+        (r, 3, "x", 3) for r in range(3)
+    ]

@@ -8,6 +8,7 @@ Dropout: each rank draws its own masks, so the reference runs the two halves wit
 seeds. The all-reduced bytes are measured with a comm hook: exactly the trainable bytes every step.
 Frozen parameters never get a ``.grad``. One process world serves every check (``_world``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from lora_ext_dev.dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
-from models import LLAMA_TARGETS, Block, BlockNet as Net, tiny_llama
+from lora_ext_dev.dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
+from models import LLAMA_TARGETS, Block, tiny_llama
+from models import BlockNet as Net
 from numerics import GradRecorder, assert_close_after_adamw
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
@@ -75,7 +77,9 @@ def _batches(mode):
     steps = SGD_STEPS + ADAMW_STEPS
     if mode == "llama":
         return [torch.randint(0, 128, (ROWS, SEQ), generator=g) for _ in range(steps)]
-    return [(torch.randn(ROWS, TOKENS, D, generator=g), torch.randn(ROWS, TOKENS, 4, generator=g)) for _ in range(steps)]
+    return [
+        (torch.randn(ROWS, TOKENS, D, generator=g), torch.randn(ROWS, TOKENS, 4, generator=g)) for _ in range(steps)
+    ]
 
 
 def _loss(mode, model, batch, rows):
@@ -132,8 +136,10 @@ def _train_ddp(rank, mode):
         opt.step()
     named = list(model.named_parameters())
     return dict(
-        trained=_trainable(model), bytes_per_step=bytes_per_step,
-        trainable_bytes=_nbytes(p for _, p in named if p.requires_grad), total_bytes=_nbytes(p for _, p in named),
+        trained=_trainable(model),
+        bytes_per_step=bytes_per_step,
+        trainable_bytes=_nbytes(p for _, p in named if p.requires_grad),
+        total_bytes=_nbytes(p for _, p in named),
         frozen_with_grad=[n for n, p in named if not p.requires_grad and p.grad is not None],
         trainable_without_grad=[n for n, p in named if p.requires_grad and p.grad is None],
     )
@@ -174,8 +180,9 @@ def _guards(rank, tmp):
         "add_adapter": lambda: lora_ext.add_adapter(ddp, LoraConfig(**LORA_B), "new"),
         "load_adapter": lambda: lora_ext.load_adapter(ddp, os.path.join(tmp, "plain", "a"), "new"),
         "add_weighted_adapter": lambda: lora_ext.add_weighted_adapter(ddp, ["a"], [1.0], "new"),
-        "inject into a model holding DDP": lambda: lora_ext.inject_adapter(nn.ModuleDict({"ddp": ddp}),
-                                                                           LoraConfig(**LORA_B), "new"),
+        "inject into a model holding DDP": lambda: lora_ext.inject_adapter(
+            nn.ModuleDict({"ddp": ddp}), LoraConfig(**LORA_B), "new"
+        ),
     }
     out["errors"] = {k: value_error(f) for k, f in calls.items()}
     out["unchanged"] = before == _state(model)
@@ -202,8 +209,12 @@ def _guards(rank, tmp):
     lora_ext.save_adapter(MODES["modules_to_save+lora_only"](), os.path.join(tmp, "plain lora_only"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FSDP1's note that some parameters are frozen
-        fsdp1 = FSDP(MODES["modules_to_save+lora_only"](), device_id=torch.device("cpu"), use_orig_params=True,
-                     auto_wrap_policy=ModuleWrapPolicy({Block}))
+        fsdp1 = FSDP(
+            MODES["modules_to_save+lora_only"](),
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+        )
     out["errors"]["FSDP1"] = value_error(lambda: lora_ext.add_adapter(fsdp1, LoraConfig(**LORA_B), "new"))
     with FSDP.summon_full_params(fsdp1, writeback=False):
         lora_ext.save_adapter(fsdp1, os.path.join(tmp, "fsdp1"))
@@ -307,8 +318,9 @@ def test_ddp_guards_refuse_what_would_break_the_buckets(world):
             assert e[call] is not None and e[call].startswith(f"lora_ext.{call}: "), (rank, call, e[call])
             assert "DDP fixed its gradient buckets" in e[call] and "adapter_batch" in e[call], e[call]
         for call in ("inject_adapter", "add_adapter", "load_adapter", "add_weighted_adapter"):
-            assert e[call] is not None and e[call].startswith(f"lora_ext.{call}: inject adapters before "
-                                                              "fully_shard/DDP"), (rank, call, e[call])
+            assert e[call] is not None and e[call].startswith(
+                f"lora_ext.{call}: inject adapters before fully_shard/DDP"
+            ), (rank, call, e[call])
             assert "DistributedDataParallel at '<root>'" in e[call], e[call]
         assert "DistributedDataParallel at 'ddp'" in e["inject into a model holding DDP"]
         assert "FSDP2 (fully_shard) at '<root>'" in e["fully_shard"] and "DTensor parameters" in e["fully_shard"]

@@ -7,18 +7,17 @@ ranks (one process loading the saved folder, with lora_ext and with PEFT, reprod
 gathered logits; the held-out perplexity drops), every rank must return rank 0's verdict, and a failed
 check must show as failed on every rank.
 """
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from lora_ext_dev import load_example
 from lora_ext_dev.dist_harness import timed_world
 from models import tiny_llama
-
-from lora_ext_dev import load_example
 
 distributed_finetune = load_example("distributed_finetune")
 
@@ -32,8 +31,18 @@ def _counting_windows(n: int, seed: int) -> torch.Tensor:
 
 
 def _args(out: str, **overrides) -> object:
-    flags = {"--out": out, "--steps": 8, "--rows": 4, "--lr": 3e-2, "--r": 4, "--alpha": 8, "--dropout": 0.0,
-             "--check-windows": 3, "--min-drop": 0.05, **overrides}
+    flags = {
+        "--out": out,
+        "--steps": 8,
+        "--rows": 4,
+        "--lr": 3e-2,
+        "--r": 4,
+        "--alpha": 8,
+        "--dropout": 0.0,
+        "--check-windows": 3,
+        "--min-drop": 0.05,
+        **overrides,
+    }
     return distributed_finetune.parse_args([str(x) for kv in flags.items() for x in kv if x is not None])
 
 
@@ -41,11 +50,13 @@ def _world(rank, world, tmp):
     data = {"train": _counting_windows(64, seed=1), "heldout": _counting_windows(8, seed=2)}
     passed = distributed_finetune.finetune(tiny_llama(), tiny_llama, data, _args(f"{tmp}/ok"))
     # FSDP2 keeping the gathered weights after each forward: the optimizer must still get the sharded ones
-    kept = distributed_finetune.finetune(tiny_llama(), tiny_llama, data,
-                                         _args(f"{tmp}/kept", **{"--no-reshard-after-forward": None}))
+    kept = distributed_finetune.finetune(
+        tiny_llama(), tiny_llama, data, _args(f"{tmp}/kept", **{"--no-reshard-after-forward": None})
+    )
     # the same job with a perplexity drop it cannot reach: the check fails on every rank
-    failed = distributed_finetune.finetune(tiny_llama(), tiny_llama, data,
-                                           _args(f"{tmp}/fail", **{"--steps": 1, "--min-drop": 0.99}))
+    failed = distributed_finetune.finetune(
+        tiny_llama(), tiny_llama, data, _args(f"{tmp}/fail", **{"--steps": 1, "--min-drop": 0.99})
+    )
     files = sorted(p.name for p in Path(passed["adapter"]["path"]).iterdir())
     return passed, kept, failed, files
 

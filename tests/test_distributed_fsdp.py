@@ -12,6 +12,7 @@ the exact merge's unmerge restores every shard bit for bit; a train step between
 (``adapter_batch``) eval forwards always shows, although FSDP2 refills the same unsharded
 parameters without moving their version counters. One process world serves every check.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,9 +25,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from lora_ext_dev.dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
 from lora_ext import LoraConfig
-from models import Block, BlockNet as Net, tiny_llama
+from lora_ext_dev.dist_harness import ADAMW_LR, file_hashes, sgd_then_adamw, timed_world, value_error
+from models import Block, tiny_llama
+from models import BlockNet as Net
 from numerics import GradRecorder, assert_close_after_adamw
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
@@ -50,8 +52,10 @@ def _net(dtype=torch.float32):
 
 def _batches(dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(ROWS, TOKENS, D, generator=g).to(dtype), torch.randn(ROWS, TOKENS, 4, generator=g).to(dtype))
-            for _ in range(SGD_STEPS + ADAMW_STEPS)]
+    return [
+        (torch.randn(ROWS, TOKENS, D, generator=g).to(dtype), torch.randn(ROWS, TOKENS, 4, generator=g).to(dtype))
+        for _ in range(SGD_STEPS + ADAMW_STEPS)
+    ]
 
 
 def _loss(model, batch, rows):
@@ -121,11 +125,16 @@ def _train(rank, world, reshard, dtype=torch.float32, steps=SGD_STEPS + ADAMW_ST
     after_eval = _eval(model, batches[0][0])
     lora_ext._utils.wrappers.reshard_fsdp(model)  # the sharded parameters (that hold the gradients) registered again
     named = list(model.named_parameters())
-    return dict(trained=_trainable(model), comm=comm, before_eval=before_eval, after_eval=after_eval,
-                trainable_padded=_padded_bytes([p for _, p in named if p.requires_grad], world),
-                frozen_with_grad=[n for n, p in named if not p.requires_grad and p.grad is not None],
-                trainable_without_grad=[n for n, p in named if p.requires_grad and p.grad is None],
-                model=model)
+    return dict(
+        trained=_trainable(model),
+        comm=comm,
+        before_eval=before_eval,
+        after_eval=after_eval,
+        trainable_padded=_padded_bytes([p for _, p in named if p.requires_grad], world),
+        frozen_with_grad=[n for n, p in named if not p.requires_grad and p.grad is not None],
+        trainable_without_grad=[n for n, p in named if p.requires_grad and p.grad is None],
+        model=model,
+    )
 
 
 def _merge_checks(model):
@@ -192,8 +201,9 @@ def _world(rank, world_size, tmp):
     with Collectives() as c:
         folder = lora_ext.save_adapter(model, os.path.join(tmp, "fsdp"), "b")
     out["save gathered"] = c.bytes
-    out["adapter bytes"] = sum(t.numel() * t.element_size()
-                               for t in lora_ext.io.adapter.adapter_state_dict(model, "b").values())
+    out["adapter bytes"] = sum(
+        t.numel() * t.element_size() for t in lora_ext.io.adapter.adapter_state_dict(model, "b").values()
+    )
     dist.barrier()
     out["files"] = file_hashes(folder)
     out["merge"] = _merge_checks(model)
@@ -207,7 +217,9 @@ def _world(rank, world_size, tmp):
     out["load restored"] = all(torch.equal(_trainable(model)[k], v) for k, v in saved_b.items())
     folder_a = lora_ext.save_adapter(model, os.path.join(tmp, "fsdp-a"), "a")
     before = _trainable(model)
-    out["errors"] = {"load mismatched": value_error(lambda: lora_ext.distributed.load_adapter_values(model, folder_a, "b"))}
+    out["errors"] = {
+        "load mismatched": value_error(lambda: lora_ext.distributed.load_adapter_values(model, folder_a, "b"))
+    }
     out["load unchanged"] = all(torch.equal(_trainable(model)[k], v) for k, v in before.items())
     out["errors"] |= {
         "shard twice": value_error(lambda: lora_ext.distributed.shard_lora_model(model)),

@@ -10,6 +10,7 @@ Collectives are counted with a dispatch mode below DTensor (every c10d op): the 
 to the forward and none to the backward beyond the base layer's own, and ``reduce_replicated_grads``
 all-reduces r*in (colwise) / out*r (rowwise) elements per layer. One process world per world size.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
-from lora_ext_dev.dist_harness import file_hashes, timed_world
 from lora_ext import LoraConfig
+from lora_ext_dev.dist_harness import file_hashes, timed_world
 from numerics import GradRecorder, assert_close_after_adamw
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
@@ -111,16 +112,21 @@ def _plan(lora: bool) -> dict:
 
     # torch's RowwiseParallel takes a local input as an even shard (in % k == 0): with torch's styles the
     # colwise outputs stay DTensors (their ops run on DTensors, without communication)
-    col, row = (LoraColwiseParallel(), LoraRowwiseParallel()) if lora else \
-        (ColwiseParallel(use_local_output=False), RowwiseParallel())
+    col, row = (
+        (LoraColwiseParallel(), LoraRowwiseParallel())
+        if lora
+        else (ColwiseParallel(use_local_output=False), RowwiseParallel())
+    )
     where = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "up": "mlp", "down": "mlp"}
     return {f"blocks.*.{where[n]}.{n}": (col if n in COLWISE else row) for n in COLWISE + ROWWISE}
 
 
 def _batches():
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(ROWS, SEQ, D, generator=g), torch.randn(ROWS, SEQ, D, generator=g))
-            for _ in range(SGD_STEPS + ADAMW_STEPS)]
+    return [
+        (torch.randn(ROWS, SEQ, D, generator=g), torch.randn(ROWS, SEQ, D, generator=g))
+        for _ in range(SGD_STEPS + ADAMW_STEPS)
+    ]
 
 
 def _optimizer(step, params, opt):
@@ -154,8 +160,9 @@ class Collectives(TorchDispatchMode):
 
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # let DTensor run first; its collectives come back here
-        if func.namespace in ("_c10d_functional", "c10d_functional", "c10d") \
-                and not func.__name__.startswith(("wait", "_wrap")):
+        if func.namespace in ("_c10d_functional", "c10d_functional", "c10d") and not func.__name__.startswith(
+            ("wait", "_wrap")
+        ):
             first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
             self.log.append((func.__name__.split(".")[0].strip("_"), first.numel()))
         return func(*args, **(kwargs or {}))
@@ -195,7 +202,10 @@ def _train(mode, mesh):
         outputs.append(out.detach())
     named = list(model.named_parameters())
     return dict(
-        trained=_trainable(model), outputs=outputs, phases=phases, reduced=reduced,
+        trained=_trainable(model),
+        outputs=outputs,
+        phases=phases,
+        reduced=reduced,
         kept_placements={n: p.placements for n, p in named if isinstance(p, DTensor)} == placements,
         placements={n: tuple(map(repr, p.placements)) for n, p in named if isinstance(p, DTensor)},
         frozen_with_grad=[n for n, p in named if not p.requires_grad and p.grad is not None],
@@ -249,8 +259,10 @@ def _layer_comms(mesh):
 
     out, comm = {}, Collectives()
     k, rank = mesh.size(), mesh.get_local_rank()
-    for kind, lora_style, torch_style in (("colwise", LoraColwiseParallel, ColwiseParallel),
-                                          ("rowwise", LoraRowwiseParallel, RowwiseParallel)):
+    for kind, lora_style, torch_style in (
+        ("colwise", LoraColwiseParallel, ColwiseParallel),
+        ("rowwise", LoraRowwiseParallel, RowwiseParallel),
+    ):
         for lora in (False, True):
             torch.manual_seed(0)
             layer = nn.Linear(D, HIDDEN)
@@ -271,8 +283,10 @@ def _layer_comms(mesh):
             out[kind, lora] = dict(forward=fwd, backward=bwd, reduce=red, reduced=reduced)
             if lora:  # optimizer steps on the Partial gradient: DTensor reduces it at every use
                 layer.zero_grad()
-                for name, make in (("SGD", lambda p: torch.optim.SGD(p, lr=0.1)),
-                                   ("AdamW", lambda p: torch.optim.AdamW(p, lr=0.01))):
+                for name, make in (
+                    ("SGD", lambda p: torch.optim.SGD(p, lr=0.1)),
+                    ("AdamW", lambda p: torch.optim.AdamW(p, lr=0.01)),
+                ):
                     y = layer(x)
                     (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
                     opt = make([p for p in layer.parameters() if p.requires_grad])
@@ -360,9 +374,10 @@ def _guards(mesh):
     out = {}
     k, rank = mesh.size(), mesh.get_local_rank()
     # torch's own ColwiseParallel on a LoRA layer
-    out["torch ColwiseParallel"] = _error(lambda: parallelize_module(_net(LORA), mesh, {"blocks.0.attn.q":
-                                                                                         ColwiseParallel()}),
-                                          (NotImplementedError, ValueError, TypeError, RuntimeError))
+    out["torch ColwiseParallel"] = _error(
+        lambda: parallelize_module(_net(LORA), mesh, {"blocks.0.attn.q": ColwiseParallel()}),
+        (NotImplementedError, ValueError, TypeError, RuntimeError),
+    )
     model = parallelize_module(_net(LORA), mesh, _plan(lora=True))
     q, o = model.blocks[0].attn.q, model.blocks[0].attn.o
     out["layouts"] = (tensor_parallel_layout(q), tensor_parallel_layout(o), tensor_parallel_layout(_net(LORA)))
@@ -377,11 +392,13 @@ def _guards(mesh):
     xs = distribute_tensor(torch.randn(N, D), mesh, [Shard(1)])
     a, b = o.adapter_weights("default")
     with torch.no_grad():  # lora_linear itself
-        out["op rowwise dropout"] = _error(lambda: lora_ext.ops.lora_linear(xs, o.base_layer.weight, None, a, b, 2.0,
-                                                                            0.1, True))
+        out["op rowwise dropout"] = _error(
+            lambda: lora_ext.ops.lora_linear(xs, o.base_layer.weight, None, a, b, 2.0, 0.1, True)
+        )
     # through the autograd: _lora_linear_forward
-    out["op rowwise dropout, grad"] = _error(lambda: lora_ext.ops.lora_linear(xs, o.base_layer.weight, None, a, b,
-                                                                              2.0, 0.1, True))
+    out["op rowwise dropout, grad"] = _error(
+        lambda: lora_ext.ops.lora_linear(xs, o.base_layer.weight, None, a, b, 2.0, 0.1, True)
+    )
     # adapters added later: lora_ext.add_adapter on the model and LoraLayer.add_adapter on one layer
     q.add_adapter("direct", r=2, init_lora_weights=False)
     out["direct placements"] = {n: tuple(map(repr, p.placements)) for n, p in q.named_parameters()}
@@ -389,8 +406,9 @@ def _guards(mesh):
     mixed = _net(dict(LORA, target_modules=["q"]))
     parallelize_module(mixed, mesh, {"blocks.*.attn.q": LoraColwiseParallel(), "blocks.*.attn.k": ColwiseParallel()})
     before = sorted(n for n, _ in mixed.named_parameters())
-    out["plain TP target"] = _error(lambda: lora_ext.add_adapter(mixed, LoraConfig(**dict(LATER, target_modules=["k"])),
-                                                                 "new"))
+    out["plain TP target"] = _error(
+        lambda: lora_ext.add_adapter(mixed, LoraConfig(**dict(LATER, target_modules=["k"])), "new")
+    )
     out["plain TP target unchanged"] = before == sorted(n for n, _ in mixed.named_parameters())
     # a model with DTensors but no LoRA style (as before: refused up front)
     plain = parallelize_module(_net(), mesh, {"blocks.*.attn.q": ColwiseParallel()})
@@ -403,8 +421,9 @@ def _guards(mesh):
     emb = lora_ext.inject_adapter(nn.ModuleDict({"e": nn.Embedding(10, D)}), LoraConfig(r=2, target_modules=["e"]))
     out["embedding"] = _error(lambda: parallelize_module(emb, mesh, {"e": LoraRowwiseParallel()}), (TypeError,))
     out["all DTensors"] = all(isinstance(p, DTensor) for p in q.parameters())
-    out["adapter_batch"] = _error(lambda: lora_ext.adapter_batch(model, ["default"] * ROWS).__enter__(),
-                                  (NotImplementedError,))
+    out["adapter_batch"] = _error(
+        lambda: lora_ext.adapter_batch(model, ["default"] * ROWS).__enter__(), (NotImplementedError,)
+    )
     out["rank"], out["k"] = rank, k
     return out
 
@@ -486,7 +505,7 @@ def test_tp_training_matches_single_process_training(world2, world3, mode):
         _close(r[mode]["outputs"][0], want_outputs[0], f"rank {rank} forward output before training")
         # outputs of size ~1-3, a few near 0; the forward of AdamW step k runs on parameters after k - 1 AdamW
         # steps, which the bound above covers for the parameters, not for the outputs: SGD steps only
-        for step, (o, w) in enumerate(zip(r[mode]["outputs"][:SGD_STEPS + 1], want_outputs[:SGD_STEPS + 1])):
+        for step, (o, w) in enumerate(zip(r[mode]["outputs"][: SGD_STEPS + 1], want_outputs[: SGD_STEPS + 1])):
             torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank} step {step}: {m}")
         assert r[mode]["kept_placements"], rank
         assert r[mode]["frozen_with_grad"] == [] and r[mode]["trainable_without_grad"] == [], (rank, mode)
@@ -505,8 +524,9 @@ def test_placements_of_colwise_and_rowwise_layers_and_uneven_shards(world2, worl
             assert p[f"{path}.lora_A.default.weight"] == ("Replicate()" if col else "Shard(dim=1)",)
             assert p[f"{path}.lora_B.default.weight"] == ("Shard(dim=0)" if col else "Replicate()",)
     later = world2[0]["added later"]["placements"]
-    assert {k.replace(".later.", ".default."): v for k, v in later.items() if ".later." in k} == \
-        {k: v for k, v in p.items() if ".default." in k}
+    assert {k.replace(".later.", ".default."): v for k, v in later.items() if ".later." in k} == {
+        k: v for k, v in p.items() if ".default." in k
+    }
     shapes = [r["uneven, rank 1"]["local_shapes"] for r in world3]
     assert [s["blocks.0.mlp.up.lora_B.default.weight"] for s in shapes] == [(34, 1), (34, 1), (32, 1)]
     assert [s["blocks.0.attn.o.lora_A.default.weight"] for s in shapes] == [(1, 22), (1, 22), (1, 20)]
@@ -537,8 +557,10 @@ def test_lora_adds_no_collective_beyond_the_base_layers_and_one_reduction_per_la
     # except the first block's q/k/v, whose input (the batch) needs none
     assert plain["forward"] == [("all_reduce", N * D)] * 4
     assert plain["backward"] == [("all_reduce", N * D)] * 5
-    print(f"\nper step: forward {plain['forward']}, backward {plain['backward']} (the base's, with or "
-          f"without LoRA); LoRA adds {world2[0]['lora']['phases']['reduce']}")
+    print(
+        f"\nper step: forward {plain['forward']}, backward {plain['backward']} (the base's, with or "
+        f"without LoRA); LoRA adds {world2[0]['lora']['phases']['reduce']}"
+    )
 
 
 def test_collectives_of_one_layer(world2):
@@ -560,9 +582,11 @@ def test_collectives_of_one_layer(world2):
     torch.manual_seed(0)
     layer = lora_ext.LoraLinear(nn.Linear(D, HIDDEN), r=R, init_lora_weights=False)
     _close(world2[0]["layer comms"]["replicated output"]["y"], layer(torch.randn(ROWS, SEQ, D)), "replicated output")
-    print(f"\nper layer (fp32, N={N}): colwise forward 0, backward 1 all-reduce of N*in = {N * D * 4} B (the base's), "
-          f"LoRA's A: r*in = {R * D * 4} B; rowwise forward 1 all-reduce of N*out = {N * HIDDEN * 4} B (the base's), "
-          f"backward 0, LoRA's B: out*r = {HIDDEN * R * 4} B")
+    print(
+        f"\nper layer (fp32, N={N}): colwise forward 0, backward 1 all-reduce of N*in = {N * D * 4} B (the base's), "
+        f"LoRA's A: r*in = {R * D * 4} B; rowwise forward 1 all-reduce of N*out = {N * HIDDEN * 4} B (the base's), "
+        f"backward 0, LoRA's B: out*r = {HIDDEN * R * 4} B"
+    )
 
 
 def test_colwise_dropout_with_a_shared_seed_equals_the_seeded_reference(world2):
@@ -619,8 +643,10 @@ def test_rowwise_dropout_is_refused(world2):
 def test_guards_and_what_torch_colwise_parallel_does_with_a_lora_layer(world2):
     for r in world2:
         g = r["guards"]
-        assert g["torch ColwiseParallel"] == \
-            "NotImplementedError: ColwiseParallel currently only support nn.Linear and nn.Embedding!"
+        assert (
+            g["torch ColwiseParallel"]
+            == "NotImplementedError: ColwiseParallel currently only support nn.Linear and nn.Embedding!"
+        )
         assert g["layouts"] == ("colwise", "rowwise", None)
         assert g["direct placements"]["lora_A.direct.weight"] == ("Replicate()",)
         assert g["direct placements"]["lora_B.direct.weight"] == ("Shard(dim=0)",) and g["all DTensors"]
@@ -631,11 +657,13 @@ def test_guards_and_what_torch_colwise_parallel_does_with_a_lora_layer(world2):
         assert "inject adapters before fully_shard/DDP" in g["no LoRA style"], g["no LoRA style"]
         assert "DTensor parameters ('blocks.0.attn.q.weight'" in g["no LoRA style"]
         assert g["merged"].startswith("ValueError: LoraColwiseParallel: expected an unmerged LoraLinear"), g["merged"]
-        assert g["twice"].startswith("ValueError: LoraColwiseParallel: expected a LoraLinear that is not "
-                                     "parallelized yet"), g["twice"]
+        assert g["twice"].startswith(
+            "ValueError: LoraColwiseParallel: expected a LoraLinear that is not parallelized yet"
+        ), g["twice"]
         assert g["embedding"].startswith("TypeError: LoraRowwiseParallel: expected a LoraLinear"), g["embedding"]
-        assert g["adapter_batch"].startswith("NotImplementedError: adapter_batch: per-row adapters are not "
-                                             "implemented for tensor-parallel layers"), g["adapter_batch"]
+        assert g["adapter_batch"].startswith(
+            "NotImplementedError: adapter_batch: per-row adapters are not implemented for tensor-parallel layers"
+        ), g["adapter_batch"]
 
 
 @pytest.mark.parametrize("mode", ["lora", "uneven, rank 1"])

@@ -11,6 +11,7 @@ How (CONTRIBUTING.md, "Documentation"):
 - Every fence names its language from ``LANGUAGES``, so a Python block cannot hide in an unlabelled fence.
 - Relative links ``[text](path#anchor)`` point to files that exist, and to headings that exist in Markdown files.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,7 @@ def blocks(page: Path) -> list[Block]:
         j = i + 1
         while j < len(lines) and lines[j].strip() != "```":
             j += 1
-        body = [ln[len(indent):] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1:j]]
+        body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
         out.append(Block(page, len(out) + 1, i + 2, lang, "\n".join(body) + "\n", marker.group(1) if marker else None))
         i = j + 1
     return out
@@ -119,8 +120,14 @@ def run_page(page: Path) -> int:
 
 def run_page_subprocess(page: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), str(page)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=PER_PAGE_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-P", str(Path(__file__).resolve()), str(page)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PER_PAGE_TIMEOUT_S,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the tests
@@ -130,8 +137,11 @@ RUNNABLE = [p for p in PAGES if p.exists() and any(b.lang in PYTHON and not b.sk
 @pytest.fixture(scope="module")
 def page_runs(request, tmp_path_factory):
     """The selected pages' subprocesses, started together (as many at once as there are CPUs): page -> Future."""
-    pages = [item.callspec.params["page"] for item in request.session.items
-             if getattr(item, "originalname", None) == "test_python_blocks_run"]
+    pages = [
+        item.callspec.params["page"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_python_blocks_run"
+    ]
     pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
     runs = {page: pool.submit(run_page_subprocess, page, tmp_path_factory.mktemp(page.stem)) for page in pages}
     pool.shutdown(wait=False)
@@ -142,8 +152,11 @@ def page_runs(request, tmp_path_factory):
 def test_python_blocks_run(page, page_runs):
     r = page_runs[page].result()
     if r.returncode != 0:
-        pytest.fail(f"a Python block of {page.relative_to(ROOT)} failed (exit {r.returncode}):\n"
-                    f"{r.stdout[-8000:]}\n{r.stderr[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"a Python block of {page.relative_to(ROOT)} failed (exit {r.returncode}):\n"
+            f"{r.stdout[-8000:]}\n{r.stderr[-4000:]}",
+            pytrace=False,
+        )
 
 
 def test_every_fence_names_a_known_language():
@@ -159,11 +172,16 @@ def test_every_skip_names_an_allowed_reason():
             m = MARKER.match(line)
             s = SKIP.match(m.group(1)) if m else None
             if m and (not s or s.group(1) not in SKIP_REASONS):
-                bad.append(f"{page.relative_to(ROOT)}:{k}: {line.strip()}: expected skip (REASON), REASON one of "
-                           f"{sorted(SKIP_REASONS)}")
+                bad.append(
+                    f"{page.relative_to(ROOT)}:{k}: {line.strip()}: expected skip (REASON), REASON one of "
+                    f"{sorted(SKIP_REASONS)}"
+                )
         marked = [b for b in blocks(page) if b.marker]
-        bad += [f"{b.where()}: a docs-test marker before a ```{b.lang} block (only Python runs)"
-                for b in marked if b.lang not in PYTHON]
+        bad += [
+            f"{b.where()}: a docs-test marker before a ```{b.lang} block (only Python runs)"
+            for b in marked
+            if b.lang not in PYTHON
+        ]
         stray = sum(1 for line in lines if MARKER.match(line)) - len(marked)
         if stray:
             bad.append(f"{page.relative_to(ROOT)}: {stray} docs-test marker(s) not right before a fence")
@@ -182,8 +200,11 @@ def _prose(page: Path):
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading ids: lower case, punctuation other than - and _ dropped, spaces to -."""
-    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-            for _, line in _prose(page) if line.startswith("#")}
+    return {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for _, line in _prose(page)
+        if line.startswith("#")
+    }
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target), on one line
@@ -230,12 +251,21 @@ def test_architecture_page_names_every_module_folder_and_script():
         if not any(s.startswith(rel) for s in spans):
             missing.append(rel)
     for top in ("scripts", "cmake", "dev/lora_ext_dev"):
-        missing += [f"{top}/{p.name}" for p in sorted((ROOT / top).iterdir())
-                    if p.name != "__pycache__" and f"{top}/{p.name}" not in spans]
-    stale = [s for s in sorted(spans) if re.match(r"^(csrc|scripts|cmake|lora_ext|dev)/[\w./-]*$", s)
-             and not (ROOT / s).exists() and s not in GENERATED]
-    assert not missing and not stale, (f"docs/architecture.md does not match the tree: add {missing} to it, and "
-                                       f"remove or fix {stale}")
+        missing += [
+            f"{top}/{p.name}"
+            for p in sorted((ROOT / top).iterdir())
+            if p.name != "__pycache__" and f"{top}/{p.name}" not in spans
+        ]
+    stale = [
+        s
+        for s in sorted(spans)
+        if re.match(r"^(csrc|scripts|cmake|lora_ext|dev)/[\w./-]*$", s)
+        and not (ROOT / s).exists()
+        and s not in GENERATED
+    ]
+    assert not missing and not stale, (
+        f"docs/architecture.md does not match the tree: add {missing} to it, and remove or fix {stale}"
+    )
 
 
 def test_readme_is_short_and_keeps_the_two_commands():

@@ -1,6 +1,7 @@
 """Dropout on the LoRA branch: the mask is ops/common/dropout_rng.h's (a numpy reference), the
 backward mask is the forward mask, masks are reproducible under torch.manual_seed, and nothing
 x-sized besides x is saved."""
+
 import pytest
 import torch
 
@@ -85,8 +86,9 @@ def test_no_grad_path_matches_mask_distribution():
     assert abs((y == 0).float().mean().item() - 0.25) < 0.02
 
 
-@pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                          (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+)
 def test_saved_for_backward_holds_nothing_x_sized_but_x(dtype, adtype):
     n, i, o, r = 512, 256, 192, 8
     x = torch.randn(4, n // 4, i, dtype=dtype, requires_grad=True)

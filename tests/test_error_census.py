@@ -2,6 +2,7 @@
 names exists (node ids, parametrized ids included, resolved from the test files' syntax trees, so
 no test module is imported and this takes well under a second), and every message text it quotes
 occurs in the named tests' sources or in the library's source. Known gaps are strict xfails."""
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,18 @@ DOC = ROOT / "docs" / "errors.md"
 HEADER = ["area", "bad input", "error", "test"]
 AREAS = ["op", "layer", "model API", "adapter files", "per-row batches", "C++ API", "concurrency & crash"]
 # what the error column may start with: exception types, or that there is none
-ERROR_TYPES = {"RuntimeError", "ValueError", "TypeError", "IndexError", "NotImplementedError", "FileNotFoundError",
-               "OSError", "UserWarning", "c10::Error", "no error"}
+ERROR_TYPES = {
+    "RuntimeError",
+    "ValueError",
+    "TypeError",
+    "IndexError",
+    "NotImplementedError",
+    "FileNotFoundError",
+    "OSError",
+    "UserWarning",
+    "c10::Error",
+    "no error",
+}
 MIN_ROWS = 60
 CODE = re.compile(r"`([^`]+)`")
 
@@ -52,8 +63,17 @@ def parse_table(text: str) -> list[Row]:
         spans = CODE.findall(error)
         n_types = next((k for k, s in enumerate(spans) if s not in ERROR_TYPES), len(spans))
         test_spans = CODE.findall(test)
-        rows.append(Row(i + 1, area, bad, spans[:n_types], spans[n_types:],
-                        [s for s in test_spans if "::" in s], [s for s in test_spans if "::" not in s]))
+        rows.append(
+            Row(
+                i + 1,
+                area,
+                bad,
+                spans[:n_types],
+                spans[n_types:],
+                [s for s in test_spans if "::" in s],
+                [s for s in test_spans if "::" not in s],
+            )
+        )
     return rows
 
 
@@ -88,8 +108,13 @@ def _value(node: ast.AST):
         return ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         pass
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "float"
-            and len(node.args) == 1 and not node.keywords):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "float"
+        and len(node.args) == 1
+        and not node.keywords
+    ):
         arg = _value(node.args[0])
         if isinstance(arg, (str, int, float)) and arg is not _OPAQUE:
             return float(arg)
@@ -111,8 +136,13 @@ def _elements(node: ast.AST, assigns: dict[str, ast.AST]) -> list[ast.AST]:
             return list(value.keys)
         if isinstance(value, (ast.List, ast.Tuple)):
             return list(value.elts)
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("list", "sorted")
-            and len(node.args) == 1 and not node.keywords):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("list", "sorted")
+        and len(node.args) == 1
+        and not node.keywords
+    ):
         elts = _elements(node.args[0], assigns)
         if node.func.id == "sorted":
             values = [_value(e) for e in elts]
@@ -170,8 +200,11 @@ def _parametrize_ids(call: ast.Call, assigns: dict[str, ast.AST]) -> list[str]:
             raise Unsupported(ast.unparse(ids_node))
         return _unique(["-".join(_escape(fn(v)) for v in vals) for vals in rows])
     explicit = _value(ids_node)
-    if not isinstance(explicit, (list, tuple)) or not all(isinstance(i, str) for i in explicit) \
-            or len(explicit) != len(rows):
+    if (
+        not isinstance(explicit, (list, tuple))
+        or not all(isinstance(i, str) for i in explicit)
+        or len(explicit) != len(rows)
+    ):
         raise Unsupported(ast.unparse(ids_node))
     return _unique([_escape(i) for i in explicit])
 
@@ -243,6 +276,7 @@ def _library_source() -> str:
 def _regex_forms(text: str) -> set[str]:
     """How a test may spell ``text``: as is, or as a regex (escaped, with or without its dots),
     inside a raw or a plain string literal."""
+
     def esc(t, chars):
         return "".join("\\" + c if c in chars else c for c in t)
 
@@ -271,8 +305,9 @@ def test_census_has_enough_distinct_rows_grouped_by_area(rows):
         key = (r.area, r.bad_input)
         assert key not in seen, f"{r.where()}: listed twice"
         seen.add(key)
-        assert r.types and r.texts and r.node_ids, \
+        assert r.types and r.texts and r.node_ids, (
             f"{r.where()}: needs an error type ({sorted(ERROR_TYPES)}), a quoted message text and a test"
+        )
 
 
 def test_every_cited_test_exists(rows, doc_text):
@@ -286,8 +321,11 @@ def test_every_quoted_message_occurs_in_the_test_or_the_library(rows):
     library = _library_source()
     problems = []
     for r in rows:
-        tests = "\n".join((ROOT / p).read_text() for p in {n.split("::")[0] for n in r.node_ids} | set(r.files)
-                          if (ROOT / p).is_file())
+        tests = "\n".join(
+            (ROOT / p).read_text()
+            for p in {n.split("::")[0] for n in r.node_ids} | set(r.files)
+            if (ROOT / p).is_file()
+        )
         for text in r.texts:
             if text not in library and not any(f in tests for f in _regex_forms(text)):
                 problems.append(f"{r.where()}: {text!r} is in neither the tests nor the library")

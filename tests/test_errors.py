@@ -1,5 +1,6 @@
 """Every bad input is a RuntimeError/ValueError whose message names the op and says
 what was expected; never a crash or silent broadcasting."""
+
 import math
 
 import pytest
@@ -37,13 +38,17 @@ BAD_LINEAR = {
     "bias broadcastable 1": (dict(bias=torch.randn(1)), "bias of shape \\[6\\]"),
     "bias 2-D": (dict(bias=torch.randn(1, 6)), "bias to have 1 dims"),
     "int x": (dict(x=torch.ones(4, 8, dtype=torch.int64), weight=torch.ones(6, 8, dtype=torch.int64)), "dtype float32"),
-    "complex": (dict(x=torch.randn(4, 8, dtype=torch.complex64), weight=torch.randn(6, 8, dtype=torch.complex64)),
-                "dtype float32"),
+    "complex": (
+        dict(x=torch.randn(4, 8, dtype=torch.complex64), weight=torch.randn(6, 8, dtype=torch.complex64)),
+        "dtype float32",
+    ),
     "weight dtype": (dict(weight=torch.randn(6, 8, dtype=torch.float64)), "weight of dtype Float"),
     "bias dtype": (dict(bias=torch.randn(6, dtype=torch.float64)), "bias of dtype Float"),
     "A/B dtype": (dict(lora_B=torch.randn(6, 3, dtype=torch.float64)), "same dtype"),
-    "bf16 adapter on fp32": (dict(lora_A=torch.randn(3, 8).bfloat16(), lora_B=torch.randn(6, 3).bfloat16()),
-                             "lora_A/lora_B of dtype Float"),
+    "bf16 adapter on fp32": (
+        dict(lora_A=torch.randn(3, 8).bfloat16(), lora_B=torch.randn(6, 3).bfloat16()),
+        "lora_A/lora_B of dtype Float",
+    ),
     "device weight": (dict(weight=torch.randn(6, 8, device="meta")), "weight on device"),
     "device A": (dict(lora_A=torch.randn(3, 8, device="meta")), "lora_A on device"),
     "device bias": (dict(bias=torch.randn(6, device="meta")), "bias on device"),
@@ -75,20 +80,25 @@ def test_lora_linear_bad_input_meta(case):
         ops.lora_linear(**kw)
 
 
-@pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                          (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+)
 @pytest.mark.parametrize("scale", [3.5e38, -1e39, 1e300])
 def test_scale_beyond_float32_is_refused_by_every_op(dtype, adtype, scale):
     # The LoRA branch computes in float32 (float64 only for float64 adapters): a finite double beyond
     # FLT_MAX used to give inf weights/outputs, or ATen's "cannot be converted to type float" error.
-    x, w, a, b = torch.randn(3, 8).to(dtype), torch.randn(6, 8).to(dtype), torch.randn(2, 8).to(adtype), \
-        torch.randn(6, 2).to(adtype)
+    x, w, a, b = (
+        torch.randn(3, 8).to(dtype),
+        torch.randn(6, 8).to(dtype),
+        torch.randn(2, 8).to(adtype),
+        torch.randn(6, 2).to(adtype),
+    )
     w0 = w.clone()
     calls = {
         "lora_linear": lambda: ops.lora_linear(x, w, None, a, b, scale),
-        "lora_linear_multi": lambda: ops.lora_linear_multi(x, w, None, a[None], b[None],
-                                                           torch.tensor([scale], dtype=torch.float64),
-                                                           torch.zeros(3, dtype=torch.long)),
+        "lora_linear_multi": lambda: ops.lora_linear_multi(
+            x, w, None, a[None], b[None], torch.tensor([scale], dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+        ),
         "merge_": lambda: ops.merge_(w, a, b, scale),
         "unmerge_": lambda: ops.unmerge_(w, a, b, scale),
         "merge_exact_codes": lambda: ops.merge_exact_codes(w, a, b, scale),
@@ -123,8 +133,10 @@ BAD_MERGE = {
     "A 3-D": (dict(lora_A=torch.randn(1, 3, 8)), "lora_A to have 2 dims"),
     "int weight": (dict(weight=torch.ones(6, 8, dtype=torch.int32)), "dtype float32"),
     "A/B dtype": (dict(lora_B=torch.randn(6, 3, dtype=torch.float64)), "same dtype"),
-    "adapter fp64 on fp32": (dict(lora_A=torch.randn(3, 8).double(), lora_B=torch.randn(6, 3).double()),
-                             "lora_A/lora_B of dtype Float"),
+    "adapter fp64 on fp32": (
+        dict(lora_A=torch.randn(3, 8).double(), lora_B=torch.randn(6, 3).double()),
+        "lora_A/lora_B of dtype Float",
+    ),
     "device": (dict(lora_A=torch.randn(3, 8, device="meta")), "lora_A on device"),
     "scale inf": (dict(scale=math.inf), "finite scale"),
 }
@@ -164,8 +176,13 @@ BWD_LORA_BAD = {
 
 @pytest.mark.parametrize("case", sorted(BWD_LORA_BAD))
 def test_backward_lora_piece_bad_input(case):
-    kw = dict(grad_y=torch.randn(4, 6), x=torch.randn(4, 8), lora_A=torch.randn(3, 8), lora_B=torch.randn(6, 3),
-              h=torch.randn(4, 3))
+    kw = dict(
+        grad_y=torch.randn(4, 6),
+        x=torch.randn(4, 8),
+        lora_A=torch.randn(3, 8),
+        lora_B=torch.randn(6, 3),
+        h=torch.randn(4, 3),
+    )
     change, msg = BWD_LORA_BAD[case]
     kw.update(change)
     with pytest.raises(RuntimeError, match="lora_ext::_lora_linear_backward_lora: " + msg):

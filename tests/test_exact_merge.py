@@ -2,14 +2,24 @@
 side information plus a sparse list of rare exceptions. The round trips are written once for
 every device (``device``: the CUDA cases run where a GPU is); the CUDA kernels' own cases (the
 CPU's bits, codes used across devices, list overflow) are in test_cuda.py."""
+
 import pytest
 import torch
 
 import lora_ext
 from lora_ext import LoraConfig, ops
 from models import LLAMA_TARGETS, llama_inputs, logits, tiny_llama
-from reference import (DEVICES, EXACT_CASES, EXACT_IDS, on, ref_merge_exact, ref_merge_exact_codes, ubits, wide_adapter,
-                       wide_weight)
+from reference import (
+    DEVICES,
+    EXACT_CASES,
+    EXACT_IDS,
+    on,
+    ref_merge_exact,
+    ref_merge_exact_codes,
+    ubits,
+    wide_adapter,
+    wide_weight,
+)
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -40,8 +50,10 @@ def test_thousand_cycles_restore_bit_exactly(device, wdtype, adtype):
     assert torch.equal(_bits(w), _bits(w0))
     wbytes = w.numel() * w.element_size()
     assert codes.codes.numel() * 8 == wbytes  # 2 bits per element = 1/8 of a 16-bit weight
-    print(f"{wdtype}/{adtype}: side information {side_max} B for a {wbytes} B weight "
-          f"({codes.exc_index.numel()} sparse exceptions)")
+    print(
+        f"{wdtype}/{adtype}: side information {side_max} B for a {wbytes} B weight "
+        f"({codes.exc_index.numel()} sparse exceptions)"
+    )
     # the inexact path drifts: plain merge_/unmerge_ round trips do not restore the bits
     plain = w0.clone()
     for _ in range(20):
@@ -100,8 +112,14 @@ def test_exact_merge_empty_weight(device):
 
 
 def test_exact_merge_errors():
-    w, a, b = torch.randn(6, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="lora_ext::merge_exact_codes: expected a float32, bfloat16 or float16 weight"):
+    w, a, b = (
+        torch.randn(6, 8, dtype=torch.float64),
+        torch.randn(2, 8, dtype=torch.float64),
+        torch.randn(6, 2, dtype=torch.float64),
+    )
+    with pytest.raises(
+        RuntimeError, match="lora_ext::merge_exact_codes: expected a float32, bfloat16 or float16 weight"
+    ):
         ops.merge_exact_codes(w, a, b, 1.0)
     w, a, b = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
     codes = ops.merge_exact_codes(w, a, b, 1.0)
@@ -115,8 +133,11 @@ def test_exact_merge_errors():
     with pytest.raises(RuntimeError, match="lora_ext::unmerge_exact_: expected codes as a contiguous uint8 tensor"):
         ops.unmerge_exact_(w, bad, a, b, 1.0)
     bad = ops.ExactMergeCodes(codes.codes, torch.zeros(2, dtype=torch.long), torch.zeros(1))  # lengths differ
-    with pytest.raises(RuntimeError, match=r"lora_ext::unmerge_exact_: expected exc_index \(int64 \[n\]\) and "
-                                           r"exc_value \(Float \[n\]\) of the same length, got Long \[2\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::unmerge_exact_: expected exc_index \(int64 \[n\]\) and "
+        r"exc_value \(Float \[n\]\) of the same length, got Long \[2\]",
+    ):
         ops.unmerge_exact_(w, bad, a, b, 1.0)
     with pytest.raises(RuntimeError, match="lora_ext::merge_exact_: expected lora_A of shape"):
         ops.merge_exact_(w, torch.randn(2, 7), b, 1.0)
@@ -131,8 +152,9 @@ def test_opcheck_exact_ops(device, dtype):
     merged = w.clone()
     ops.merge_exact_(merged, a, b, 0.5)
     torch.library.opcheck(torch.ops.lora_ext.unmerge_exact_.default, (merged.clone(), *codes, a, b, 0.5))
-    torch.library.opcheck(torch.ops.lora_ext.merge_exact_codes.default, (w, a, b, 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.lora_ext.merge_exact_codes.default, (w, a, b, 0.5), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_model_level_exact_merge_bf16():

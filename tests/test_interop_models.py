@@ -1,5 +1,6 @@
 """PEFT <-> lora_ext adapter files on tiny GPT-2 (Conv1D, fan_in_fan_out), BERT (with embedding
 LoRA) and T5, both directions, plus merge_and_unload against PEFT's merged weights."""
+
 import copy
 
 import peft
@@ -45,8 +46,16 @@ def test_lora_ext_to_peft(name, tmp_path):
     base = factory()
     ids = llama_inputs()
     model = copy.deepcopy(base)
-    lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-                                              rank_pattern={"value": 2, "c_fc": 2, "wi": 2}))
+    lora_ext.inject_adapter(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            init_lora_weights=False,
+            rank_pattern={"value": 2, "c_fc": 2, "wi": 2},
+        ),
+    )
     train_steps(model, ids)
     lora_ext.save_adapter(model, str(tmp_path))
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
@@ -77,8 +86,9 @@ def test_modules_to_save_and_bias_round_trip_both_ways(bias, tmp_path):
         torch.testing.assert_close(run(ours, ids), run(pm, ids), atol=1e-5, rtol=1e-5)
     # lora_ext -> PEFT
     model = copy.deepcopy(base)
-    lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-                                              **extra))
+    lora_ext.inject_adapter(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("pooler.dense.modules_to_save.default" in n for n in trainable)
     assert (bias != "none") == any(n.endswith("bias") and "pooler" not in n for n in trainable)
@@ -86,8 +96,9 @@ def test_modules_to_save_and_bias_round_trip_both_ways(bias, tmp_path):
     lora_ext.save_adapter(model, str(tmp_path / "ours"))
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     with torch.no_grad():
-        torch.testing.assert_close(pm2(input_ids=ids).pooler_output, model(input_ids=ids).pooler_output,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pm2(input_ids=ids).pooler_output, model(input_ids=ids).pooler_output, atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(run(pm2, ids), run(model, ids), atol=1e-5, rtol=1e-5)
     with lora_ext.disable_adapters(model):
         if bias == "none":  # trained biases live in the base model, as in PEFT
@@ -103,10 +114,14 @@ def test_add_weighted_adapter_matches_peft(kind, tmp_path):
     base = tiny_llama()
     ids = llama_inputs()
     r2 = 4 if kind == "linear" else 2
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                                   init_lora_weights=False), adapter_name="a")
-    pm.add_adapter("b", peft.LoraConfig(r=r2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
-                                        init_lora_weights=False))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False),
+        adapter_name="a",
+    )
+    pm.add_adapter(
+        "b", peft.LoraConfig(r=r2, lora_alpha=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(str(tmp_path))
     ours = copy.deepcopy(base)
     lora_ext.load_adapter(ours, str(tmp_path / "a"), adapter_name="a")  # non-default names live in subfolders

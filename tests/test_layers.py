@@ -1,5 +1,6 @@
 """LoraEmbedding, LoraConv and LoraGPT2Conv1D: PEFT parity of forward and state-dict names,
 merge == unmerged forward through the compiled merge kernels, unmerge restores."""
+
 import copy
 
 import peft
@@ -8,7 +9,6 @@ import torch
 from peft.tuners.lora import layer as peft_layer
 from torch import nn
 
-import lora_ext
 from lora_ext.layers.conv import LoraConv
 from lora_ext.layers.embedding import LoraEmbedding
 from lora_ext.layers.gpt2_conv1d import LoraGPT2Conv1D
@@ -23,14 +23,25 @@ def _gpt2_conv1d(nx, nf):
 
 
 CASES = {
-    "embedding": (lambda: nn.Embedding(50, 12, padding_idx=3), LoraEmbedding, peft_layer.Embedding,
-                  lambda: torch.randint(0, 50, (4, 9))),
-    "conv1d": (lambda: nn.Conv1d(6, 10, 3, stride=2, padding=1), LoraConv, peft_layer.Conv1d,
-               lambda: torch.randn(2, 6, 17)),
-    "conv2d": (lambda: nn.Conv2d(5, 8, (3, 2), padding=(1, 0)), LoraConv, peft_layer.Conv2d,
-               lambda: torch.randn(2, 5, 7, 6)),
-    "gpt2_conv1d": (lambda: _gpt2_conv1d(16, 24), LoraGPT2Conv1D, peft_layer.Linear,
-                    lambda: torch.randn(3, 5, 16)),
+    "embedding": (
+        lambda: nn.Embedding(50, 12, padding_idx=3),
+        LoraEmbedding,
+        peft_layer.Embedding,
+        lambda: torch.randint(0, 50, (4, 9)),
+    ),
+    "conv1d": (
+        lambda: nn.Conv1d(6, 10, 3, stride=2, padding=1),
+        LoraConv,
+        peft_layer.Conv1d,
+        lambda: torch.randn(2, 6, 17),
+    ),
+    "conv2d": (
+        lambda: nn.Conv2d(5, 8, (3, 2), padding=(1, 0)),
+        LoraConv,
+        peft_layer.Conv2d,
+        lambda: torch.randn(2, 5, 7, 6),
+    ),
+    "gpt2_conv1d": (lambda: _gpt2_conv1d(16, 24), LoraGPT2Conv1D, peft_layer.Linear, lambda: torch.randn(3, 5, 16)),
 }
 
 
@@ -72,8 +83,11 @@ def test_unsupported_convs_are_refused():
         LoraConv(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(NotImplementedError, match="dilation"):
         LoraConv(nn.Conv1d(4, 4, 3, dilation=2))
-    with pytest.raises(NotImplementedError, match="LoraConv: grouped, dilated or non-zero-padded convolutions are not "
-                                                  "supported, got .*padding_mode='reflect'"):
+    with pytest.raises(
+        NotImplementedError,
+        match="LoraConv: grouped, dilated or non-zero-padded convolutions are not "
+        "supported, got .*padding_mode='reflect'",
+    ):
         LoraConv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(TypeError, match="LoraEmbedding: expected a base layer of type Embedding"):
         LoraEmbedding(nn.Linear(3, 3))

@@ -2,18 +2,16 @@
 its cache, the corpus split, per-row training of two adapters on the real model, and the PEFT round trip.
 
 The whole main job (examples/finetune_llm.py) is a script, not a test: see the README."""
+
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from lora_ext_dev import corpora, llm_train, smollm2
-
 import lora_ext  # noqa: E402
 from lora_ext import BASE  # noqa: E402
+from lora_ext_dev import corpora, llm_train, smollm2
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -39,6 +37,7 @@ def windows(tokenizer, task, n, seq_len=32, heldout=False):
 
 
 # -- loading ------------------------------------------------------------------------------------------------
+
 
 def test_cache_equals_gguf_and_is_a_plain_llama(loaded):
     model, tokenizer = loaded
@@ -73,6 +72,7 @@ def test_cache_validity(tmp_path, monkeypatch):
 def test_stale_builds_of_killed_processes_are_removed(tmp_path):
     import os
     import time
+
     folder = tmp_path / "model"
     old, young = tmp_path / "model.tmp-killed", tmp_path / "model.tmp-running"
     for d in (old, young, tmp_path / "other.tmp-x"):
@@ -102,6 +102,7 @@ def test_base_hash_sees_one_changed_bit(loaded):
 
 
 # -- corpora ------------------------------------------------------------------------------------------------
+
 
 def test_split_is_fixed_and_disjoint():
     for task in corpora.TASKS:
@@ -136,8 +137,8 @@ def test_no_heldout_text_in_training(loaded):
         tr = corpora.token_windows(tokenizer, train, 128).flatten().tolist()
         ho = corpora.token_windows(tokenizer, held, 128).flatten().tolist()
         n = 32
-        grams = {hash(tuple(tr[i:i + n])) for i in range(len(tr) - n + 1)}
-        shared = sum(hash(tuple(ho[i:i + n])) in grams for i in range(len(ho) - n + 1))
+        grams = {hash(tuple(tr[i : i + n])) for i in range(len(tr) - n + 1)}
+        shared = sum(hash(tuple(ho[i : i + n])) in grams for i in range(len(ho) - n + 1))
         assert shared <= limit * (len(ho) - n + 1), (task, shared)  # measured: docs 0, code 0.17%
 
 
@@ -155,6 +156,7 @@ def test_token_windows(loaded):
 
 
 # -- per-row training on the real model ------------------------------------------------------------------
+
 
 def two_adapters(model, dropout=0.0):
     config = lora_ext.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
@@ -203,8 +205,7 @@ def test_train_per_row_learns_and_keeps_the_base(model, loaded):
     assert moved == set(start)  # every A and B of both adapters trained
     # the per-row perplexity equals the adapter-at-a-time one
     held = {t: windows(tokenizer, t, 2, heldout=True) for t in ("docs", "code")}
-    mixed = llm_train.perplexity(model, {BASE: held["docs"], "docs": held["docs"], "code": held["code"]},
-                                 batch_rows=3)
+    mixed = llm_train.perplexity(model, {BASE: held["docs"], "docs": held["docs"], "code": held["code"]}, batch_rows=3)
     lora_ext.set_adapter(model, "docs")
     alone = llm_train.perplexity(model, {"docs": held["docs"]})
     base = llm_train.perplexity(loaded[0], {BASE: held["docs"]})  # the model without adapters

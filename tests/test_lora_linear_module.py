@@ -1,4 +1,5 @@
 """lora_ext.LoraLinear: wrapping, PEFT names, init, scaling, adapter management, merge."""
+
 import math
 
 import pytest
@@ -26,10 +27,16 @@ def test_wraps_without_copy_and_freezes():
     layer = LoraLinear(base, r=4, lora_alpha=8)
     assert layer.base_layer is base and base.weight.data_ptr() == ptr
     assert not base.weight.requires_grad and not base.bias.requires_grad
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.default.weight",
-                                                                         "lora_B.default.weight"]
-    assert list(layer.state_dict()) == ["base_layer.weight", "base_layer.bias", "lora_A.default.weight",
-                                        "lora_B.default.weight"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
+        "lora_A.default.weight",
+        "lora_B.default.weight",
+    ]
+    assert list(layer.state_dict()) == [
+        "base_layer.weight",
+        "base_layer.bias",
+        "lora_A.default.weight",
+        "lora_B.default.weight",
+    ]
     assert layer.lora_A["default"].weight.shape == (4, 16) and layer.lora_B["default"].weight.shape == (12, 4)
     assert layer.weight is base.weight and layer.bias is base.bias
     with pytest.raises(TypeError, match="LoraLinear: expected a base layer of type Linear"):
@@ -176,14 +183,21 @@ def test_build_info():
 
 def test_bad_forward_input_names_the_op():
     layer = LoraLinear(nn.Linear(8, 6), r=2, init_lora_weights=False)
-    with pytest.raises(RuntimeError, match=r"lora_ext::lora_linear: expected x of shape \[\.\.\., in\] with in = 8 "
-                                           r"\(weight of shape \[6, 8\]\), got x of shape \[3, 7\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::lora_linear: expected x of shape \[\.\.\., in\] with in = 8 "
+        r"\(weight of shape \[6, 8\]\), got x of shape \[3, 7\]",
+    ):
         layer(torch.randn(3, 7))
-    with pytest.raises(RuntimeError, match=r"lora_ext::lora_linear: expected weight of dtype Double \(x's dtype\), "
-                                           r"got Float"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::lora_linear: expected weight of dtype Double \(x's dtype\), "
+        r"got Float",
+    ):
         layer(torch.randn(3, 8, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="lora_ext::lora_linear: expected x of dtype float32, float64, bfloat16 "
-                                           "or float16, got Long"):
+    with pytest.raises(
+        RuntimeError, match="lora_ext::lora_linear: expected x of dtype float32, float64, bfloat16 or float16, got Long"
+    ):
         layer(torch.ones(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"LoraLayer.add_adapter: expected an integer rank r >= 1, got 2.5"):
         layer.add_adapter("half", r=2.5)
@@ -224,7 +238,10 @@ def test_safe_merge_refuses_an_overflowing_merge():
         layer.lora_A["default"].weight.fill_(1e19)
         layer.lora_B["default"].weight.fill_(1e19)  # scale * B @ A = 8e38: finite factors, infinite sum
     w0 = base.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"LoraLinear.merge\(safe_merge=True\): merging adapter 'default' would "
-                                         r"produce non-finite weights; the weight was left unchanged"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoraLinear.merge\(safe_merge=True\): merging adapter 'default' would "
+        r"produce non-finite weights; the weight was left unchanged",
+    ):
         layer.merge(safe_merge=True)
     assert torch.equal(base.weight, w0) and not layer.merged

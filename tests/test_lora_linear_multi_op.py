@@ -3,6 +3,7 @@ padding, base rows, empty batches, layouts, gradients, dropout, opcheck, gradche
 torch.compile (no recompilation when the ids change) and bad input. The forward, gradcheck,
 opcheck and torch.compile tests are written once for every device (``device``: the CUDA cases
 run where a GPU is); what only CUDA has is in test_cuda_multi.py."""
+
 import pytest
 import torch
 
@@ -14,8 +15,14 @@ pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under othe
 multi = torch.ops.lora_ext.lora_linear_multi
 group = torch.ops.lora_ext.lora_group_rows
 
-DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-          (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
 
 
 def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25):
@@ -39,10 +46,20 @@ def make_multi(lead, i, o, ranks, dtype, adtype, bias=True, seed=0, p_base=0.25)
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), A.to(adtype), B.to(adtype), scales, ids
 
 
-SHAPES = [((37,), 40, 24, [5, 2, 3]), ((4, 9), 33, 17, [1]), ((0,), 16, 12, [4, 2]), ((3, 0, 2), 8, 6, [2, 2]),
-          ((5,), 0, 6, [2, 1]), ((4,), 7, 0, [3]), ((0,), 0, 0, [1]),  # in or out = 0
-          ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]), ((20,), 9, 300, [3, 1]),
-          ((4, 9), 4097, 17, [1]), ((64,), 64, 300, [128, 8, 1]), ((20,), 9, 33, [16, 1, 3, 7])]
+SHAPES = [
+    ((37,), 40, 24, [5, 2, 3]),
+    ((4, 9), 33, 17, [1]),
+    ((0,), 16, 12, [4, 2]),
+    ((3, 0, 2), 8, 6, [2, 2]),
+    ((5,), 0, 6, [2, 1]),
+    ((4,), 7, 0, [3]),
+    ((0,), 0, 0, [1]),  # in or out = 0
+    ((300,), 64, 70, [16, 8, 1, 4, 12, 3, 7, 16]),
+    ((20,), 9, 300, [3, 1]),
+    ((4, 9), 4097, 17, [1]),
+    ((64,), 64, 300, [128, 8, 1]),
+    ((20,), 9, 33, [16, 1, 3, 7]),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -89,14 +106,22 @@ def test_noncontiguous_inputs_and_transposed_B_layout(dtype):
     xs = torch.empty(7, 6, 24, dtype=dtype).transpose(0, 1)
     xs.copy_(x)
     Bt = B.transpose(1, 2).contiguous()  # [n, r, out]: the module's storage layout
-    args = [xs, w.t().contiguous().t(), b, A.transpose(1, 2).contiguous().transpose(1, 2), Bt.transpose(1, 2),
-            s[::1], ids.view(6, 7).t().contiguous().t().reshape(-1)]
+    args = [
+        xs,
+        w.t().contiguous().t(),
+        b,
+        A.transpose(1, 2).contiguous().transpose(1, 2),
+        Bt.transpose(1, 2),
+        s[::1],
+        ids.view(6, 7).t().contiguous().t().reshape(-1),
+    ]
     assert not args[0].is_contiguous() and not args[1].is_contiguous() and not args[3].is_contiguous()
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(multi(*args).double(), want, atol=atol, rtol=rtol)
     xv = torch.randn(42, 48, dtype=dtype)[:, ::2]  # strided rows
-    torch.testing.assert_close(multi(xv, w, b, A, B, s, ids).double(), ref_multi(xv, w, b, A, B, s, ids),
-                               atol=atol, rtol=rtol)
+    torch.testing.assert_close(
+        multi(xv, w, b, A, B, s, ids).double(), ref_multi(xv, w, b, A, B, s, ids), atol=atol, rtol=rtol
+    )
 
 
 def test_group_rows_is_a_stable_counting_sort():
@@ -187,8 +212,12 @@ def test_gradcheck_float64(device, dropout):
 
 def _opcheck_samples(device):
     out = []
-    for dtype, adtype in [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
+    for dtype, adtype in [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ]:
         for lead, rg, grouped in [((9,), True, False), ((2, 5), False, True), ((0,), True, False)]:
             x, w, b, A, B, s, ids = on(device, *make_multi(lead, 12, 10, [3, 1, 2], dtype, adtype))
             if rg and dtype in (torch.float32, torch.float64):
@@ -222,8 +251,9 @@ def test_opcheck_internal_pieces(device, dtype, adtype, p):
     bl = (g, x, A, B, s, order, offsets, h, p, seed)
     torch.library.opcheck(torch.ops.lora_ext._lora_linear_multi_backward_lora.default, bl)
     _, _, gh = torch.ops.lora_ext._lora_linear_multi_backward_lora(*bl)
-    torch.library.opcheck(torch.ops.lora_ext._lora_linear_multi_backward_input.default,
-                          (g, w, A, gh, order, offsets, p, seed))
+    torch.library.opcheck(
+        torch.ops.lora_ext._lora_linear_multi_backward_input.default, (g, w, A, gh, order, offsets, p, seed)
+    )
 
 
 class _Multi(torch.nn.Module):
@@ -266,7 +296,11 @@ def test_torch_compile_fullgraph_no_recompile_when_ids_change(device):
 
 
 BAD = {
-    "id too large": (dict(ids=lambda ids: torch.full_like(ids, 3)), IndexError, r"lora_group_rows: expected adapter ids in \[-1, 3\)"),
+    "id too large": (
+        dict(ids=lambda ids: torch.full_like(ids, 3)),
+        IndexError,
+        r"lora_group_rows: expected adapter ids in \[-1, 3\)",
+    ),
     "id below -1": (dict(ids=lambda ids: torch.full_like(ids, -2)), IndexError, "got adapter_ids"),
     "float ids": (dict(ids=lambda ids: ids.float()), RuntimeError, "adapter_ids of dtype int32 or int64"),
     "ids wrong length": (dict(ids=lambda ids: ids[:-1]), RuntimeError, "adapter_ids of shape"),
@@ -314,21 +348,30 @@ def test_bad_grouping_is_refused():
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets[:-1])
     with pytest.raises(ValueError, match="group_offsets"):
         multi(x, w, b, A, B, s, ids, 0.0, False, order, offsets.flip(0))
-    with pytest.raises(RuntimeError, match=r"expected group_order and group_offsets of dtype int64 \(from "
-                                           r"lora_group_rows\), got Int and Int"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"expected group_order and group_offsets of dtype int64 \(from "
+        r"lora_group_rows\), got Int and Int",
+    ):
         multi(x, w, b, A, B, s, ids, 0.0, False, order.int(), offsets.int())
 
 
 def test_group_rows_bad_input():
     with pytest.raises(ValueError, match="lora_ext::lora_group_rows: expected n_adapters >= 0, got -1"):
         group(torch.tensor([0, -1]), -1)
-    with pytest.raises(RuntimeError, match=r"lora_ext::lora_group_rows: expected adapter_ids of shape \[N\], got "
-                                           r"\[2, 2\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::lora_group_rows: expected adapter_ids of shape \[N\], got "
+        r"\[2, 2\]",
+    ):
         group(torch.zeros(2, 2, dtype=torch.long), 3)
     with pytest.raises(RuntimeError, match="lora_ext::lora_group_rows: expected adapter_ids of dtype int32 or int64"):
         group(torch.zeros(4), 3)
-    with pytest.raises(IndexError, match=r"lora_ext::lora_group_rows: expected adapter ids in \[-1, 3\) .* got "
-                                         r"adapter_ids\[1\] = 5"):
+    with pytest.raises(
+        IndexError,
+        match=r"lora_ext::lora_group_rows: expected adapter ids in \[-1, 3\) .* got "
+        r"adapter_ids\[1\] = 5",
+    ):
         group(torch.tensor([0, 5]), 3)
 
 

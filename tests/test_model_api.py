@@ -1,4 +1,5 @@
 """Model-level API on a tiny Llama: targeting, freezing, adapters, merge, unload."""
+
 import copy
 import os
 
@@ -64,8 +65,10 @@ def test_inject_targets_freezes_and_counts():
 def test_target_forms_and_errors():
     m = tiny_llama()
     lora_ext.inject_adapter(m, LoraConfig(target_modules=r".*\.0\.self_attn\.(q|v)_proj"))
-    assert sorted(n for n, _ in lora_ext.lora_layers(m)) == ["model.layers.0.self_attn.q_proj",
-                                                             "model.layers.0.self_attn.v_proj"]
+    assert sorted(n for n, _ in lora_ext.lora_layers(m)) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
     m = tiny_llama()
     lora_ext.inject_adapter(m, LoraConfig(target_modules="all-linear", exclude_modules=["down_proj"]))
     names = [n for n, _ in lora_ext.lora_layers(m)]
@@ -80,8 +83,14 @@ def test_target_forms_and_errors():
 
 def test_rank_and_alpha_patterns():
     m = tiny_llama()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
-                     alpha_pattern={"v_proj": 32}, use_rslora=True)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+        use_rslora=True,
+    )
     lora_ext.inject_adapter(m, cfg)
     q1 = m.get_submodule("model.layers.1.self_attn.q_proj")
     q0 = m.get_submodule("model.layers.0.self_attn.q_proj")
@@ -144,29 +153,44 @@ def _small():
     return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lora_dropout=1.0), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got 1.0"),
-    (dict(lora_dropout=float("nan")), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got nan"),
-    (dict(r=2.5), r"LoraConfig: expected an integer r >= 1, got 2.5"),
-    (dict(target_modules=5), r"LoraConfig: expected target_modules to be a list of names or a regex string, got 5"),
-    (dict(rank_pattern={"q": 0}), r"LoraConfig: rank_pattern\['q'\] must be an integer >= 1, got 0"),
-    (dict(rank_pattern=[("q", 2)]), r"LoraConfig: expected rank_pattern to be a dict of regex -> value"),
-    (dict(use_rslora="yes"), r"LoraConfig: expected use_rslora to be true or false, got 'yes'"),
-    (dict(extra={"peft_type": "IA3"}), r"LoraConfig: expected peft_type 'LORA', got 'IA3'"),
-], ids=["dropout 1", "dropout nan", "r 2.5", "target_modules int", "rank_pattern 0", "rank_pattern list",
-        "use_rslora str", "peft_type IA3"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lora_dropout=1.0), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got 1.0"),
+        (dict(lora_dropout=float("nan")), r"LoraConfig: expected a number 0 <= lora_dropout < 1, got nan"),
+        (dict(r=2.5), r"LoraConfig: expected an integer r >= 1, got 2.5"),
+        (dict(target_modules=5), r"LoraConfig: expected target_modules to be a list of names or a regex string, got 5"),
+        (dict(rank_pattern={"q": 0}), r"LoraConfig: rank_pattern\['q'\] must be an integer >= 1, got 0"),
+        (dict(rank_pattern=[("q", 2)]), r"LoraConfig: expected rank_pattern to be a dict of regex -> value"),
+        (dict(use_rslora="yes"), r"LoraConfig: expected use_rslora to be true or false, got 'yes'"),
+        (dict(extra={"peft_type": "IA3"}), r"LoraConfig: expected peft_type 'LORA', got 'IA3'"),
+    ],
+    ids=[
+        "dropout 1",
+        "dropout nan",
+        "r 2.5",
+        "target_modules int",
+        "rank_pattern 0",
+        "rank_pattern list",
+        "use_rslora str",
+        "peft_type IA3",
+    ],
+)
 def test_config_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
 
 
 def test_unknown_or_missing_names_in_model_calls(tmp_path):
-    with pytest.raises(ValueError, match="LoraConfig.target_modules is None: name the modules to adapt, or use "
-                                         "'all-linear'"):
+    with pytest.raises(
+        ValueError, match="LoraConfig.target_modules is None: name the modules to adapt, or use 'all-linear'"
+    ):
         lora_ext.inject_adapter(_small(), LoraConfig(r=2))
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"lora_ext.delete_adapter: unknown adapter\(s\) \['nope'\]; have \['default'\]"):
+    with pytest.raises(
+        ValueError, match=r"lora_ext.delete_adapter: unknown adapter\(s\) \['nope'\]; have \['default'\]"
+    ):
         lora_ext.delete_adapter(model, "nope")
     with pytest.raises(ValueError, match=r"lora_ext.merge: unknown adapter\(s\) \['nope'\]; have \['default'\]"):
         lora_ext.merge(model, ["nope"])
@@ -182,11 +206,17 @@ def test_add_weighted_adapter_bad_input():
     lora_ext.add_adapter(model, LoraConfig(r=2, target_modules="2", init_lora_weights=False), "regex")
     with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: expected 2 weights, got 1"):
         lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0], "mix")
-    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: combination_type must be one of \('linear', "
-                                         r"'cat', 'svd'\), got 'bogus'"):
+    with pytest.raises(
+        ValueError,
+        match=r"lora_ext.add_weighted_adapter: combination_type must be one of \('linear', "
+        r"'cat', 'svd'\), got 'bogus'",
+    ):
         lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "mix", combination_type="bogus")
-    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: 'linear' needs equal ranks, got "
-                                         r"\{'default': 2, 'b': 4\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"lora_ext.add_weighted_adapter: 'linear' needs equal ranks, got "
+        r"\{'default': 2, 'b': 4\}",
+    ):
         lora_ext.add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="lora_ext.add_weighted_adapter: cannot combine list and regex target_modules"):
         lora_ext.add_weighted_adapter(model, ["default", "regex"], [1.0, 1.0], "mix")
@@ -200,10 +230,16 @@ def test_lora_dropout_none_is_a_clear_error(tmp_path):
         LoraConfig(lora_dropout=None)
     from safetensors.torch import save_file  # the same value in a PEFT-style file
 
-    save_file({"base_model.model.0.lora_A.weight": torch.zeros(2, 12),
-               "base_model.model.0.lora_B.weight": torch.zeros(10, 2)}, str(tmp_path / "adapter_model.safetensors"))
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "target_modules": ["0"], '
-                                                  '"lora_dropout": null}')
+    save_file(
+        {
+            "base_model.model.0.lora_A.weight": torch.zeros(2, 12),
+            "base_model.model.0.lora_B.weight": torch.zeros(10, 2),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
+    (tmp_path / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "target_modules": ["0"], "lora_dropout": null}'
+    )
     with pytest.raises(ValueError, match="LoraConfig: expected a number 0 <= lora_dropout < 1, got None"):
         lora_ext.load_adapter(_small(), str(tmp_path))
 
@@ -221,11 +257,15 @@ def test_inject_adapter_refuses_a_non_config():
 
 def test_set_adapter_refuses_a_non_name():
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises((TypeError, ValueError), match="lora_ext.set_adapter: expected an adapter name or a list of names, got 5"):
+    with pytest.raises(
+        (TypeError, ValueError), match="lora_ext.set_adapter: expected an adapter name or a list of names, got 5"
+    ):
         lora_ext.set_adapter(model, 5)
 
 
 def test_add_weighted_adapter_refuses_non_finite_weights():
     model = lora_ext.inject_adapter(_small(), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-    with pytest.raises(ValueError, match=r"lora_ext.add_weighted_adapter: expected finite numbers as weights, got \[nan\]"):
+    with pytest.raises(
+        ValueError, match=r"lora_ext.add_weighted_adapter: expected finite numbers as weights, got \[nan\]"
+    ):
         lora_ext.add_weighted_adapter(model, ["default"], [float("nan")], "mix", combination_type="cat")

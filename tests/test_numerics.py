@@ -1,5 +1,6 @@
 """The AdamW-aware tolerance of ``numerics.py`` (issue 31): it accepts a reduction in another order and
 still catches a missing all-reduce, in one process, the way DDP splits a batch."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,9 @@ SGD_STEPS, ADAMW_STEPS, LR = 3, 3, 1e-2
 def _model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 8))
-    return lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
-                                                     init_lora_weights=False)).train()
+    return lora_ext.inject_adapter(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False)
+    ).train()
 
 
 def _train(halves: str, recorder: GradRecorder | None = None):

@@ -1,6 +1,7 @@
 """The package layout is a contract (docs/architecture.md): the public surface is what ``lora_ext`` exports, the
 subpackages import each other in one direction only, and the flat layout's old module paths still import (with a
 DeprecationWarning) and give the same objects."""
+
 import ast
 import importlib
 import pathlib
@@ -111,8 +112,10 @@ def test_an_unknown_old_path_still_fails():
 
 
 def test_import_lora_ext_does_not_import_peft_or_torch_distributed_tensor():
-    code = ("import sys, lora_ext; bad = [m for m in ('peft', 'transformers', 'torch.distributed.tensor', 'gguf') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, lora_ext; bad = [m for m in ('peft', 'transformers', 'torch.distributed.tensor', 'gguf') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

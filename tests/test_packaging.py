@@ -2,6 +2,7 @@
 running one) with faked build information, and the build backend's torch-derived pieces (build directory key,
 the wheel's torch pin). scripts/packaging_check.sh does the slow ones (sdist install in a fresh venv, wheel
 metadata and twine, a wheel built for torch 2.13.0 imported under 2.14.1)."""
+
 import importlib.machinery
 import importlib.util
 import os
@@ -20,9 +21,12 @@ PKG = pathlib.Path(lora_ext.__file__).resolve().parent
 
 
 def _running():
-    return {"torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
-            "torch_hip": getattr(torch.version, "hip", None),
-            "torch_cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI)}
+    return {
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": getattr(torch.version, "hip", None),
+        "torch_cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
 
 
 def _build(**changes):
@@ -46,9 +50,13 @@ def test_installed_build_info_matches_the_compiled_module_and_the_running_torch(
 def test_same_torch_passes():
     assert _torch_check.mismatch_message(_build()) is None
     # another local label of the same version and flavour, another CUDA minor version: still loadable
-    assert _torch_check.mismatch_message(
-        _build(torch_version="2.14.1", torch_cuda="13.0"),
-        {"torch_version": "2.14.1+cu130", "torch_cuda": "13.1", "torch_hip": None, "torch_cxx11_abi": True}) is None
+    assert (
+        _torch_check.mismatch_message(
+            _build(torch_version="2.14.1", torch_cuda="13.0"),
+            {"torch_version": "2.14.1+cu130", "torch_cuda": "13.1", "torch_hip": None, "torch_cxx11_abi": True},
+        )
+        is None
+    )
 
 
 def test_other_version_raises_naming_both_and_the_rebuild_command():
@@ -64,8 +72,10 @@ def test_other_version_raises_naming_both_and_the_rebuild_command():
         _torch_check.check_torch(_build(torch_version="2.0.0+cpu"))  # against the running torch
 
 
-@pytest.mark.parametrize("built_cuda, running_cuda, flagged", [
-    (None, "13.0", True), ("13.0", None, True), ("12.8", "13.0", True), ("13.0", "13.2", False), (None, None, False)])
+@pytest.mark.parametrize(
+    "built_cuda, running_cuda, flagged",
+    [(None, "13.0", True), ("13.0", None, True), ("12.8", "13.0", True), ("13.0", "13.2", False), (None, None, False)],
+)
 def test_flavour(built_cuda, running_cuda, flagged):
     running = {"torch_version": "2.14.1", "torch_cuda": running_cuda, "torch_hip": None, "torch_cxx11_abi": True}
     msg = _torch_check.mismatch_message(_build(torch_version="2.14.1", torch_cuda=built_cuda), running)
@@ -100,11 +110,19 @@ def test_import_raises_before_loading_the_compiled_module(tmp_path):
     assert "2.0.0+cpu" in text
     (fake / "_build_info.py").write_text(text)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    r = subprocess.run([sys.executable, "-P", "-c", "import lora_ext"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-P", "-c", "import lora_ext"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()
-    assert any(line.startswith("ImportError: lora_ext 0.1.0 was built against torch 2.0.0+cpu") for line in last), r.stderr
+    assert any(line.startswith("ImportError: lora_ext 0.1.0 was built against torch 2.0.0+cpu") for line in last), (
+        r.stderr
+    )
     assert "not a shared library" not in r.stderr and "invalid ELF" not in r.stderr
     assert f"imported with torch {torch.__version__}" in r.stderr
     assert "--no-build-isolation --no-deps --force-reinstall" in r.stderr
@@ -112,8 +130,9 @@ def test_import_raises_before_loading_the_compiled_module(tmp_path):
 
 def _backend():
     pytest.importorskip("scikit_build_core")
-    spec = importlib.util.spec_from_file_location("lora_ext_backend_under_test",
-                                                  ROOT / "build_backend" / "lora_ext_backend.py")
+    spec = importlib.util.spec_from_file_location(
+        "lora_ext_backend_under_test", ROOT / "build_backend" / "lora_ext_backend.py"
+    )
     if spec is None or not os.path.exists(spec.origin):
         pytest.skip("build_backend/ is not next to tests/")
     mod = importlib.util.module_from_spec(spec)

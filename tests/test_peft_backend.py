@@ -2,12 +2,14 @@
 ``LoraExtLinear`` layers (PEFT's own ``lora.Linear`` with lora_ext's forward). Against stock PEFT from the same
 seed: the same parameters, logits, gradients and files; PEFT's own behaviour for every call; PEFT's forward
 where lora_ext does not compute the option (never a silently different model)."""
+
 from __future__ import annotations
 
 import copy
 import json
 import os
 
+import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,8 +18,6 @@ import lora_ext
 from lora_ext import ops, peft_backend
 from lora_ext.integrations.peft import LoraExtLinear
 from models import LLAMA_TARGETS, llama_inputs, tiny_llama
-
-import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 
 pytestmark = pytest.mark.numerics
 
@@ -45,8 +45,9 @@ def op_calls(monkeypatch):
 
 
 def _config(**kw):
-    return peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, "init_lora_weights": False,
-                              **kw})
+    return peft.LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, "init_lora_weights": False, **kw}
+    )
 
 
 def _pair(config=None, seed=0):
@@ -106,12 +107,17 @@ def test_same_seed_gives_the_same_peft_model_logits_gradients_and_files(tmp_path
     _sgd(ours)
     stock.save_pretrained(str(tmp_path / "stock"))
     ours.save_pretrained(str(tmp_path / "ours"))
-    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "stock")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (
+        sorted(os.listdir(tmp_path / "ours"))
+        == sorted(os.listdir(tmp_path / "stock"))
+        == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    )
     with open(tmp_path / "ours" / "adapter_config.json") as f, open(tmp_path / "stock" / "adapter_config.json") as g:
         assert json.load(f) == json.load(g)
-    t_sd, o_sd = load_file(tmp_path / "stock" / "adapter_model.safetensors"), load_file(
-        tmp_path / "ours" / "adapter_model.safetensors")
+    t_sd, o_sd = (
+        load_file(tmp_path / "stock" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+    )
     assert t_sd.keys() == o_sd.keys()
     for k in t_sd:
         torch.testing.assert_close(o_sd[k], t_sd[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -142,6 +148,7 @@ def test_peft_calls_behave_as_in_stock_peft(backend, op_calls):
         torch.manual_seed(5)  # the same random init in both
         m.add_adapter("second", _config(r=2, lora_alpha=4))
     with torch.no_grad():
+
         def both(fn):
             return [fn(m) for m in (stock, ours)]
 
@@ -185,8 +192,7 @@ def test_peft_calls_behave_as_in_stock_peft(backend, op_calls):
     ours.enable_input_require_grads()
     merged = [m.merge_and_unload() for m in (stock, ours)]
     assert not any(isinstance(x, peft.tuners.lora.LoraLayer) for m in merged for x in m.modules())
-    torch.testing.assert_close(merged[1](input_ids=ids).logits, merged[0](input_ids=ids).logits, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(merged[1](input_ids=ids).logits, merged[0](input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_per_row_adapter_gradients_come_from_each_adapters_own_rows(backend, op_calls):
@@ -261,8 +267,9 @@ def test_use_lora_ext_is_reversible_and_leaves_other_layer_types_to_peft():
     peft_backend.use_lora_ext()  # idempotent
     try:
         assert peft_backend.lora_ext_enabled()
-        net = torch.nn.ModuleDict({"lin": torch.nn.Linear(4, 4), "emb": torch.nn.Embedding(5, 4),
-                                   "conv": torch.nn.Conv2d(2, 2, 1)})
+        net = torch.nn.ModuleDict(
+            {"lin": torch.nn.Linear(4, 4), "emb": torch.nn.Embedding(5, 4), "conv": torch.nn.Conv2d(2, 2, 1)}
+        )
         m = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["lin", "emb", "conv"]))
         kinds = {n.split(".")[-1]: type(x) for n, x in m.named_modules() if isinstance(x, peft.tuners.lora.LoraLayer)}
         assert kinds == {"lin": LoraExtLinear, "emb": peft.tuners.lora.Embedding, "conv": peft.tuners.lora.Conv2d}
@@ -276,10 +283,22 @@ def _trainer(model, out, max_steps, resume=None, bf16=True):
 
     ids = llama_inputs(batch=8, seq=9)
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(out), bf16=bf16, max_steps=max_steps, per_device_train_batch_size=2,
-                             learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
-                             logging_steps=1, seed=3, data_seed=3, gradient_checkpointing=True,
-                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    args = TrainingArguments(
+        output_dir=str(out),
+        bf16=bf16,
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        logging_steps=1,
+        seed=3,
+        data_seed=3,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -290,8 +309,9 @@ def _backend_model(dropout=0.1):
     peft_backend.use_lora_ext()
     try:
         torch.manual_seed(0)
-        return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                         lora_dropout=dropout))
+        return peft.get_peft_model(
+            base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=dropout)
+        )
     finally:
         peft_backend.use_lora_ext(False)
 
@@ -312,7 +332,8 @@ def test_trainer_bf16_checkpoints_hold_the_adapter_only_and_resume_bit_identical
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert not any(f.startswith(("model", "pytorch_model")) for f in files), files
     assert os.path.getsize(ckpt / "adapter_model.safetensors") < 0.2 * sum(
-        p.numel() * 4 for p in tiny_llama().parameters())
+        p.numel() * 4 for p in tiny_llama().parameters()
+    )
     resumed = _backend_model()
     trainer = _trainer(resumed, tmp_path / "resumed", 4, resume=str(ckpt))
     want, got = _adapter(straight), _adapter(resumed)
@@ -333,8 +354,14 @@ def test_trainer_bf16_checkpoints_hold_the_adapter_only_and_resume_bit_identical
 
 def test_a_lora_ext_model_becomes_a_peft_model_and_back_sharing_every_tensor():
     model = tiny_llama()
-    cfg = lora_ext.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False,
-                              rank_pattern={"v_proj": 2}, lora_dropout=0.1)
+    cfg = lora_ext.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LLAMA_TARGETS,
+        init_lora_weights=False,
+        rank_pattern={"v_proj": 2},
+        lora_dropout=0.1,
+    )
     lora_ext.inject_adapter(model, cfg)
     lora_ext.add_adapter(model, cfg.replace(r=2, lora_alpha=2, rank_pattern={}), "other")
     ids = llama_inputs()

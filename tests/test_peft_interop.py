@@ -1,8 +1,10 @@
 """Adapter files in PEFT's format, both directions, against the real PEFT on a tiny Llama."""
+
 import copy
 import json
 import os
 
+import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
 import pytest
 import torch
 
@@ -11,17 +13,23 @@ from lora_ext import LoraConfig
 from models import LLAMA_TARGETS, llama_inputs, logits, tiny_llama
 from test_model_api import _train
 
-import peft  # noqa: E402  (a test dependency, installed by scripts/run.sh)
-
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
 
 def test_peft_trained_adapter_loads_into_plain_model(tmp_path):
     base = tiny_llama()
     ids = llama_inputs()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=LLAMA_TARGETS,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.mlp\.down_proj": 3},
+        ),
+    )
     _train(pm)
     pm.save_pretrained(str(tmp_path))
     want = logits(pm, ids)
@@ -40,8 +48,14 @@ def test_lora_ext_trained_adapter_loads_into_peft(tmp_path):
     base = tiny_llama()
     ids = llama_inputs()
     model = copy.deepcopy(base)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, rank_pattern={"q_proj": 2},
-                     alpha_pattern={"o_proj": 5}, use_rslora=True)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LLAMA_TARGETS,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"o_proj": 5},
+        use_rslora=True,
+    )
     lora_ext.inject_adapter(model, cfg)
     _train(model)
     lora_ext.save_adapter(model, str(tmp_path))
@@ -80,13 +94,16 @@ def _saved(tmp_path):
     return load_file(os.path.join(tmp_path, "adapter_model.safetensors")), save_file
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("drop_B", "missing key .*q_proj.lora_B"),
-    ("extra", "unexpected key 'base_model.model.model.layers.0.nothing.lora_A.weight'"),
-    ("junk", "unexpected key 'something_else'"),
-    ("shape", "shape mismatch at 'model.layers.0.self_attn.q_proj'"),
-    ("dtype", "dtype torch.int64"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("drop_B", "missing key .*q_proj.lora_B"),
+        ("extra", "unexpected key 'base_model.model.model.layers.0.nothing.lora_A.weight'"),
+        ("junk", "unexpected key 'something_else'"),
+        ("shape", "shape mismatch at 'model.layers.0.self_attn.q_proj'"),
+        ("dtype", "dtype torch.int64"),
+    ],
+)
 def test_bad_files_raise_and_leave_model_unchanged(tmp_path, damage, match):
     tensors, save_file = _saved(tmp_path)
     k = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -2,6 +2,7 @@
 folders of adapter_mutations.py: read_safetensors returns what the safetensors library reads or raises a
 ``lora_ext::`` RuntimeError/ValueError; load_adapter_config likewise; lora_ext::merge_adapter (TorchScript
 test hook) either merges exactly W + scale * dW with the file's tensors or throws and writes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import lora_ext
+from adapter_mutations import CONFIG, MUTATIONS, PREFIX, WEIGHTS, _note, effective_config_folder, mutated_copy, scenario
 from lora_ext import LoraConfig
 from lora_ext.model.targeting import layer_r_alpha
-from adapter_mutations import CONFIG, MUTATIONS, PREFIX, WEIGHTS, _note, effective_config_folder, mutated_copy, scenario
 from strategies import bits, examples
 
 CPP_ERRORS = (RuntimeError, ValueError)  # c10::Error and c10::ValueError through lora_ext._C
@@ -34,9 +35,12 @@ FIXED_CPP_BUGS = {
     "cpp-non-utf8-error-message": [("append", CONFIG, b"\xff")],
 }
 # where an error without the lora_ext:: prefix comes from (its message) -> the known bug
-UNPREFIXED = {"regular expression": "cpp-regex-error-unprefixed", "is invalid for input of size": "cpp-reshape-error-"
-              "unprefixed", "cannot reshape tensor": "cpp-reshape-error-unprefixed", "codec can't decode":
-              "cpp-non-utf8-error-message"}
+UNPREFIXED = {
+    "regular expression": "cpp-regex-error-unprefixed",
+    "is invalid for input of size": "cpp-reshape-error-unprefixed",
+    "cannot reshape tensor": "cpp-reshape-error-unprefixed",
+    "codec can't decode": "cpp-non-utf8-error-message",
+}
 
 
 class KnownBug(Exception):
@@ -57,9 +61,11 @@ def _cpp_error(e, allow_known):
 
 def _delta(key, tensors):
     """(module path, rank, dW, |B| @ |A|) without the scale for a lora_A key of the file, else None."""
-    name = key[len(PREFIX):]
-    for a_suffix, b_suffix, transpose in ((".lora_A.weight", ".lora_B.weight", False),
-                                          (".lora_embedding_A", ".lora_embedding_B", True)):
+    name = key[len(PREFIX) :]
+    for a_suffix, b_suffix, transpose in (
+        (".lora_A.weight", ".lora_B.weight", False),
+        (".lora_embedding_A", ".lora_embedding_B", True),
+    ):
         if name.endswith(a_suffix):
             path = name[: -len(a_suffix)]
             a, b = tensors[key].double(), tensors[PREFIX + path + b_suffix].double()
@@ -85,8 +91,12 @@ def check_cpp(sc, folder, allow_known=True):
         got = e
     _note(f"safetensors: {want!r:.200}; C++: {got!r:.200}")
     if isinstance(got, dict):
-        expect(isinstance(want, dict), "cpp-lenient-safetensors", f"C++ reads a file safetensors refuses: {want}",
-               allow_known)
+        expect(
+            isinstance(want, dict),
+            "cpp-lenient-safetensors",
+            f"C++ reads a file safetensors refuses: {want}",
+            allow_known,
+        )
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(bits(got[k]), bits(want[k])), k
@@ -115,8 +125,9 @@ def check_cpp(sc, folder, allow_known=True):
         path, r, (delta, bound) = d
         if config is not None:
             want_r = layer_r_alpha(config, path)[0]
-            expect(r == want_r, "cpp-rank-not-checked", f"merged {path} of rank {r}; the config says {want_r}",
-                   allow_known)
+            expect(
+                r == want_r, "cpp-rank-not-checked", f"merged {path} of rank {r}; the config says {want_r}", allow_known
+            )
         scale, w0 = lora_ext._C.adapter_scaling(cfg_folder, path), base[path + ".weight"]
         got_w, want_w = merged[path + ".weight"].double(), w0 + scale * delta
         tol = 1e-6 * (r * abs(scale) * bound + w0.abs()) + 1e-30  # float32 accumulation and rounding
@@ -141,8 +152,13 @@ def test_fixed_cpp_reader_bug_stays_fixed(bug):
 
 
 if KNOWN_CPP_BUGS:
-    @pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                                              reason=row[1]))
-                                     for b, row in KNOWN_CPP_BUGS.items()])
+
+    @pytest.mark.parametrize(
+        "bug",
+        [
+            pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=row[1]))
+            for b, row in KNOWN_CPP_BUGS.items()
+        ],
+    )
     def test_known_cpp_reader_bug(bug):
         check_cpp(scenario("net"), mutated_copy(scenario("net"), KNOWN_CPP_BUGS[bug][0]), allow_known=False)

@@ -4,6 +4,7 @@ safetensors cut, bit-flipped, extended, with other header fields, tensor dtypes/
 missing keys); ``lora_ext.load_adapter`` must then either load exactly the file's tensors (every key used,
 every other tensor untouched) or raise ValueError/FileNotFoundError leaving the model unchanged bit for bit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,14 +16,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import lora_ext
+from adapter_mutations import (
+    FRACTION,
+    JSON,
+    MUTATIONS,
+    PREFIX,
+    WEIGHTS,
+    _note,
+    effective_config_folder,
+    mutated_copy,
+    scenario,
+)
 from lora_ext.io.adapter import adapter_state_dict
 from lora_ext.model import adapter_configs
-from adapter_mutations import (FRACTION, JSON, MUTATIONS, PREFIX, WEIGHTS, _note, effective_config_folder, mutated_copy,
-                               scenario)
 from strategies import bits, examples
 
 LOAD_ERRORS = (ValueError, FileNotFoundError)  # what load_adapter may raise (the documented clear errors)
@@ -38,7 +47,9 @@ def snapshot(model):
         state={k: v.detach().clone() for k, v in model.state_dict().items()},
         modules=[(n, type(m).__name__) for n, m in model.named_modules()],
         grads={n: p.requires_grad for n, p in model.named_parameters()},
-        configs=sorted(adapter_configs(model)), layers=layers)
+        configs=sorted(adapter_configs(model)),
+        layers=layers,
+    )
 
 
 def assert_unchanged(model, before):
@@ -58,8 +69,8 @@ def _plain(name):
 def assert_loaded_exactly(model, name, folder, before):
     """Every tensor of the file is in the model (cast to the parameter's dtype), every LoRA weight of the
     new adapter comes from the file, the scalings are the C++ reader's, and nothing else changed."""
-    want = {k[len(PREFIX):]: t for k, t in load_file(os.path.join(folder, WEIGHTS)).items()}
-    got = {k[len(PREFIX):]: v for k, v in adapter_state_dict(model, name).items()}
+    want = {k[len(PREFIX) :]: t for k, t in load_file(os.path.join(folder, WEIGHTS)).items()}
+    got = {k[len(PREFIX) :]: v for k, v in adapter_state_dict(model, name).items()}
     params = {_plain(k): v for k, v in model.state_dict().items()}
     assert {k for k in got if ".lora_" in k} <= want.keys(), (sorted(want), sorted(got))
     for k, t in want.items():
@@ -135,16 +146,21 @@ def check_load(sc, folder, preloaded, name, allow_known=True):
 
 
 @settings(max_examples=examples(120))
-@given(sc=st.sampled_from(["llama", "net", "net_bias"]), mutations=st.lists(MUTATIONS, min_size=1, max_size=3),
-       preloaded=st.booleans(), name=st.sampled_from(["default", "second"]))
+@given(
+    sc=st.sampled_from(["llama", "net", "net_bias"]),
+    mutations=st.lists(MUTATIONS, min_size=1, max_size=3),
+    preloaded=st.booleans(),
+    name=st.sampled_from(["default", "second"]),
+)
 def test_python_load_of_a_mutated_adapter_is_exact_or_a_clear_error(sc, mutations, preloaded, name):
     check_load(scenario(sc), mutated_copy(scenario(sc), mutations), preloaded, name)
 
 
 HARMLESS = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(["note", "revision", "zz_custom", "auto_mapping"]), JSON),
-    st.tuples(st.just("set"), st.sampled_from(["task_type", "base_model_name_or_path"]),
-              st.none() | st.text(max_size=8)),
+    st.tuples(
+        st.just("set"), st.sampled_from(["task_type", "base_model_name_or_path"]), st.none() | st.text(max_size=8)
+    ),
     st.tuples(st.just("delete"), st.sampled_from(["task_type", "inference_mode", "init_lora_weights"])),
     st.tuples(st.just("metadata"), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2)),
     st.tuples(st.just("value"), st.integers(0, 99), FRACTION, st.sampled_from([0.0, -0.0, 1e-30, 3.0, -7.5])),
@@ -152,8 +168,11 @@ HARMLESS = st.one_of(
 
 
 @settings(max_examples=examples(60))
-@given(sc=st.sampled_from(["llama", "net", "net_bias"]), mutations=st.lists(HARMLESS, min_size=1, max_size=3),
-       preloaded=st.booleans())
+@given(
+    sc=st.sampled_from(["llama", "net", "net_bias"]),
+    mutations=st.lists(HARMLESS, min_size=1, max_size=3),
+    preloaded=st.booleans(),
+)
 def test_harmless_changes_load_exactly(sc, mutations, preloaded):
     assert check_load(scenario(sc), mutated_copy(scenario(sc), mutations), preloaded, "default")
 
@@ -167,9 +186,14 @@ def test_fixed_python_reader_bug_stays_fixed(bug):
 
 
 if KNOWN_BUGS:
-    @pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=row[3],
-                                                                              reason=row[4]))
-                                     for b, row in KNOWN_BUGS.items()])
+
+    @pytest.mark.parametrize(
+        "bug",
+        [
+            pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=row[3], reason=row[4]))
+            for b, row in KNOWN_BUGS.items()
+        ],
+    )
     def test_known_python_reader_bug(bug):
         sc, mutations = KNOWN_BUGS[bug][2]
         check_load(scenario(sc), mutated_copy(scenario(sc), mutations), False, "default", allow_known=False)

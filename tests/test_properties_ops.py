@@ -2,6 +2,7 @@
 of tests/reference.py: random shapes (empty batches, in or out = 0, ranks above min(in, out)), every
 dtype pair, layouts whose unused storage is NaN, scales including 0 and negative, dropout with the
 op's own mask, gradients, and merge / exact-merge round trips. Examples per test: strategies.examples."""
+
 from __future__ import annotations
 
 import math
@@ -14,10 +15,21 @@ from torch import nn
 
 import lora_ext
 from lora_ext import ops
-from reference import (EXACT_CASES, GRAD_TOL, TOL, make_inputs, op_dropout_mask, ref_lora_linear, ref_merge_exact,
-                       ref_merge_exact_codes, ref_multi, ubits, wide_adapter, wide_weight)
-from strategies import (DTYPE_PAIRS, LAYOUTS, bits, dropout_ps, examples, outside_unchanged, place, randn, scales,
-                        seeds)
+from reference import (
+    EXACT_CASES,
+    GRAD_TOL,
+    TOL,
+    make_inputs,
+    op_dropout_mask,
+    ref_lora_linear,
+    ref_merge_exact,
+    ref_merge_exact_codes,
+    ref_multi,
+    ubits,
+    wide_adapter,
+    wide_weight,
+)
+from strategies import DTYPE_PAIRS, LAYOUTS, bits, dropout_ps, examples, outside_unchanged, place, randn, scales, seeds
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -69,9 +81,16 @@ def _mask(train, p, torch_seed, x):
 
 
 @settings(max_examples=examples(60))
-@given(pb=problems(), bias=st.booleans(), lay=st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4),
-       x_lay=st.sampled_from(LAYOUTS + ["expanded"]), scale=scales(), p=dropout_ps(), train=st.booleans(),
-       seed=seeds())
+@given(
+    pb=problems(),
+    bias=st.booleans(),
+    lay=st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4),
+    x_lay=st.sampled_from(LAYOUTS + ["expanded"]),
+    scale=scales(),
+    p=dropout_ps(),
+    train=st.booleans(),
+    seed=seeds(),
+)
 def test_lora_linear_matches_reference(pb, bias, lay, x_lay, scale, p, train, seed):
     lead, i, o, r, dtype, adtype = pb
     x, w, b, a, bb = make_inputs(lead, i, o, r, dtype, adtype, bias=bias, seed=seed)
@@ -86,8 +105,14 @@ def test_lora_linear_matches_reference(pb, bias, lay, x_lay, scale, p, train, se
 
 
 @settings(max_examples=examples(60))
-@given(pb=problems(max_rows=12, max_f=12), lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
-       scale=scales(), p=dropout_ps(), seed=seeds(), grad_base=st.booleans())
+@given(
+    pb=problems(max_rows=12, max_f=12),
+    lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
+    scale=scales(),
+    p=dropout_ps(),
+    seed=seeds(),
+    grad_base=st.booleans(),
+)
 def test_lora_linear_gradients_match_reference(pb, lay, scale, p, seed, grad_base):
     lead, i, o, r, dtype, adtype = pb
     x, w, b, a, bb = make_inputs(lead, i, o, r, dtype, adtype, seed=seed)
@@ -125,8 +150,12 @@ def _assert_rounded_once(got, want, dtype, scale):
 
 
 @settings(max_examples=examples(80))
-@given(pb=problems(max_rows=1, max_f=40), lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
-       scale=scales(), seed=seeds())
+@given(
+    pb=problems(max_rows=1, max_f=40),
+    lay=st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3),
+    scale=scales(),
+    seed=seeds(),
+)
 def test_merge_and_unmerge_match_reference(pb, lay, scale, seed):
     _, i, o, r, dtype, adtype = pb
     _, w0, _, a, b = make_inputs((1,), i, o, r, dtype, adtype, seed=seed)
@@ -145,8 +174,16 @@ def test_merge_and_unmerge_match_reference(pb, lay, scale, seed):
 
 
 @settings(max_examples=examples(150))
-@given(pair=st.sampled_from(EXACT_CASES), o=st.integers(0, 24), i=st.integers(0, 24), extra_r=st.integers(0, 4),
-       lay=st.sampled_from(LAYOUTS), wide=st.booleans(), scale=scales(), seed=seeds())
+@given(
+    pair=st.sampled_from(EXACT_CASES),
+    o=st.integers(0, 24),
+    i=st.integers(0, 24),
+    extra_r=st.integers(0, 4),
+    lay=st.sampled_from(LAYOUTS),
+    wide=st.booleans(),
+    scale=scales(),
+    seed=seeds(),
+)
 def test_exact_merge_codes_bits_and_round_trip(pair, o, i, extra_r, lay, wide, scale, seed):
     dtype, adtype = pair
     r = 1 + extra_r + (min(i, o) if seed % 2 else 0)
@@ -207,16 +244,30 @@ def test_group_rows_is_a_stable_counting_sort(ids, extra, int32):
 
 
 @settings(max_examples=examples(50))
-@given(mp=multi_problems(), bias=st.booleans(), lay=st.lists(st.sampled_from(LAYOUTS), min_size=6, max_size=6),
-       b_lay=st.sampled_from(LAYOUTS + ["stack"]), scale_list=st.lists(scales(), min_size=4, max_size=4),
-       p=dropout_ps(), train=st.booleans(), int32=st.booleans(), s64=st.booleans(), seed=seeds())
+@given(
+    mp=multi_problems(),
+    bias=st.booleans(),
+    lay=st.lists(st.sampled_from(LAYOUTS), min_size=6, max_size=6),
+    b_lay=st.sampled_from(LAYOUTS + ["stack"]),
+    scale_list=st.lists(scales(), min_size=4, max_size=4),
+    p=dropout_ps(),
+    train=st.booleans(),
+    int32=st.booleans(),
+    s64=st.booleans(),
+    seed=seeds(),
+)
 def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale_list, p, train, int32, s64, seed):
     lead, i, o, ranks, r_max, ids, dtype, adtype = mp
     x, w, b, A, B = _multi_inputs(lead, i, o, ranks, r_max, dtype, adtype, seed, bias)
     s = torch.tensor(scale_list[: len(ranks)], dtype=torch.float64 if s64 else torch.float32)
     ids_in = place(ids.int() if int32 else ids, lay[5])  # unused storage: the dtype's max, an invalid id
-    xv, wv, Av, bv, sv = place(x, lay[0]), place(w, lay[1]), place(A, lay[2]), b if b is None else place(b, lay[3]), \
-        place(s, lay[4])
+    xv, wv, Av, bv, sv = (
+        place(x, lay[0]),
+        place(w, lay[1]),
+        place(A, lay[2]),
+        b if b is None else place(b, lay[3]),
+        place(s, lay[4]),
+    )
     Bv = B.transpose(1, 2).contiguous().transpose(1, 2) if b_lay == "stack" else place(B, b_lay)
     mask = _mask(train, p, seed, x)
     y = ops.lora_linear_multi(xv, wv, bv, Av, Bv, sv, ids_in, p, train)
@@ -232,8 +283,13 @@ def test_lora_linear_multi_matches_per_row_reference(mp, bias, lay, b_lay, scale
 
 
 @settings(max_examples=examples(50))
-@given(mp=multi_problems(max_rows=12, max_f=10, max_rank=4), scale_list=st.lists(scales(), min_size=4, max_size=4),
-       p=dropout_ps(), seed=seeds(), grad_base=st.booleans())
+@given(
+    mp=multi_problems(max_rows=12, max_f=10, max_rank=4),
+    scale_list=st.lists(scales(), min_size=4, max_size=4),
+    p=dropout_ps(),
+    seed=seeds(),
+    grad_base=st.booleans(),
+)
 def test_lora_linear_multi_gradients_match_reference(mp, scale_list, p, seed, grad_base):
     lead, i, o, ranks, r_max, ids, dtype, adtype = mp
     x, w, b, A, B = _multi_inputs(lead, i, o, ranks, r_max, dtype, adtype, seed)
@@ -262,8 +318,9 @@ def test_lora_linear_multi_gradients_match_reference(mp, scale_list, p, seed, gr
 @st.composite
 def adapter_specs(draw, i, o):
     """1 to 3 adapters: (r, alpha, rsLoRA), r up to min(in, out) + 2, alpha possibly <= 0."""
-    spec = st.tuples(st.integers(1, min(i, o) + 2), st.sampled_from([8.0, 1.0, 0.0, -4.0]) | st.floats(-16, 16),
-                     st.booleans())
+    spec = st.tuples(
+        st.integers(1, min(i, o) + 2), st.sampled_from([8.0, 1.0, 0.0, -4.0]) | st.floats(-16, 16), st.booleans()
+    )
     return draw(st.lists(spec, min_size=1, max_size=3))
 
 
@@ -286,10 +343,17 @@ def _make_layer(base, specs):
 
 
 @settings(max_examples=examples(60))
-@given(dims=st.tuples(st.integers(1, 16), st.integers(1, 16)).flatmap(
-           lambda io: st.tuples(st.just(io), adapter_specs(*io))),
-       lead=leading_dims(12), dtype=st.sampled_from([p[0] for p in DTYPE_PAIRS[:4]]), bias=st.booleans(),
-       n_active=st.integers(1, 3), exact=st.booleans(), seed=seeds())
+@given(
+    dims=st.tuples(st.integers(1, 16), st.integers(1, 16)).flatmap(
+        lambda io: st.tuples(st.just(io), adapter_specs(*io))
+    ),
+    lead=leading_dims(12),
+    dtype=st.sampled_from([p[0] for p in DTYPE_PAIRS[:4]]),
+    bias=st.booleans(),
+    n_active=st.integers(1, 3),
+    exact=st.booleans(),
+    seed=seeds(),
+)
 def test_lora_linear_layer_forward_and_merge_round_trip(dims, lead, dtype, bias, n_active, exact, seed):
     (i, o), specs = dims
     exact = exact and dtype != torch.float64  # the exact merge takes float32/bfloat16/float16 weights
@@ -329,5 +393,10 @@ def test_lora_linear_layer_forward_and_merge_round_trip(dims, lead, dtype, bias,
     mask = _mask(True, 0.5, seed, x)
     a, b = layer.adapter_weights(active[0])
     with torch.no_grad():
-        _assert_close(layer(x), ref_lora_linear(x, base.weight, base.bias, a, b, layer.scaling[active[0]], mask, 0.5),
-                      TOL[dtype], 2 * max(1.0, abs(layer.scaling[active[0]])), "dropout forward")
+        _assert_close(
+            layer(x),
+            ref_lora_linear(x, base.weight, base.bias, a, b, layer.scaling[active[0]], mask, 0.5),
+            TOL[dtype],
+            2 * max(1.0, abs(layer.scaling[active[0]])),
+            "dropout forward",
+        )

@@ -3,6 +3,7 @@
 The GGUF formats are checked bit for bit against gguf-py (the package transformers loads GGUF files with),
 both ways: our dequantization of gguf's blocks, and our quantization against gguf's. int8 and nf4 against
 a float64 reference. The real SmolLM2 file's Q4_1 tensors dequantize as gguf dequantizes them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,11 @@ try:
 except ImportError:  # e.g. on a GPU machine: the tests that need it skip, the rest run
     gguf = None
 needs_gguf = pytest.mark.skipif(gguf is None, reason="gguf-py, the reference, is not installed")
-GGUF_TYPES = {n: getattr(gguf.GGMLQuantizationType, n.upper()) for n in ("q8_0", "q4_0", "q4_1")} if gguf else \
-    dict.fromkeys(("q8_0", "q4_0", "q4_1"))
+GGUF_TYPES = (
+    {n: getattr(gguf.GGMLQuantizationType, n.upper()) for n in ("q8_0", "q4_0", "q4_1")}
+    if gguf
+    else dict.fromkeys(("q8_0", "q4_0", "q4_1"))
+)
 
 
 def weight(out_f=6, in_f=128, seed=0) -> torch.Tensor:
@@ -76,8 +80,13 @@ def test_python_reads_the_kernels_constants():
 
     formats = _C.quant_formats()
     assert quant.QTYPES == tuple(formats) == ("int8", "q8_0", "q4_0", "q4_1", "nf4")
-    assert {q: (f["block"], f["block_bytes"]) for q, f in formats.items()} == \
-        {"int8": (1, 1), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "nf4": (64, 32)}
+    assert {q: (f["block"], f["block_bytes"]) for q, f in formats.items()} == {
+        "int8": (1, 1),
+        "q8_0": (32, 34),
+        "q4_0": (32, 18),
+        "q4_1": (32, 20),
+        "nf4": (64, 32),
+    }
     if gguf is not None:  # GGUF's own block sizes
         for qtype, t in GGUF_TYPES.items():
             assert gguf.GGML_QUANT_SIZES[t] == (formats[qtype]["block"], formats[qtype]["block_bytes"])
@@ -96,8 +105,9 @@ def test_python_reads_the_kernels_constants():
         assert quant.quantize(torch.randn(3, in_f), qtype).qdata.shape == (3, 2 * f["block_bytes"])
         torch.ops.lora_ext.dequantize_weight(torch.zeros(3, 2 * f["block_bytes"], dtype=dt), scale, qtype, 3, in_f)
         with pytest.raises(RuntimeError, match="qdata"):
-            torch.ops.lora_ext.dequantize_weight(torch.zeros(3, 2 * f["block_bytes"] + 1, dtype=dt), scale, qtype,
-                                                 3, in_f)
+            torch.ops.lora_ext.dequantize_weight(
+                torch.zeros(3, 2 * f["block_bytes"] + 1, dtype=dt), scale, qtype, 3, in_f
+            )
 
 
 def test_int8_per_row_against_float64():
@@ -149,10 +159,12 @@ def test_the_real_smollm2_q4_1_tensors_dequantize_as_gguf_does():
 def test_meta_and_opcheck():
     for qtype in quant.QTYPES:
         q = quant.quantize(weight(3, 64), qtype)
-        torch.library.opcheck(torch.ops.lora_ext.dequantize_weight.default,
-                              (q.qdata, q.qscale, q.qtype, q.out_features, q.in_features))
-        meta = torch.ops.lora_ext.dequantize_weight(q.qdata.to("meta"), None if q.qscale is None else
-                                                    q.qscale.to("meta"), qtype, 3, 64)
+        torch.library.opcheck(
+            torch.ops.lora_ext.dequantize_weight.default, (q.qdata, q.qscale, q.qtype, q.out_features, q.in_features)
+        )
+        meta = torch.ops.lora_ext.dequantize_weight(
+            q.qdata.to("meta"), None if q.qscale is None else q.qscale.to("meta"), qtype, 3, 64
+        )
         assert meta.shape == (3, 64) and meta.dtype == torch.float32
 
 
@@ -170,8 +182,11 @@ def test_bad_quantized_weights_are_refused(device):
         return None if t is None else t.to(device)
 
     cases = [
-        ((q4.qdata, None, "q4_2", 2, 64), ValueError,
-         "expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got 'q4_2'"),
+        (
+            (q4.qdata, None, "q4_2", 2, 64),
+            ValueError,
+            "expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got 'q4_2'",
+        ),
         ((q4.qdata, None, "q4_1", 2, 48), ValueError, "expected in_features divisible by 32, got 48"),
         ((q4.qdata, None, "q4_1", 2, -32), ValueError, "expected out_features >= 0 and in_features >= 0"),
         ((q4.qdata, None, "q4_1", 3, 64), RuntimeError, r"expected q4_1 qdata of shape \[3, 40\]"),
@@ -200,9 +215,12 @@ def test_non_finite_scales_are_an_error_naming_the_row(qtype):
         scale.view(-1)[-1] = float("nan")
     else:
         block = 2 * quant._GGUF[qtype]
-        data[2, block - quant._GGUF[qtype]:][:2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # fp16 +inf
-    with pytest.raises(ValueError, match=f"dequantize_weight: expected finite {qtype} scales, got a non-finite "
-                                         f"scale in row {3 if scale is not None else 2}"):
+        data[2, block - quant._GGUF[qtype] :][:2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # fp16 +inf
+    with pytest.raises(
+        ValueError,
+        match=f"dequantize_weight: expected finite {qtype} scales, got a non-finite "
+        f"scale in row {3 if scale is not None else 2}",
+    ):
         _op(data, scale, qtype, 4, 64)
 
 
@@ -218,9 +236,18 @@ def test_quantize_refuses_bad_weights():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("qtype,shape", [("int8", (5, 40)), ("int8", (3, 64)), ("q8_0", (6, 128)),
-                                         ("q4_0", (6, 128)), ("q4_1", (6, 128)), ("nf4", (4, 128)),
-                                         ("q4_1", (0, 64))])
+@pytest.mark.parametrize(
+    "qtype,shape",
+    [
+        ("int8", (5, 40)),
+        ("int8", (3, 64)),
+        ("q8_0", (6, 128)),
+        ("q4_0", (6, 128)),
+        ("q4_1", (6, 128)),
+        ("nf4", (4, 128)),
+        ("q4_1", (0, 64)),
+    ],
+)
 def test_cuda_dequantizes_the_same_bits_as_the_cpu(qtype, shape):
     w = torch.randn(*shape) if shape[0] == 0 or shape[1] % 32 else weight(*shape)
     q = quant.quantize(w, qtype)
@@ -230,8 +257,9 @@ def test_cuda_dequantizes_the_same_bits_as_the_cpu(qtype, shape):
     if q.qscale is not None and q.qscale.numel():
         bad = q.qscale.clone().cuda()
         bad.view(-1)[-1] = float("inf")
-        with pytest.raises(ValueError, match=f"expected finite {qtype} scales, got a non-finite scale in row "
-                                             f"{shape[0] - 1}"):
+        with pytest.raises(
+            ValueError, match=f"expected finite {qtype} scales, got a non-finite scale in row {shape[0] - 1}"
+        ):
             _op(on_gpu.qdata, bad, qtype, *shape)
 
 
@@ -241,6 +269,7 @@ def test_cuda_dequantizes_the_same_bits_as_the_cpu(qtype, shape):
 def test_cuda_lora_linear_quantized_matches_the_cpu(qtype, dtype, rows):
     """The quantized LoRA op on the GPU (dequantized tiles + cuBLAS) against the CPU's: forward and gradients."""
     from lora_ext import ops
+
     q = quant.quantize(weight(96, 128), qtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(rows, 128, generator=g).to(dtype)

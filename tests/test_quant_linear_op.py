@@ -2,6 +2,7 @@
 autograd pieces, against a float64 reference built from the dequantized weight, for every format; the dense
 lora_linear on that dequantized weight (dropout masks included); opcheck, gradcheck; bad inputs; the bound on
 scratch memory (the weight is never dequantized whole)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,12 @@ pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under othe
 
 QL = torch.ops.lora_ext.lora_linear_quantized.default
 LQ = torch.ops.lora_ext.linear_quantized.default
-CASES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-         (torch.float16, torch.float16)]
+CASES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+]
 
 
 def qweight(qtype, out_f, in_f, seed=0):
@@ -40,8 +45,10 @@ def grads(y, g, tensors):
 
 @pytest.mark.parametrize("qtype", quant.QTYPES)
 @pytest.mark.parametrize("dtype,adtype", CASES)
-@pytest.mark.parametrize("lead,r,bias", [((5,), 4, True), ((2, 3), 1, False), ((0,), 2, True),
-                                         ((1,), 3, True), ((2, 2), 2, False), ((3,), 1, True)])
+@pytest.mark.parametrize(
+    "lead,r,bias",
+    [((5,), 4, True), ((2, 3), 1, False), ((0,), 2, True), ((1,), 3, True), ((2, 2), 2, False), ((3,), 1, True)],
+)
 def test_matches_float64_reference(qtype, dtype, adtype, lead, r, bias):
     qw = qweight(qtype, 7, 128)
     x, b, a, bb = inputs(lead, qw, r, dtype, adtype, bias)
@@ -74,8 +81,10 @@ def test_equals_dense_op_on_dequantized_weight(qtype, p):
     x, b, a, bb = inputs((2, 3), qw, 3, torch.float32, torch.float32)
     x = noncontiguous(x.reshape(6, -1)).reshape(2, 3, -1)
     outs = []
-    for fn in (lambda *t: ops.lora_linear_quantized(t[0], qw, *t[1:], 0.5, p, True),
-               lambda *t: ops.lora_linear(t[0], w, *t[1:], 0.5, p, True)):
+    for fn in (
+        lambda *t: ops.lora_linear_quantized(t[0], qw, *t[1:], 0.5, p, True),
+        lambda *t: ops.lora_linear(t[0], w, *t[1:], 0.5, p, True),
+    ):
         ts = [t.detach().clone().requires_grad_(True) for t in (x, b, a, bb)]
         torch.manual_seed(7)
         y = fn(*ts)
@@ -180,27 +189,53 @@ def test_non_finite_block_scale_names_the_row():
 
 def _bad(qw, **kw):
     x, b, a, bb = inputs((3,), qw, 2, torch.float32, torch.float32)
-    args = dict(x=x, qdata=qw.qdata, qscale=qw.qscale, qtype=qw.qtype, out=qw.out_features, inn=qw.in_features,
-                b=b, a=a, bb=bb, scale=0.5, p=0.0)
+    args = dict(
+        x=x,
+        qdata=qw.qdata,
+        qscale=qw.qscale,
+        qtype=qw.qtype,
+        out=qw.out_features,
+        inn=qw.in_features,
+        b=b,
+        a=a,
+        bb=bb,
+        scale=0.5,
+        p=0.0,
+    )
     args.update(kw)
-    return QL(args["x"], args["qdata"], args["qscale"], args["qtype"], args["out"], args["inn"], args["b"],
-              args["a"], args["bb"], args["scale"], args["p"], False)
+    return QL(
+        args["x"],
+        args["qdata"],
+        args["qscale"],
+        args["qtype"],
+        args["out"],
+        args["inn"],
+        args["b"],
+        args["a"],
+        args["bb"],
+        args["scale"],
+        args["p"],
+        False,
+    )
 
 
-@pytest.mark.parametrize("change,exc,match", [
-    (dict(qtype="q6_k"), ValueError, "expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got 'q6_k'"),
-    (dict(inn=48), ValueError, "expected in_features divisible by 32, got 48"),
-    (dict(qscale=torch.ones(3)), ValueError, "keeps its scales inside its blocks: expected qscale None"),
-    (dict(x=torch.randn(3, 32)), RuntimeError, "expected x of shape \\[..., in\\] with in = 64"),
-    (dict(b=torch.zeros(4, dtype=torch.float64)), RuntimeError, "expected bias of dtype Float"),
-    (dict(b=torch.zeros(5)), RuntimeError, "expected bias of shape \\[4\\]"),
-    (dict(a=torch.randn(2, 32)), RuntimeError, "expected lora_A of shape \\[r, in\\] with in = 64"),
-    (dict(bb=torch.randn(4, 3)), RuntimeError, "expected lora_B of shape \\[out, r\\] with r = 2"),
-    (dict(p=1.0), ValueError, "expected 0 <= dropout_p < 1, got 1"),
-    (dict(scale=float("nan")), ValueError, "expected a finite scale"),
-    (dict(out=5), RuntimeError, "expected q8_0 qdata of shape \\[5, 68\\]"),
-    (dict(qdata=torch.zeros(4, 68, dtype=torch.int8)), RuntimeError, "expected q8_0 qdata of dtype uint8"),
-])
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(qtype="q6_k"), ValueError, "expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got 'q6_k'"),
+        (dict(inn=48), ValueError, "expected in_features divisible by 32, got 48"),
+        (dict(qscale=torch.ones(3)), ValueError, "keeps its scales inside its blocks: expected qscale None"),
+        (dict(x=torch.randn(3, 32)), RuntimeError, "expected x of shape \\[..., in\\] with in = 64"),
+        (dict(b=torch.zeros(4, dtype=torch.float64)), RuntimeError, "expected bias of dtype Float"),
+        (dict(b=torch.zeros(5)), RuntimeError, "expected bias of shape \\[4\\]"),
+        (dict(a=torch.randn(2, 32)), RuntimeError, "expected lora_A of shape \\[r, in\\] with in = 64"),
+        (dict(bb=torch.randn(4, 3)), RuntimeError, "expected lora_B of shape \\[out, r\\] with r = 2"),
+        (dict(p=1.0), ValueError, "expected 0 <= dropout_p < 1, got 1"),
+        (dict(scale=float("nan")), ValueError, "expected a finite scale"),
+        (dict(out=5), RuntimeError, "expected q8_0 qdata of shape \\[5, 68\\]"),
+        (dict(qdata=torch.zeros(4, 68, dtype=torch.int8)), RuntimeError, "expected q8_0 qdata of dtype uint8"),
+    ],
+)
 def test_bad_inputs(change, exc, match):
     with pytest.raises(exc, match=match):
         _bad(qweight("q8_0", 4, 64), **change)

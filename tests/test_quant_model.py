@@ -1,12 +1,11 @@
 """Models on a quantized frozen base (issue 15): QuantLinear / LoraQuantLinear in a LLaMA, against the same model
 with the dequantized weights (training, saving a PEFT adapter, merge_and_unload, per-row adapters, threads), and
 the real SmolLM2 built from its GGUF blocks against transformers' dequantized model."""
+
 from __future__ import annotations
 
 import copy
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,19 @@ from models import LLAMA_TARGETS
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
 
-
 def llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -91,6 +97,7 @@ def test_dropout_and_rslora_train():
 
 def test_saved_adapter_is_a_plain_peft_adapter(tmp_path):
     import peft
+
     q, d = pair("q4_1")
     train(q, 3)
     lora_ext.save_adapter(q, str(tmp_path))
@@ -140,11 +147,11 @@ def test_adapter_batch_rows_match_each_adapter():
         with torch.no_grad():
             if name == lora_ext.BASE:
                 with lora_ext.disable_adapters(q):
-                    want = q(x[i:i + 1]).logits
+                    want = q(x[i : i + 1]).logits
             else:
                 lora_ext.set_adapter(q, name)
-                want = q(x[i:i + 1]).logits
-        torch.testing.assert_close(mixed[i:i + 1], want, atol=2e-5, rtol=2e-5)
+                want = q(x[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], want, atol=2e-5, rtol=2e-5)
 
 
 def test_adapter_batch_trains_each_adapter_from_its_rows():
@@ -226,8 +233,9 @@ def test_bad_uses():
 
 @pytest.fixture(scope="module")
 def smollm2_pair():
-    from lora_ext_dev import smollm2
     from lora_ext.quant.gguf import load_gguf_llama
+    from lora_ext_dev import smollm2
+
     dense, tok = smollm2.load_smollm2()  # transformers' dequantized model (cached)
     return load_gguf_llama(smollm2.gguf_path()), dense, tok
 
@@ -237,8 +245,9 @@ def test_gguf_model_keeps_blocks_and_equals_dequantized_model(smollm2_pair):
     kinds = [m.qtype for m in qm.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     assert kinds.count("q4_1") == 210 and kinds.count("q8_0") == 2  # embedding + the tied head (same bytes)
     assert qm.lm_head.qdata is qm.model.embed_tokens.qdata
-    held = sum(m.nbytes() for m in qm.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
-               and m is not qm.lm_head) + sum(p.nbytes for p in qm.parameters())
+    held = sum(
+        m.nbytes() for m in qm.modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m is not qm.lm_head
+    ) + sum(p.nbytes for p in qm.parameters())
     assert held <= 0.20 * sum(p.nbytes for p in dense.parameters())
     x = torch.tensor([tok.encode("The reference manual of Python says that")])
     with torch.no_grad():

@@ -2,6 +2,7 @@
 and a crash (kill -9) at any moment of an overwrite leaves exactly the old or the new adapter. The
 same guarantees for the C++ writers (lora_ext::write_safetensors and the crash-safe file primitive
 under it, csrc/io/atomic_file.h), which write the same two files through lora_ext._C."""
+
 import json
 import multiprocessing as mp
 import os
@@ -76,8 +77,11 @@ def save_with_cpp(model, folder):
     their config in their metadata, then adapter_config.json."""
     cfg = json.dumps(lora_ext.model.adapter_configs(model)["default"].to_dict(), indent=2, sort_keys=True)
     os.makedirs(folder, exist_ok=True)
-    lora_ext._C.write_safetensors(os.path.join(folder, WEIGHTS_NAME), lora_ext.io.adapter.adapter_state_dict(model),
-                                  {"format": "pt", CONFIG_METADATA_KEY: cfg})
+    lora_ext._C.write_safetensors(
+        os.path.join(folder, WEIGHTS_NAME),
+        lora_ext.io.adapter.adapter_state_dict(model),
+        {"format": "pt", CONFIG_METADATA_KEY: cfg},
+    )
     lora_ext._C.write_file_atomic(os.path.join(folder, CONFIG_NAME), cfg.encode())
     return folder
 
@@ -109,8 +113,9 @@ def test_saved_files_respect_the_umask(umask, writer, tmp_path):
 
 def _adapter(rank, seed):
     model = _model()
-    lora_ext.inject_adapter(model, LoraConfig(r=rank, lora_alpha=3 * rank, target_modules=["0", "2"],
-                                              init_lora_weights=False), "default")
+    lora_ext.inject_adapter(
+        model, LoraConfig(r=rank, lora_alpha=3 * rank, target_modules=["0", "2"], init_lora_weights=False), "default"
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -137,8 +142,10 @@ def _which(folder, models):
     got = lora_ext.io.adapter.adapter_state_dict(fresh)
     for k, m in enumerate(models):
         want = lora_ext.io.adapter.adapter_state_dict(m)
-        cfg_equal = lora_ext.model.adapter_configs(fresh)["default"].to_dict() == \
-            lora_ext.model.adapter_configs(m)["default"].to_dict()
+        cfg_equal = (
+            lora_ext.model.adapter_configs(fresh)["default"].to_dict()
+            == lora_ext.model.adapter_configs(m)["default"].to_dict()
+        )
         if cfg_equal and got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want):
             return k, mid_save
     raise AssertionError(f"{folder} holds neither adapter exactly")
@@ -250,9 +257,11 @@ def test_each_language_removes_the_others_dead_temporaries(tmp_path):
     others = ["notes.tmp", f".b{TMP_MARK}x-1", live]
     for name in others:
         (tmp_path / name).write_bytes(b"keep")
-    for clean in (lambda: lora_ext._C.write_safetensors(str(tmp_path / "c.safetensors"), {"x": torch.ones(1)}),
-                  lambda: lora_ext._C.write_file_atomic(str(tmp_path / "c.json"), b"{}"),
-                  lambda: lora_ext.io.adapter.remove_stale_temporaries(str(tmp_path))):
+    for clean in (
+        lambda: lora_ext._C.write_safetensors(str(tmp_path / "c.safetensors"), {"x": torch.ones(1)}),
+        lambda: lora_ext._C.write_file_atomic(str(tmp_path / "c.json"), b"{}"),
+        lambda: lora_ext.io.adapter.remove_stale_temporaries(str(tmp_path)),
+    ):
         stale = tmp_path / f".c.safetensors{TMP_MARK}{dead.pid}-89ab"
         stale.write_bytes(b"half a file")
         clean()
@@ -285,7 +294,10 @@ def test_cpp_writer_failures_keep_the_old_file_and_leave_no_temporary(tmp_path):
     assert msg.startswith(f"lora_ext::write_safetensors: {path}: writing ") and msg.endswith("failed: File too large")
     assert torch.equal(lora_ext._C.read_safetensors(path)["old"], torch.arange(3.0))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(RuntimeError, match=r"lora_ext::write_safetensors: .*folder: could not rename .* "
-                                           r"to the target: Is a directory"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_ext::write_safetensors: .*folder: could not rename .* "
+        r"to the target: Is a directory",
+    ):
         lora_ext._C.write_safetensors(str(tmp_path / "folder"), {"x": torch.ones(1)})
     assert sorted(os.listdir(tmp_path)) == ["folder", "keep.safetensors"]

@@ -4,6 +4,7 @@ Only grad_A may change, and by no more than |grad_h|^T |x - x_saved| / (1 - p) (
 against a float64 reference; grad_x, grad_B and the output are bit for bit the uncompressed ones. Layers
 reading one input share one compressed copy; outer saved-tensor hooks see the compressed copy; checkpointing,
 other threads and torch.compile are left alone."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,7 @@ MODES = ["bf16", "int8"]
 
 def layer(in_f=24, out_f=16, r=4, p=0.0, seed=0) -> lora_ext.LoraLinear:
     torch.manual_seed(seed)
-    lin = lora_ext.LoraLinear(nn.Linear(in_f, out_f), r=r, lora_alpha=2 * r, lora_dropout=p,
-                              init_lora_weights=False)
+    lin = lora_ext.LoraLinear(nn.Linear(in_f, out_f), r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
     return lin.train()
 
 
@@ -159,8 +159,9 @@ def test_save_on_cpu_composes():
 def test_checkpointing_keeps_nothing_and_stays_exact(reentrant):
     """Under checkpointing nothing is compressed: gradients equal the uncompressed ones bit for bit."""
     model = tiny_llama()
-    lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=4, lora_dropout=0.2, init_lora_weights=False,
-                                                      target_modules=LLAMA_TARGETS))
+    lora_ext.inject_adapter(
+        model, lora_ext.LoraConfig(r=4, lora_dropout=0.2, init_lora_weights=False, target_modules=LLAMA_TARGETS)
+    )
     model.train()
     block = model.model.layers[0]
     x = torch.randn(2, 5, 32)
@@ -185,8 +186,7 @@ def test_checkpointing_keeps_nothing_and_stays_exact(reentrant):
 def test_whole_model_training_loss_follows_the_uncompressed_one():
     def train(mode):
         model = tiny_llama()
-        lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=4, init_lora_weights=False,
-                                                          target_modules=LLAMA_TARGETS))
+        lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=4, init_lora_weights=False, target_modules=LLAMA_TARGETS))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = llama_inputs(batch=3, seq=8)
         losses = []
@@ -310,8 +310,7 @@ def test_per_row_adapters_compress_too():
     def run(mode):
         lin.zero_grad(set_to_none=True)
         torch.manual_seed(9)
-        with lora_ext.adapter_batch(lin, ["default", lora_ext.BASE, "b"]), \
-                lora_ext.compress_saved_inputs(mode):
+        with lora_ext.adapter_batch(lin, ["default", lora_ext.BASE, "b"]), lora_ext.compress_saved_inputs(mode):
             with Counter() as c:
                 y = lin(x)
         (y * g).sum().backward()
@@ -319,8 +318,7 @@ def test_per_row_adapters_compress_too():
 
     _, ref = run(None)
     c, got = run("int8")
-    assert len(c.storages(torch.int8)) == 1 and not any(t.dtype == torch.float32 and t.shape == x.shape
-                                                        for t in c.seen)
+    assert len(c.storages(torch.int8)) == 1 and not any(t.dtype == torch.float32 and t.shape == x.shape for t in c.seen)
     assert ref.keys() == got.keys()
     for n in ref:
         if "lora_B" in n:

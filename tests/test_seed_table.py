@@ -1,25 +1,30 @@
 """benchmarks/seed_table.py's parts (dev/lora_ext_dev/seed_methods.py): the seq_bn adapter's size and identity at
 init, the computed table's counts against the real SmolLM2-135M, the forgetting KL, the run plan."""
+
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from lora_ext_dev import load_example, smollm2
 from lora_ext_dev import seed_methods as sm
-from lora_ext_dev import smollm2
-
-from lora_ext_dev import load_example
 
 seed_table = load_example("seed_table", "benchmarks")
 
 
 def tiny_llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=101, tie_word_embeddings=True)
+    cfg = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
 
 
@@ -77,18 +82,25 @@ def test_computed_counts_match_the_real_model(real):
         assert (c["base"], c["trainable"]) == (n_base, trainable), method
     # and against the counts by hand: r * (in + out) per adapted linear, 20 virtual tokens x hidden
     h, kv, inter, r = 576, 192, 1536, 8
-    by_hand = {"full": 134_515_008,  # the tied lm_head counted once
-               "adapters": sm.SEQ_BN_PARAMS_135M, "prompt": 20 * h,
-               "peft_lora": 30 * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)),
-               "lora_ext_all": 30 * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)),
-               "lora_ext_qv": 30 * r * ((h + h) + (h + kv))}
+    by_hand = {
+        "full": 134_515_008,  # the tied lm_head counted once
+        "adapters": sm.SEQ_BN_PARAMS_135M,
+        "prompt": 20 * h,
+        "peft_lora": 30 * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)),
+        "lora_ext_all": 30 * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)),
+        "lora_ext_qv": 30 * r * ((h + h) + (h + kv)),
+    }
     assert {m: sm.computed_counts(shape, m)["trainable"] for m in sm.METHODS} == by_hand
 
 
 def test_computed_bytes_convention():
     c = {"base": 1000, "trainable": 10}
     assert sm.computed_bytes({"base": 1000, "trainable": 1000}, "full") == {
-        "weights": 2000, "gradients": 2000, "optimizer": 12000, "total": 16000}
+        "weights": 2000,
+        "gradients": 2000,
+        "optimizer": 12000,
+        "total": 16000,
+    }
     assert sm.computed_bytes(c, "lora_ext_all") == {"weights": 2040, "gradients": 40, "optimizer": 80, "total": 2160}
 
 
@@ -105,8 +117,9 @@ def test_forgetting_kl_zero_for_base_and_positive_when_perturbed():
     assert kl > 1e-6
     p = torch.log_softmax(base_logits[1][0, 3].double(), -1)  # KL(p || q) by hand at one position
     q = torch.log_softmax(tuned.double(), -1)
-    assert sm.kl_per_position(base_logits[1][0, 3], tuned).item() == pytest.approx(float((p.exp() * (p - q)).sum()),
-                                                                                   rel=1e-9)
+    assert sm.kl_per_position(base_logits[1][0, 3], tuned).item() == pytest.approx(
+        float((p.exp() * (p - q)).sum()), rel=1e-9
+    )
 
 
 def test_drop_virtual_tokens_keeps_the_input_positions():

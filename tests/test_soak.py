@@ -1,5 +1,6 @@
 """The short version of scripts/soak.py (the long run: 10,000 cycles): adapter life cycles and
 per-row batches leave no state behind and RSS stops growing after warm-up."""
+
 import importlib.util
 import os
 

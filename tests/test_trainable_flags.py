@@ -4,6 +4,7 @@
 b trainable, so a training loop silently optimised an adapter the forward never used; and a layer
 that only the new adapter targets ran it although it was not active.)
 """
+
 import copy
 import warnings
 
@@ -22,7 +23,7 @@ CFG_C = dict(r=3, lora_alpha=3, target_modules=["k_proj"], bias="lora_only", ini
 
 
 def _flags(model, strip=""):
-    return {n[len(strip):] if n.startswith(strip) else n: p.requires_grad for n, p in model.named_parameters()}
+    return {n[len(strip) :] if n.startswith(strip) else n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def _assert_same_flags(pm, ours, step, skip=()):
@@ -36,8 +37,12 @@ def _assert_same_flags(pm, ours, step, skip=()):
 
 
 def _ours_adapter_trainable(model, name):
-    return {t.requires_grad for _, layer in lora_ext.lora_layers(model) if layer.has_adapter(name)
-            for t in layer.adapter_weights(name)}
+    return {
+        t.requires_grad
+        for _, layer in lora_ext.lora_layers(model)
+        if layer.has_adapter(name)
+        for t in layer.adapter_weights(name)
+    }
 
 
 def test_requires_grad_matches_peft_after_each_call(tmp_path):
@@ -87,7 +92,9 @@ def test_requires_grad_matches_peft_after_each_call(tmp_path):
 
 
 def test_training_updates_the_active_adapter_only():
-    model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    model = lora_ext.inject_adapter(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a"
+    )
     lora_ext.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "b")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -118,7 +125,9 @@ def test_inference_mode_and_frozen_loads(tmp_path):
 
 @pytest.mark.parametrize("step", ["set_adapter", "delete_adapter"])
 def test_switching_unmerges_only_when_the_active_set_changes(step):
-    model = lora_ext.inject_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    model = lora_ext.inject_adapter(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a"
+    )
     lora_ext.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "b")
     ids = llama_inputs()
     want = logits(model, ids)

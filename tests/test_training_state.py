@@ -7,8 +7,8 @@ with ``lora_dropout > 0`` so that the RNG restore matters; in one process and un
 ranks (each rank restores its own RNG stream; rank 0 writes, all ranks read). Bad input is refused
 before anything changes.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -16,11 +16,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext
-from lora_ext_dev.dist_harness import timed_world
 from lora_ext import LoraConfig
+from lora_ext.distributed import (
+    broadcast_adapters,
+    load_training_state,
+    read_training_state,
+    save_training_state,
+    training_state,
+)
 from lora_ext.io.adapter import adapter_state_dict
-from lora_ext.distributed import (broadcast_adapters, load_training_state, read_training_state, save_training_state,
-                                  training_state)
+from lora_ext_dev.dist_harness import timed_world
 
 pytestmark = pytest.mark.numerics  # scripts/isa_matrix.sh runs these under other instruction sets
 
@@ -35,8 +40,18 @@ def _build(seed=0):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4))
     torch.manual_seed(seed)
-    lora_ext.inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_dropout=0.25,
-                                              init_lora_weights=False, modules_to_save=["4"], bias="lora_only"))
+    lora_ext.inject_adapter(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["0", "2"],
+            lora_dropout=0.25,
+            init_lora_weights=False,
+            modules_to_save=["4"],
+            bias="lora_only",
+        ),
+    )
     lora_ext.add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=["2"], init_lora_weights=False), "other")
     return model.train()
 
@@ -56,13 +71,16 @@ def _train(model, opt, steps, rows=slice(0, ROWS)):
 
 def _adapters(model):
     inner = lora_ext.distributed.unwrap(model)
-    return {n: {k: v.clone() for k, v in adapter_state_dict(inner, n).items()}
-            for n in lora_ext.model.adapter_configs(inner)}
+    return {
+        n: {k: v.clone() for k, v in adapter_state_dict(inner, n).items()}
+        for n in lora_ext.model.adapter_configs(inner)
+    }
 
 
 def _equal(a, b):
-    return a.keys() == b.keys() and all(a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in a[n])
-                                        for n in a)
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(torch.equal(a[n][k], b[n][k]) for k in a[n]) for n in a
+    )
 
 
 def _run(path=None, in_memory=False, restore_rng=True, rows=slice(0, ROWS), wrap=lambda m: m, seed=0):
@@ -129,8 +147,10 @@ def test_load_refuses_a_missing_adapter_and_changes_nothing():
     state["adapters"]["ghost"] = state["adapters"].pop("other")
     msg = _unchanged(fresh, opt, lambda: load_training_state(fresh, opt, state))
     assert msg.startswith("lora_ext.distributed.load_training_state: the training state does not fit")
-    assert "adapter 'ghost': expected one of the model's adapters ['default', 'other'], got a name the model " \
-           "does not have" in msg
+    assert (
+        "adapter 'ghost': expected one of the model's adapters ['default', 'other'], got a name the model "
+        "does not have" in msg
+    )
 
 
 def test_load_refuses_wrong_shapes_dtypes_keys_and_configs():
@@ -146,7 +166,9 @@ def test_load_refuses_wrong_shapes_dtypes_keys_and_configs():
     assert f"{key_a}: expected (4, 32) torch.float32, got (3, 32) torch.float32" in msg and D == 32
     assert f"{key_b}: expected ({D}, 4) torch.float32, got ({D}, 4) torch.float64" in msg
     assert "unexpected key base_model.model.9.lora_A.weight" in msg
-    assert "adapter 'other': config differs in ['lora_alpha']: expected {'lora_alpha': 4}, got {'lora_alpha': 99}" in msg
+    assert (
+        "adapter 'other': config differs in ['lora_alpha']: expected {'lora_alpha': 4}, got {'lora_alpha': 99}" in msg
+    )
 
 
 def test_load_refuses_an_optimizer_of_another_shape():
@@ -210,16 +232,22 @@ def test_save_refuses_what_weights_only_cannot_load(tmp_path):
     model = _build()
     opt = _optimizer(model)
     opt.param_groups[0]["schedule"] = _Payload()
-    with pytest.raises(ValueError, match=r"save_training_state: expected only dicts, lists, strings, numbers and "
-                                         r"tensors .* got a _Payload at state\['optimizer'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"save_training_state: expected only dicts, lists, strings, numbers and "
+        r"tensors .* got a _Payload at state\['optimizer'\]",
+    ):
         save_training_state(str(tmp_path / "state.pt"), model, opt)
     assert not list(tmp_path.iterdir())
 
 
 def test_unknown_adapter_names_and_no_process_group_are_refused():
     model = _build()
-    with pytest.raises(ValueError, match=r"training_state: expected names of adapters the model has "
-                                         r"\(\['default', 'other'\]\), got \['nope'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"training_state: expected names of adapters the model has "
+        r"\(\['default', 'other'\]\), got \['nope'\]",
+    ):
         training_state(model, _optimizer(model), adapter_names=["nope"])
     with pytest.raises(ValueError, match=r"broadcast_adapters: expected an initialized process group"):
         broadcast_adapters(model)

@@ -2,6 +2,7 @@
 ``SFTTrainer`` with the default ``SFTConfig`` (bf16 autocast on), and ``DPOTrainer(ref_model=None)``, whose
 reference is the policy with its adapter disabled (no second model in memory). A tiny Llama and a word-level
 tokenizer built here (offline)."""
+
 from __future__ import annotations
 
 import gc
@@ -26,8 +27,9 @@ def _tokenizer():
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def _text(g, n):
@@ -38,8 +40,9 @@ def _model():
     peft_backend.use_lora_ext()
     try:
         torch.manual_seed(0)
-        return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                                 lora_dropout=0.05))
+        return peft.get_peft_model(
+            tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.05)
+        )
     finally:
         peft_backend.use_lora_ext(False)
 
@@ -66,8 +69,9 @@ def test_sft_trainer_with_its_default_config_trains_and_checkpoints_the_adapter_
     data = datasets.Dataset.from_dict({"text": [_text(g, 10) for _ in range(16)]})
     model = _model()
     before = _adapter(model)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                         save_steps=1, use_cpu=True)  # use_cpu: transformers asks for it for bf16 on a CPU
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], save_steps=1, use_cpu=True
+    )  # use_cpu: transformers asks for it for bf16 on a CPU
     assert args.bf16  # TRL's default
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
     trainer.train()
@@ -84,9 +88,13 @@ def test_dpo_trainer_references_the_policy_itself_without_a_second_model(given, 
     of LoraExtLinear layers), the reference is the policy with its adapter disabled. Given a PeftModel (an adapter
     that may be trained already), TRL keeps a copy of the initial adapter as "ref". Either way one base model."""
     g = torch.Generator().manual_seed(1)
-    data = datasets.Dataset.from_dict({"prompt": [_text(g, 4) for _ in range(8)],
-                                       "chosen": [_text(g, 3) for _ in range(8)],
-                                       "rejected": [_text(g, 3) for _ in range(8)]})
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [_text(g, 4) for _ in range(8)],
+            "chosen": [_text(g, 3) for _ in range(8)],
+            "rejected": [_text(g, 3) for _ in range(8)],
+        }
+    )
     disabled = {"n": 0}
     real = peft.PeftModel.disable_adapter
 
@@ -95,8 +103,14 @@ def test_dpo_trainer_references_the_policy_itself_without_a_second_model(given, 
         return real(self)
 
     monkeypatch.setattr(peft.PeftModel, "disable_adapter", counting)
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                         save_strategy="no", use_cpu=True)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
     kw = dict(ref_model=None, args=args, train_dataset=data, processing_class=_tokenizer())
     gc.collect()
     alive = {id(o) for o in gc.get_objects() if type(o).__name__ == "LlamaForCausalLM"}  # other tests' models
@@ -104,8 +118,11 @@ def test_dpo_trainer_references_the_policy_itself_without_a_second_model(given, 
         peft_backend.use_lora_ext()
         try:
             torch.manual_seed(0)
-            trainer = trl.DPOTrainer(model=tiny_llama(), peft_config=peft.LoraConfig(
-                r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.05), **kw)
+            trainer = trl.DPOTrainer(
+                model=tiny_llama(),
+                peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.05),
+                **kw,
+            )
         finally:
             peft_backend.use_lora_ext(False)
     else:

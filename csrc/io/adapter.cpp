@@ -54,7 +54,7 @@ bool has_multiple_repeat(const std::string& p) {
     if (ch == '\\') {
       ++i;
     } else if (ch == '(' && i + 1 < p.size() && p[i + 1] == '?') {
-      ++i;  // "(?:", "(?=", "(?!": group syntax, not a quantifier
+      ++i;                   // "(?:", "(?=", "(?!": group syntax, not a quantifier
     } else if (ch == '[') {  // skip the class; "[]...]" and "[^]...]" start with a literal ']'
       size_t j = i + 1 + (i + 1 < p.size() && p[i + 1] == '^');
       if (j < p.size() && p[j] == ']') ++j;
@@ -81,13 +81,20 @@ bool bool_of(const nlohmann::ordered_json& v, const std::string& what) {
 
 template <typename V>
 std::vector<std::pair<std::string, V>> pattern_items(const nlohmann::ordered_json& obj, const std::string& what) {
-  if (!obj.is_object()) throw nlohmann::json::type_error::create(302, "expected " + what + " to be a pattern object, "
-                                                                        "got " + std::string(obj.type_name()), &obj);
+  if (!obj.is_object())
+    throw nlohmann::json::type_error::create(302,
+                                             "expected " + what +
+                                                 " to be a pattern object, "
+                                                 "got " +
+                                                 std::string(obj.type_name()),
+                                             &obj);
   std::vector<std::pair<std::string, V>> out;
   for (auto it = obj.begin(); it != obj.end(); ++it) {
     const std::string item = what + "[\"" + it.key() + "\"]";
-    if constexpr (std::is_same_v<V, int64_t>) out.emplace_back(it.key(), rank_of(it.value(), item));
-    else out.emplace_back(it.key(), number_of(it.value(), item));
+    if constexpr (std::is_same_v<V, int64_t>)
+      out.emplace_back(it.key(), rank_of(it.value(), item));
+    else
+      out.emplace_back(it.key(), number_of(it.value(), item));
   }
   return out;
 }
@@ -99,12 +106,18 @@ struct Unsupported {
   bool off_false, off_empty_list, off_empty_string;  // null is always "off"
 };
 constexpr Unsupported kUnsupported[] = {
-    {"use_dora", true, false, false},          {"lora_bias", true, false, false},
-    {"use_qalora", true, false, false},        {"layer_replication", false, false, false},
-    {"layers_to_transform", false, true, false}, {"layers_pattern", false, true, true},
-    {"target_parameters", false, true, false}, {"alora_invocation_tokens", false, false, false},
-    {"trainable_token_indices", false, false, false}, {"use_bdlora", true, false, false},
-    {"arrow_config", false, false, false},     {"megatron_config", false, false, false},
+    {"use_dora", true, false, false},
+    {"lora_bias", true, false, false},
+    {"use_qalora", true, false, false},
+    {"layer_replication", false, false, false},
+    {"layers_to_transform", false, true, false},
+    {"layers_pattern", false, true, true},
+    {"target_parameters", false, true, false},
+    {"alora_invocation_tokens", false, false, false},
+    {"trainable_token_indices", false, false, false},
+    {"use_bdlora", true, false, false},
+    {"arrow_config", false, false, false},
+    {"megatron_config", false, false, false},
 };
 
 bool is_off(const nlohmann::ordered_json& v, const Unsupported& u) {
@@ -179,8 +192,8 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
     }
     for (const auto& u : kUnsupported) {
       TORCH_CHECK(!j.contains(u.key) || is_off(j[u.key], u), where, u.key,
-                  " is set: lora_ext does not implement it and would compute something else (got ",
-                  j[u.key].dump(), ")");
+                  " is set: lora_ext does not implement it and would compute something else (got ", j[u.key].dump(),
+                  ")");
     }
     if (j.contains("r")) c.r = rank_of(j["r"], "r");
     TORCH_CHECK(c.r >= 1, where, "expected r >= 1, got ", c.r);
@@ -206,8 +219,8 @@ AdapterConfig parse_adapter_config(std::string text, const std::string& where) {
       TORCH_CHECK(rank >= 1, where, "expected rank_pattern ranks >= 1, got ", rank, " for \"", p, "\"");
     if (j.contains("alpha_pattern")) c.alpha_pattern = pattern_items<double>(j["alpha_pattern"], "alpha_pattern");
     for (const auto& [p, alpha] : c.alpha_pattern)
-      TORCH_CHECK(std::isfinite(alpha) && alpha > 0, where, "expected alpha_pattern values that are finite and > 0, got ",
-                  alpha, " for \"", p, "\"");
+      TORCH_CHECK(std::isfinite(alpha) && alpha > 0, where,
+                  "expected alpha_pattern values that are finite and > 0, got ", alpha, " for \"", p, "\"");
     for (const auto& [p, _] : c.rank_pattern) check_regex(p, "rank/alpha pattern key", where);
     for (const auto& [p, _] : c.alpha_pattern) check_regex(p, "rank/alpha pattern key", where);
     read_modules(j, "target_modules", where, &c.target_modules, &c.target_modules_regex);
@@ -228,9 +241,10 @@ AdapterConfig load_adapter_config(const std::string& path) {
   namespace fs = std::filesystem;
   const std::string file = fs::is_directory(path) ? (fs::path(path) / "adapter_config.json").string() : path;
   const std::string where = "lora_ext::load_adapter_config: " + file + ": ";
-  TORCH_CHECK(fs::exists(file), "lora_ext::load_adapter_config: expected an adapter folder containing "
-              "adapter_config.json (or the file itself), got ", path, fs::exists(path) ? " (no adapter_config.json in it)"
-              : " (no such file or folder)");
+  TORCH_CHECK(fs::exists(file),
+              "lora_ext::load_adapter_config: expected an adapter folder containing "
+              "adapter_config.json (or the file itself), got ",
+              path, fs::exists(path) ? " (no adapter_config.json in it)" : " (no such file or folder)");
   std::ifstream in(file);
   TORCH_CHECK(in.good(), where, "cannot open the file");
   std::stringstream ss;
@@ -244,8 +258,10 @@ Adapter load_adapter(const std::string& dir, bool allow_nonfinite) {
   const std::string where = "lora_ext::load_adapter: " + dir + ": ";
   const auto cfg_file = fs::path(dir) / "adapter_config.json";
   const auto st = fs::path(dir) / "adapter_model.safetensors";
-  TORCH_CHECK(fs::is_directory(dir), "lora_ext::load_adapter: expected an adapter folder (adapter_config.json + "
-              "adapter_model.safetensors), got ", dir, fs::exists(dir) ? " (not a folder)" : " (no such file or folder)");
+  TORCH_CHECK(fs::is_directory(dir),
+              "lora_ext::load_adapter: expected an adapter folder (adapter_config.json + "
+              "adapter_model.safetensors), got ",
+              dir, fs::exists(dir) ? " (not a folder)" : " (no such file or folder)");
   TORCH_CHECK(fs::exists(st), where, "no adapter_model.safetensors");
   // The config first: a save running meanwhile replaces the weights first (see lora_ext/adapter_io.py).
   std::optional<AdapterConfig> from_file;
@@ -266,7 +282,8 @@ Adapter load_adapter(const std::string& dir, bool allow_nonfinite) {
       }
     }
     if (!same && from_file) {
-      TORCH_WARN(where, "adapter_config.json does not match the config saved with the weights (an interrupted "
+      TORCH_WARN(where,
+                 "adapter_config.json does not match the config saved with the weights (an interrupted "
                  "save, or the file was edited); using the weights' own config");
     }
     a.config = std::move(own);

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <lora_ext/ops.h>
@@ -108,9 +108,8 @@ AotiModel::AotiModel(const std::string& package_path) : impl_(std::make_unique<I
                     bt->second.sizes() == at::IntArrayRef({I.n_slots, I.max_rank, W.size(0)}) &&
                     sc->second.sizes() == at::IntArrayRef({I.n_slots}) && sc->second.scalar_type() == at::kFloat,
                 "lora_ext::AotiModel: slot tensors of ", path, " do not match the metadata (", I.n_slots,
-                " slots, rank ",
-                I.max_rank, "): weight ", W.sizes(), ", lora_A ", t.sizes(), ", lora_Bt ", bt->second.sizes(),
-                ", lora_scales ", sc->second.sizes());
+                " slots, rank ", I.max_rank, "): weight ", W.sizes(), ", lora_A ", t.sizes(), ", lora_Bt ",
+                bt->second.sizes(), ", lora_scales ", sc->second.sizes());
     I.slots.emplace(path, Slot{t, bt->second, sc->second});
   }
   // every slot tensor must be its own memory: a constant shared between modules would make one module's adapter
@@ -118,8 +117,8 @@ AotiModel::AotiModel(const std::string& package_path) : impl_(std::make_unique<I
   std::set<const void*> seen;
   for (const auto& [path, s] : I.slots) {
     for (const at::Tensor* t : {&s.A, &s.Bt, &s.scales}) {
-      TORCH_CHECK(seen.insert(t->data_ptr()).second, "lora_ext::AotiModel: ", package_path,
-                  ": slot tensors of ", path, " share memory with another module's; expected one buffer per module");
+      TORCH_CHECK(seen.insert(t->data_ptr()).second, "lora_ext::AotiModel: ", package_path, ": slot tensors of ", path,
+                  " share memory with another module's; expected one buffer per module");
     }
   }
   TORCH_CHECK((I.n_slots == 0) == I.slots.empty(), "lora_ext::AotiModel: ", package_path, " declares ", I.n_slots,
@@ -128,13 +127,27 @@ AotiModel::AotiModel(const std::string& package_path) : impl_(std::make_unique<I
 
 AotiModel::~AotiModel() = default;
 
-int64_t AotiModel::adapter_slots() const { return impl_->n_slots; }
-int64_t AotiModel::max_rank() const { return impl_->max_rank; }
-int64_t AotiModel::vocab_size() const { return impl_->vocab; }
-int64_t AotiModel::max_batch() const { return impl_->max_batch; }
-int64_t AotiModel::max_seq() const { return impl_->max_seq; }
-const std::map<std::string, std::string>& AotiModel::metadata() const { return impl_->meta; }
-const std::map<std::string, at::Tensor>& AotiModel::weights() const { return impl_->weights; }
+int64_t AotiModel::adapter_slots() const {
+  return impl_->n_slots;
+}
+int64_t AotiModel::max_rank() const {
+  return impl_->max_rank;
+}
+int64_t AotiModel::vocab_size() const {
+  return impl_->vocab;
+}
+int64_t AotiModel::max_batch() const {
+  return impl_->max_batch;
+}
+int64_t AotiModel::max_seq() const {
+  return impl_->max_seq;
+}
+const std::map<std::string, std::string>& AotiModel::metadata() const {
+  return impl_->meta;
+}
+const std::map<std::string, at::Tensor>& AotiModel::weights() const {
+  return impl_->weights;
+}
 size_t AotiModel::merged_adapters() const {
   std::shared_lock lock(impl_->mu);
   return impl_->merged.size();
@@ -160,12 +173,13 @@ at::Tensor AotiModel::forward(const at::Tensor& input_ids, const std::optional<a
                     adapter_ids->device().is_cpu(),
                 "lora_ext::AotiModel::forward: this package has ", I.n_slots, " adapter slots; expected adapter_ids ",
                 "int64 [", B, "] on the CPU (one slot per row, -1: the base), got ",
-                adapter_ids.has_value() && adapter_ids->defined() ? adapter_ids->toString() + " of shape " +
-                    c10::str(adapter_ids->sizes()) : "none");
+                adapter_ids.has_value() && adapter_ids->defined()
+                    ? adapter_ids->toString() + " of shape " + c10::str(adapter_ids->sizes())
+                    : "none");
     const auto [alo, ahi] = at::aminmax(*adapter_ids);
-    TORCH_CHECK(alo.item<int64_t>() >= -1 && ahi.item<int64_t>() < I.n_slots, "lora_ext::AotiModel::forward: ",
-                "expected adapter_ids in [-1, ", I.n_slots, "), got values in [", alo.item<int64_t>(), ", ",
-                ahi.item<int64_t>(), "]");
+    TORCH_CHECK(alo.item<int64_t>() >= -1 && ahi.item<int64_t>() < I.n_slots,
+                "lora_ext::AotiModel::forward: ", "expected adapter_ids in [-1, ", I.n_slots, "), got values in [",
+                alo.item<int64_t>(), ", ", ahi.item<int64_t>(), "]");
     inputs.push_back(adapter_ids->contiguous());
   } else {
     TORCH_CHECK(!adapter_ids.has_value(), "lora_ext::AotiModel::forward: this package has no adapter slots ",

@@ -38,9 +38,8 @@ std::optional<bool> takes_embedding_keys(std::string type) {
 }  // namespace
 
 // Validates every adapter key against the parameters; returns the updates.
-std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params, const Adapter& adapter,
-                                 double weight, const char* op, bool exact,
-                                 const std::map<std::string, std::string>& module_types) {
+std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params, const Adapter& adapter, double weight,
+                                 const char* op, bool exact, const std::map<std::string, std::string>& module_types) {
   std::vector<Update> out;
   std::vector<std::string> problems;
   std::vector<AdapterModule> modules;
@@ -86,13 +85,13 @@ std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params
     // [out, in, k...] take A [r, in, k...] and B [out, r, 1...]. No other extra dims (a [r, in, 1, 1] A on a
     // linear layer) are flattened away.
     const int64_t dims = transposed ? 2 : std::max<int64_t>(W.dim(), 2);
-    const bool a_ok = A.dim() == dims && A.size(0) >= 1 &&
-                      (transposed || W.dim() <= 2 || A.sizes().slice(2) == W.sizes().slice(2));
+    const bool a_ok =
+        A.dim() == dims && A.size(0) >= 1 && (transposed || W.dim() <= 2 || A.sizes().slice(2) == W.sizes().slice(2));
     const bool b_ok = B.dim() == dims && B.numel() == B.size(0) * B.size(1);
     if (!a_ok || !b_ok) {
       std::ostringstream ss;
-      ss << "shape mismatch at " << m.path << ": expected A [r >= 1, in, ...] and B [out, r, 1...], got A "
-         << A.sizes() << ", B " << B.sizes();
+      ss << "shape mismatch at " << m.path << ": expected A [r >= 1, in, ...] and B [out, r, 1...], got A " << A.sizes()
+         << ", B " << B.sizes();
       problems.push_back(ss.str());
       continue;
     }
@@ -107,8 +106,7 @@ std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params
     if (target.dim() != 2 || A2.dim() != 2 || B2.dim() != 2 || A2.size(1) != target.size(1) ||
         B2.size(0) != target.size(0) || A2.size(0) != B2.size(1)) {
       std::ostringstream ss;
-      ss << "shape mismatch at " << m.path << ": parameter " << W.sizes() << ", A " << A.sizes() << ", B "
-         << B.sizes();
+      ss << "shape mismatch at " << m.path << ": parameter " << W.sizes() << ", A " << A.sizes() << ", B " << B.sizes();
       problems.push_back(ss.str());
       continue;
     }

@@ -24,8 +24,8 @@ struct Update {
 // check (float32/bfloat16/float16). `module_types` (module path -> class name, "Linear", "Embedding",
 // where known) lets it refuse embedding keys on a linear layer and linear keys on an embedding, as
 // lora_ext's Python reader does, even where the shapes would fit.
-std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params, const Adapter& adapter,
-                                 double weight, const char* op, bool exact = false,
+std::vector<Update> plan_updates(const std::map<std::string, at::Tensor>& params, const Adapter& adapter, double weight,
+                                 const char* op, bool exact = false,
                                  const std::map<std::string, std::string>& module_types = {});
 
 }  // namespace lora_ext::detail

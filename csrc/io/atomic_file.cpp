@@ -39,7 +39,7 @@ std::string random_hex() {
 }
 
 bool pid_alive(long pid) {
-  if (pid <= 0) return true;  // not a writer's pid: leave the file alone
+  if (pid <= 0) return true;                                         // not a writer's pid: leave the file alone
   return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH;  // EPERM: someone else's, alive
 }
 
@@ -80,8 +80,8 @@ AtomicFile::AtomicFile(std::string path, std::string where)
     if (fd_ < 0 && (err != EEXIST || attempt >= 16)) {
       const std::string tmp = std::move(tmp_);
       tmp_.clear();  // nothing of ours to delete
-      TORCH_CHECK(false, where_, "cannot open ", tmp, " (a temporary file next to the target) for writing: ",
-                  std::strerror(err));
+      TORCH_CHECK(false, where_, "cannot open ", tmp,
+                  " (a temporary file next to the target) for writing: ", std::strerror(err));
     }
   }
 }

@@ -33,7 +33,7 @@ class LORA_EXT_API AtomicFile {
   ~AtomicFile();
 
   void write(const void* data, size_t n);  // all n bytes (retries short writes); throws on an I/O error
-  void commit();  // fsync, close, rename over the target, fsync the folder; throws on failure
+  void commit();                           // fsync, close, rename over the target, fsync the folder; throws on failure
   const std::string& temp_path() const { return tmp_; }
 
  private:

@@ -14,8 +14,10 @@ LoraLinearImpl::LoraLinearImpl(at::Tensor w, std::optional<at::Tensor> b) {
 }
 
 void LoraLinearImpl::add_adapter(const std::string& name, at::Tensor A, at::Tensor B, double scale, double p) {
-  TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos, "lora_ext::nn::LoraLinear: expected an adapter "
-              "name without '.', got \"", name, "\"");
+  TORCH_CHECK(!name.empty() && name.find('.') == std::string::npos,
+              "lora_ext::nn::LoraLinear: expected an adapter "
+              "name without '.', got \"",
+              name, "\"");
   TORCH_CHECK(!adapters_.count(name), "lora_ext::nn::LoraLinear: adapter \"", name, "\" already exists");
   // validate with the op's own checks (shapes, dtypes, scale, dropout) on an empty batch
   ops::lora_linear(at::empty({0, weight.size(1)}, weight.options()), weight,
@@ -26,8 +28,7 @@ void LoraLinearImpl::add_adapter(const std::string& name, at::Tensor A, at::Tens
 }
 
 void LoraLinearImpl::set_adapter(const std::optional<std::string>& name) {
-  TORCH_CHECK(!name || adapters_.count(*name), "lora_ext::nn::LoraLinear: unknown adapter \"", name.value_or(""),
-              "\"");
+  TORCH_CHECK(!name || adapters_.count(*name), "lora_ext::nn::LoraLinear: unknown adapter \"", name.value_or(""), "\"");
   active_ = name;
 }
 

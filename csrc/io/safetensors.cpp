@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <bit>
-#include <map>
-#include <optional>
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <map>
+#include <optional>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -26,9 +26,18 @@ constexpr uint64_t kMaxHeader = uint64_t(100) << 20;  // the format's own limit 
 
 std::optional<at::ScalarType> dtype_of(const std::string& s) {
   static const std::map<std::string, at::ScalarType> m = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
-      {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-      {"U8", at::kByte},    {"BOOL", at::kBool}, {"F8_E4M3", at::kFloat8_e4m3fn}, {"F8_E5M2", at::kFloat8_e5m2},
+      {"F64", at::kDouble},
+      {"F32", at::kFloat},
+      {"F16", at::kHalf},
+      {"BF16", at::kBFloat16},
+      {"I64", at::kLong},
+      {"I32", at::kInt},
+      {"I16", at::kShort},
+      {"I8", at::kChar},
+      {"U8", at::kByte},
+      {"BOOL", at::kBool},
+      {"F8_E4M3", at::kFloat8_e4m3fn},
+      {"F8_E5M2", at::kFloat8_e5m2},
   };
   auto it = m.find(s);
   if (it == m.end()) return std::nullopt;
@@ -37,9 +46,18 @@ std::optional<at::ScalarType> dtype_of(const std::string& s) {
 
 std::optional<std::string> name_of(at::ScalarType t) {
   static const std::map<at::ScalarType, std::string> m = {
-      {at::kDouble, "F64"}, {at::kFloat, "F32"}, {at::kHalf, "F16"}, {at::kBFloat16, "BF16"},
-      {at::kLong, "I64"},   {at::kInt, "I32"},   {at::kShort, "I16"}, {at::kChar, "I8"},
-      {at::kByte, "U8"},    {at::kBool, "BOOL"}, {at::kFloat8_e4m3fn, "F8_E4M3"}, {at::kFloat8_e5m2, "F8_E5M2"},
+      {at::kDouble, "F64"},
+      {at::kFloat, "F32"},
+      {at::kHalf, "F16"},
+      {at::kBFloat16, "BF16"},
+      {at::kLong, "I64"},
+      {at::kInt, "I32"},
+      {at::kShort, "I16"},
+      {at::kChar, "I8"},
+      {at::kByte, "U8"},
+      {at::kBool, "BOOL"},
+      {at::kFloat8_e4m3fn, "F8_E4M3"},
+      {at::kFloat8_e5m2, "F8_E5M2"},
   };
   auto it = m.find(t);
   if (it == m.end()) return std::nullopt;
@@ -67,8 +85,8 @@ SafetensorsFile read_safetensors(const std::string& path) {
   f.read(reinterpret_cast<char*>(len_bytes), 8);
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
-  TORCH_CHECK(n <= kMaxHeader && n <= file_size - 8, where, "header length ", n,
-              " does not fit the file (", file_size, " bytes; at most 100 MB of header)");
+  TORCH_CHECK(n <= kMaxHeader && n <= file_size - 8, where, "header length ", n, " does not fit the file (", file_size,
+              " bytes; at most 100 MB of header)");
   std::string header(n, '\0');
   f.read(header.data(), static_cast<std::streamsize>(n));
   TORCH_CHECK(f.good(), where, "could not read the ", n, "-byte header");
@@ -107,8 +125,8 @@ SafetensorsFile read_safetensors(const std::string& path) {
     uint64_t numel = 1;
     bool overflow = false;
     for (const auto& d : v["shape"]) {
-      TORCH_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0), where, "tensor \"",
-                  key, "\": expected non-negative integer dims, got ", d.dump());
+      TORCH_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0), where, "tensor \"", key,
+                  "\": expected non-negative integer dims, got ", d.dump());
       const uint64_t dim = d.get<uint64_t>();
       TORCH_CHECK(dim <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where, "tensor \"", key,
                   "\": dimension ", dim, " too large");
@@ -117,8 +135,8 @@ SafetensorsFile read_safetensors(const std::string& path) {
       e.shape.push_back(static_cast<int64_t>(dim));
     }
     const auto& off = v["data_offsets"];
-    TORCH_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
-                where, "tensor \"", key, "\": expected data_offsets [begin, end] of non-negative integers");
+    TORCH_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(), where,
+                "tensor \"", key, "\": expected data_offsets [begin, end] of non-negative integers");
     e.begin = off[0].get<uint64_t>();
     e.end = off[1].get<uint64_t>();
     TORCH_CHECK(e.begin <= e.end && e.end <= data_size, where, "tensor \"", key, "\": data_offsets [", e.begin, ", ",
@@ -138,8 +156,8 @@ SafetensorsFile read_safetensors(const std::string& path) {
   for (size_t i = 1; i < by_offset.size(); ++i) {
     const Entry* a = by_offset[i - 1];
     const Entry* b = by_offset[i];
-    TORCH_CHECK(a->end <= b->begin || a->begin == a->end || b->begin == b->end, where, "tensors \"", a->name,
-                "\" [", a->begin, ", ", a->end, ") and \"", b->name, "\" [", b->begin, ", ", b->end, ") overlap");
+    TORCH_CHECK(a->end <= b->begin || a->begin == a->end || b->begin == b->end, where, "tensors \"", a->name, "\" [",
+                a->begin, ", ", a->end, ") and \"", b->name, "\" [", b->begin, ", ", b->end, ") overlap");
   }
   uint64_t covered = 0;  // no overlaps: the spans tile the data section iff their sizes add up to it
   for (const auto& e : entries) covered += e.end - e.begin;
@@ -165,8 +183,10 @@ void write_safetensors(const std::string& path, const std::map<std::string, at::
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
-    TORCH_CHECK(!name.empty() && name != "__metadata__", where, "expected a non-empty tensor name other than "
-                "__metadata__, got \"", name, "\"");
+    TORCH_CHECK(!name.empty() && name != "__metadata__", where,
+                "expected a non-empty tensor name other than "
+                "__metadata__, got \"",
+                name, "\"");
     TORCH_CHECK(t.defined(), where, "tensor \"", name, "\" is undefined");
     const auto dt = name_of(t.scalar_type());
     TORCH_CHECK(dt.has_value(), where, "tensor \"", name, "\": unsupported dtype ", t.scalar_type(),
@@ -179,7 +199,7 @@ void write_safetensors(const std::string& path, const std::map<std::string, at::
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // the safetensors library pads the header to 8 bytes with spaces
-  detail::AtomicFile f(path, where);  // crash-safe: a temporary sibling, fsync, rename, fsync the folder
+  detail::AtomicFile f(path, where);      // crash-safe: a temporary sibling, fsync, rename, fsync the folder
   unsigned char len_bytes[8];
   uint64_t n = h.size();
   for (int i = 0; i < 8; ++i, n >>= 8) len_bytes[i] = static_cast<unsigned char>(n & 0xff);

@@ -43,8 +43,7 @@ TORCH_LIBRARY(lora_ext, m) {
   // Quantized frozen base weights [out, in] (ops/common/quant_formats.h has the
   // layouts): int8 per output row, GGUF's q8_0 / q4_0 / q4_1 blocks as stored in
   // the file, QLoRA's nf4. dequantize_weight returns the float32 weight.
-  m.def(
-      "dequantize_weight(Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features) -> Tensor");
+  m.def("dequantize_weight(Tensor qdata, Tensor? qscale, str qtype, int out_features, int in_features) -> Tensor");
   // lora_linear over such a frozen base, which is never dequantized whole
   // (ops/common/quantized_base.h): the same dropout, dtype and autograd rules;
   // the base gets no gradient. linear_quantized is the base alone (bias + x W^T).

@@ -132,9 +132,8 @@ PYBIND11_MODULE(_C, m) {
       "Replace a file by `data` with the C++ crash-safe file primitive (csrc/io/atomic_file.h) that every C++ "
       "writer uses: for tests and for C++ writers' Python bindings.");
   m.def(
-      "read_safetensors_metadata",
-      [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; }, py::arg("path"),
-      "The __metadata__ of a .safetensors file, read by the C++ reader.");
+      "read_safetensors_metadata", [](const std::string& path) { return lora_ext::read_safetensors(path).metadata; },
+      py::arg("path"), "The __metadata__ of a .safetensors file, read by the C++ reader.");
   m.def(
       "load_adapter_config", [](const std::string& path) { return config_dict(lora_ext::load_adapter_config(path)); },
       py::arg("path"),

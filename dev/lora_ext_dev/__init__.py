@@ -7,6 +7,7 @@ scripts/run.sh, never part of the lora_ext wheel.
 ``generate`` (the C++ generation example's Python side) and ``hostile_files`` (malformed adapter files: test
 cases and fuzz seeds). :func:`load_example` imports an example or benchmark script as a module.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +18,11 @@ from types import ModuleType
 #: The repository this package was installed from (editable: the package stays in <repo>/dev/lora_ext_dev).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if not (REPO_ROOT / "dev" / "pyproject.toml").is_file():  # pragma: no cover - a non-editable install
-    raise ImportError(f"lora_ext_dev: expected an editable install from a lora_ext checkout (<repo>/dev), found "
-                      f"{Path(__file__).resolve().parent}; install it with `pip install -e <repo>/dev` "
-                      "(scripts/run.sh does)")
+    raise ImportError(
+        f"lora_ext_dev: expected an editable install from a lora_ext checkout (<repo>/dev), found "
+        f"{Path(__file__).resolve().parent}; install it with `pip install -e <repo>/dev` "
+        "(scripts/run.sh does)"
+    )
 
 
 def load_example(name: str, folder: str = "examples") -> ModuleType:

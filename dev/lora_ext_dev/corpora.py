@@ -10,6 +10,7 @@ paragraphs of each other (grammar snippets, shared notes: 377 of the 644 held-ou
 kept), so held-out paragraphs that occur verbatim in the training text are dropped (:func:`remove_overlap`). Text becomes
 fixed-length token windows with :func:`token_windows`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ SPLIT_SALT = "lora_ext-corpus-split-v1"
 def docs_documents() -> dict[str, str]:
     """The reference manual's topics, by topic name."""
     from pydoc_data.topics import topics
+
     return {name: text for name, text in sorted(topics.items())}
 
 
@@ -60,8 +62,10 @@ def split(documents: dict[str, str], percent: int = HELDOUT_PERCENT) -> tuple[di
     train = {k: v for k, v in documents.items() if not is_heldout(k, percent)}
     heldout = {k: v for k, v in documents.items() if is_heldout(k, percent)}
     if not train or not heldout:
-        raise ValueError(f"corpora.split: expected documents on both sides, got {len(train)} training and "
-                         f"{len(heldout)} held-out of {len(documents)}")
+        raise ValueError(
+            f"corpora.split: expected documents on both sides, got {len(train)} training and "
+            f"{len(heldout)} held-out of {len(documents)}"
+        )
     return train, heldout
 
 

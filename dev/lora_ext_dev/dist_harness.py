@@ -12,6 +12,7 @@ a hung collective fails the test instead of hanging CI.
 One world is meant to serve many checks: ``fn`` runs several of them and returns their results
 (tensors, numbers, strings) for the test functions to compare with a single-process reference.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -77,14 +78,17 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     if not dist.is_available():
         raise RuntimeError("run_ranks: expected torch.distributed to be available, got a torch without it")
     ctx = mp.get_context("fork")
-    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout))
     procs, conns = [], []
     try:
         for rank in range(world_size):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(fn, rank, world_size, store.port, timeout, send, args),
-                            name=f"rank{rank}", daemon=True)
+            p = ctx.Process(
+                target=_child,
+                args=(fn, rank, world_size, store.port, timeout, send, args),
+                name=f"rank{rank}",
+                daemon=True,
+            )
             p.start()
             send.close()
             procs.append(p)
@@ -98,8 +102,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             if left <= 0:
                 if errors:
                     break
-                raise TimeoutError(f"run_ranks: ranks {pending} of {world_size} did not finish within {timeout} s "
-                                   "(a hung collective, or a rank waiting for one that failed)")
+                raise TimeoutError(
+                    f"run_ranks: ranks {pending} of {world_size} did not finish within {timeout} s "
+                    "(a hung collective, or a rank waiting for one that failed)"
+                )
             ready = wait([conns[r] for r in pending] + [procs[r].sentinel for r in pending], timeout=left)
             for r in pending:
                 if conns[r] in ready or (procs[r].sentinel in ready and conns[r].poll()):
@@ -107,8 +113,13 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                         message = pickle.loads(conns[r].recv_bytes())
                     except EOFError:
                         procs[r].join(5)
-                        message = ("error", f"exited with code {procs[r].exitcode} without a result "
-                                            "(killed, or crashed in native code)", None, time.time())
+                        message = (
+                            "error",
+                            f"exited with code {procs[r].exitcode} without a result "
+                            "(killed, or crashed in native code)",
+                            None,
+                            time.time(),
+                        )
                 elif procs[r].sentinel in ready:
                     procs[r].join(5)
                     message = ("error", f"exited with code {procs[r].exitcode} without a result", None, time.time())

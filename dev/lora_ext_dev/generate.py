@@ -1,6 +1,7 @@
 """The greedy generation that examples/cpp/generate's C++ program runs, in Python: the models it is tried on (a
 tiny random Llama, or SmolLM2-135M), the prefix-recomputing greedy loop and the last position's logits. Shared by
 examples/cpp/generate/make_data.py, python_bench.py and tests/test_aoti.py."""
+
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,19 @@ import torch
 
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -1,6 +1,7 @@
 """The steps of the main job (``finetune_llm.py``) on a Hugging Face causal LM, reusable by the benchmarks and
 tested in ``tests/test_llm_main_job.py``: data, held-out perplexity in per-row batches, training several
 adapters at once on one frozen base, per-row generation, the PEFT round trip, plots."""
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,12 @@ def lora_config(args) -> lora_ext.LoraConfig:
 def task_data(tokenizer, task: str, seq_len: int, eval_windows: int) -> dict:
     """Training windows (all) and ``eval_windows`` held-out windows spread over the held-out documents."""
     train, heldout = corpora.task_split(task)
-    return {"train": corpora.token_windows(tokenizer, train, seq_len),
-            "heldout": corpora.spread(corpora.token_windows(tokenizer, heldout, seq_len), eval_windows),
-            "train_docs": len(train), "heldout_docs": len(heldout)}
+    return {
+        "train": corpora.token_windows(tokenizer, train, seq_len),
+        "heldout": corpora.spread(corpora.token_windows(tokenizer, heldout, seq_len), eval_windows),
+        "train_docs": len(train),
+        "heldout_docs": len(heldout),
+    }
 
 
 def row_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -55,8 +59,9 @@ def has_lora(model) -> bool:
     return next(lora_ext.lora_layers(model), None) is not None
 
 
-def nll_sums(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc: str = "eval",
-             progress: bool = True) -> tuple[dict[str, float], dict[str, int]]:
+def nll_sums(
+    model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc: str = "eval", progress: bool = True
+) -> tuple[dict[str, float], dict[str, int]]:
     """The parts of :func:`perplexity`: per named adapter (``BASE``: none), the summed next-token negative
     log-likelihood over its windows and the number of tokens predicted, all evaluated in mixed batches of
     ``batch_rows`` rows, each row through its own adapter (``lora_ext.adapter_batch``). A model without
@@ -71,7 +76,7 @@ def nll_sums(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, desc:
     try:
         with torch.no_grad(), tqdm(total=len(rows), desc=desc, unit="seq", leave=False, disable=not progress) as bar:
             for i in range(0, len(rows), batch_rows):
-                chunk = rows[i:i + batch_rows]
+                chunk = rows[i : i + batch_rows]
                 ids = torch.stack([w for _, w in chunk])
                 if per_row:
                     with lora_ext.adapter_batch(model, [name for name, _ in chunk]):
@@ -102,8 +107,12 @@ def perplexity(model, windows: dict[str, torch.Tensor], batch_rows: int = 8, des
 
 def adapter_parameters(model, adapter_name: str) -> int:
     """How many parameters one adapter has."""
-    return sum(w.numel() for _, layer in lora_ext.lora_layers(model) if layer.has_adapter(adapter_name)
-               for w in layer.adapter_weights(adapter_name))
+    return sum(
+        w.numel()
+        for _, layer in lora_ext.lora_layers(model)
+        if layer.has_adapter(adapter_name)
+        for w in layer.adapter_weights(adapter_name)
+    )
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -123,8 +132,16 @@ def batch_for_step(windows: dict[str, torch.Tensor], rows: int, generator: torch
     return torch.cat(ids), names
 
 
-def train_per_row(model, windows: dict[str, torch.Tensor], steps: int, rows: int, lr: float, seed: int = 0,
-                  warmup: Optional[int] = None, progress: bool = True) -> dict[str, list[float]]:
+def train_per_row(
+    model,
+    windows: dict[str, torch.Tensor],
+    steps: int,
+    rows: int,
+    lr: float,
+    seed: int = 0,
+    warmup: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, list[float]]:
     """Train the adapters named in ``windows`` at once: each step takes ``rows`` windows per adapter, runs
     the whole batch with every row through its own adapter, and minimises the sum of the adapters' mean
     token losses (so each adapter's gradient is the one it would get alone). Returns the loss curves."""
@@ -146,7 +163,7 @@ def train_per_row(model, windows: dict[str, torch.Tensor], steps: int, rows: int
             with lora_ext.adapter_batch(model, names):
                 logits = model(input_ids=ids).logits
             per_row = row_nll(logits, ids) / (seq_len - 1)
-            losses = {name: per_row[i * rows:(i + 1) * rows].mean() for i, name in enumerate(windows)}
+            losses = {name: per_row[i * rows : (i + 1) * rows].mean() for i, name in enumerate(windows)}
             opt.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             opt.step()
@@ -166,8 +183,14 @@ def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int)
     rows = [(task, name) for task in prompts for name in (BASE, task)]
     tokenizer.padding_side = "left"
     enc = tokenizer([prompts[task] for task, _ in rows], return_tensors="pt", padding=True)
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     n_in = enc["input_ids"].shape[1]
     names = list(dict.fromkeys(name for _, name in rows))
     with tqdm(total=1 + len(names), desc="generate", unit="batch", leave=False) as bar:
@@ -187,10 +210,16 @@ def generate_per_row(model, tokenizer, prompts: dict[str, str], new_tokens: int)
             bar.update()
     result = {"seconds_per_row_batch": seconds, "rows": []}
     for i, (task, name) in enumerate(rows):
-        result["rows"].append({"task": task, "adapter": name, "prompt": prompts[task],
-                               "text": tokenizer.decode(out[i], skip_special_tokens=True),
-                               "tokens": out[i].tolist(),
-                               "equals_adapter_alone": bool(torch.equal(out[i], alone[name][i]))})
+        result["rows"].append(
+            {
+                "task": task,
+                "adapter": name,
+                "prompt": prompts[task],
+                "text": tokenizer.decode(out[i], skip_special_tokens=True),
+                "tokens": out[i].tolist(),
+                "equals_adapter_alone": bool(torch.equal(out[i], alone[name][i])),
+            }
+        )
     return result
 
 
@@ -201,14 +230,19 @@ RTOL, ATOL = 1e-4, 1e-3
 
 
 def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
-    return {"max_abs_diff": (a - b).abs().max().item(), "max_abs_logit": b.abs().max().item(),
-            "allclose": bool(torch.allclose(a, b, rtol=RTOL, atol=ATOL)),
-            "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
+    return {
+        "max_abs_diff": (a - b).abs().max().item(),
+        "max_abs_logit": b.abs().max().item(),
+        "allclose": bool(torch.allclose(a, b, rtol=RTOL, atol=ATOL)),
+        "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1))),
+    }
 
 
 def describe_comparison(what: str, d: dict) -> str:
-    return (f"{what}: max |logit diff| {d['max_abs_diff']:.2e} (logits up to {d['max_abs_logit']:.1f}), "
-            f"equal within rtol {RTOL:g}/atol {ATOL:g}: {d['allclose']}, same argmax everywhere: {d['same_argmax']}")
+    return (
+        f"{what}: max |logit diff| {d['max_abs_diff']:.2e} (logits up to {d['max_abs_logit']:.1f}), "
+        f"equal within rtol {RTOL:g}/atol {ATOL:g}: {d['allclose']}, same argmax everywhere: {d['same_argmax']}"
+    )
 
 
 def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> dict:
@@ -217,6 +251,7 @@ def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> 
     ``model``, which ends as a plain merged model) and the last with PEFT's, each against lora_ext's
     unmerged logits."""
     from peft import PeftModel
+
     from . import smollm2
 
     say = log.say if log is not None else print
@@ -253,24 +288,32 @@ def peft_round_trip(model, folder: Path, names, ids: torch.Tensor, log=None) -> 
     return out
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path,
-                heldout: Optional[dict[str, tuple[float, float]]] = None) -> None:
+def plot_losses(
+    curves: dict[str, list[float]], path: Path, heldout: Optional[dict[str, tuple[float, float]]] = None
+) -> None:
     """Per-adapter training loss per step (and its running mean) into ``path`` (PNG); ``heldout``: each
     adapter's held-out perplexity on its own task ``(base, after training)``, drawn as its loss (ln ppl)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, c in curves.items():
-        line, = ax.plot(range(1, len(c) + 1), c, alpha=0.35, label=f"{name} (per step)")
+        (line,) = ax.plot(range(1, len(c) + 1), c, alpha=0.35, label=f"{name} (per step)")
         k = max(1, len(c) // 10)
-        smooth = [sum(c[max(0, i - k + 1):i + 1]) / len(c[max(0, i - k + 1):i + 1]) for i in range(len(c))]
+        smooth = [sum(c[max(0, i - k + 1) : i + 1]) / len(c[max(0, i - k + 1) : i + 1]) for i in range(len(c))]
         ax.plot(range(1, len(c) + 1), smooth, color=line.get_color(), label=f"{name} (mean of {k})")
         if heldout and name in heldout:
             before, after = (math.log(v) for v in heldout[name])
-            ax.plot([0, len(c)], [before, after], "o--", color=line.get_color(), linewidth=2,
-                    label=f"{name}: held-out loss, base -> adapter")
+            ax.plot(
+                [0, len(c)],
+                [before, after],
+                "o--",
+                color=line.get_color(),
+                linewidth=2,
+                label=f"{name}: held-out loss, base -> adapter",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Two LoRA adapters trained at once on one frozen SmolLM2-135M")
@@ -317,11 +360,15 @@ class Logger:
         table, base = results["perplexity"]["table"], results["perplexity"]["base_before_training"]
         self.say("\n== summary")
         for task, drop in results["own_task_drop"].items():
-            self.say(f"{task} adapter on held-out {task}: perplexity {base[task]:.2f} -> {table[task][task]:.2f} "
-                     f"({100 * drop:.1f}% lower)")
+            self.say(
+                f"{task} adapter on held-out {task}: perplexity {base[task]:.2f} -> {table[task][task]:.2f} "
+                f"({100 * drop:.1f}% lower)"
+            )
         sizes = ", ".join(f"{n} {a['bytes'] / 2**20:.2f} MiB" for n, a in results["interop"]["adapters"].items())
-        self.say(f"trainable per adapter: {results['trainable']['per_adapter_percent']:.2f}% of the base; "
-                 f"adapter files: {sizes}; base bit-identical after training: {results['base_unchanged']}")
+        self.say(
+            f"trainable per adapter: {results['trainable']['per_adapter_percent']:.2f}% of the base; "
+            f"adapter files: {sizes}; base bit-identical after training: {results['base_unchanged']}"
+        )
         t = results["timings_s"]
         self.say("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
         self.say(f"wrote {out / 'results.json'}, {out / 'loss.png'}, {out / 'adapters'}/")

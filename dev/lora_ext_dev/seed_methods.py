@@ -8,10 +8,10 @@
 - :func:`computed_table`: parameters and bytes of weights + gradients + AdamW state per method for larger
   LLaMA shapes, with every method really set up on a model built on the meta device (nothing allocated).
 """
+
 from __future__ import annotations
 
 import os
-import sys
 import sysconfig
 import threading
 import time
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import smollm2
-
 import lora_ext  # noqa: E402
+
+from . import smollm2
 
 METHODS = ("full", "adapters", "prompt", "peft_lora", "lora_ext_all", "lora_ext_qv")
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05)
@@ -38,6 +38,7 @@ SEQ_BN_PARAMS_135M = 30 * (576 * 36 + 36 + 36 * 576 + 576)  # 1,262,520: Adapter
 
 
 # -- adapter layers: AdapterHub's seq_bn ---------------------------------------------------------------------
+
 
 class Bottleneck(nn.Module):
     """``h + up(relu(down(h)))``: a Pfeiffer bottleneck. ``down`` as AdapterHub's default "bert" init
@@ -86,6 +87,7 @@ class SeqBnAdapters(nn.Module):
             if isinstance(output, tuple):  # decoder layers of older transformers return (hidden, ...)
                 return (block(output[0]),) + tuple(output[1:])
             return block(output)
+
         return hook
 
     def remove(self) -> None:
@@ -94,6 +96,7 @@ class SeqBnAdapters(nn.Module):
 
 
 # -- prompt tuning -------------------------------------------------------------------------------------------
+
 
 class DropVirtualTokens(nn.Module):
     """A PEFT prompt-tuning model whose logits cover only the input's positions (PEFT returns the virtual
@@ -105,10 +108,11 @@ class DropVirtualTokens(nn.Module):
         self.n_virtual = n_virtual
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        return SimpleNamespace(logits=self.peft_model(input_ids=input_ids, **kwargs).logits[:, self.n_virtual:])
+        return SimpleNamespace(logits=self.peft_model(input_ids=input_ids, **kwargs).logits[:, self.n_virtual :])
 
 
 # -- the methods ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Setup:
@@ -128,11 +132,13 @@ class Setup:
 
 def _save_full(model: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_model
+
     save_model(model, str(folder / "model.safetensors"))  # tied lm_head/embed_tokens stored once
 
 
 def _save_tensors(module: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "adapters.safetensors"))
 
 
@@ -150,26 +156,40 @@ def setup(method: str, model: nn.Module, prompt_init: str = "TEXT", tokenizer_di
         return Setup(model, list(adapters.parameters()), model, lambda d: _save_tensors(adapters, d), extra=adapters)
     if method == "prompt":
         from peft import PromptTuningConfig, get_peft_model
+
         kw = {}
         if prompt_init == "TEXT":
-            kw = dict(prompt_tuning_init_text=PROMPT_INIT_TEXT,
-                      tokenizer_name_or_path=str(tokenizer_dir or smollm2.cache_dir()))
-        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
-                                 prompt_tuning_init=prompt_init, **kw)
+            kw = dict(
+                prompt_tuning_init_text=PROMPT_INIT_TEXT,
+                tokenizer_name_or_path=str(tokenizer_dir or smollm2.cache_dir()),
+            )
+        cfg = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS, prompt_tuning_init=prompt_init, **kw
+        )
         pm = get_peft_model(model, cfg)
         net = DropVirtualTokens(pm, NUM_VIRTUAL_TOKENS)
-        return Setup(net, [p for p in pm.parameters() if p.requires_grad], model,
-                     lambda d: pm.save_pretrained(str(d)))
+        return Setup(net, [p for p in pm.parameters() if p.requires_grad], model, lambda d: pm.save_pretrained(str(d)))
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
+
         pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS[method], **LORA))
-        return Setup(pm, [p for p in pm.parameters() if p.requires_grad], pm.get_base_model(),
-                     lambda d: pm.save_pretrained(str(d)), merge=lambda: pm.merge_and_unload())
+        return Setup(
+            pm,
+            [p for p in pm.parameters() if p.requires_grad],
+            pm.get_base_model(),
+            lambda d: pm.save_pretrained(str(d)),
+            merge=lambda: pm.merge_and_unload(),
+        )
     if method in ("lora_ext_all", "lora_ext_qv"):
         lora_ext.inject_adapter(model, lora_ext.LoraConfig(target_modules=LORA_TARGETS[method], **LORA))
-        return Setup(model, [p for p in model.parameters() if p.requires_grad], model,
-                     lambda d: lora_ext.save_adapter(model, str(d)), merge=lambda: lora_ext.merge_and_unload(model),
-                     adapter_name="default")
+        return Setup(
+            model,
+            [p for p in model.parameters() if p.requires_grad],
+            model,
+            lambda d: lora_ext.save_adapter(model, str(d)),
+            merge=lambda: lora_ext.merge_and_unload(model),
+            adapter_name="default",
+        )
     raise ValueError(f"seed_methods.setup: expected a method in {METHODS}, got {method!r}")
 
 
@@ -179,6 +199,7 @@ def unique_parameters(module: nn.Module) -> int:
 
 
 # -- forgetting ----------------------------------------------------------------------------------------------
+
 
 def kl_per_position(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base || tuned) of the next-token distributions at each position (float64, ``logits.shape[:-1]``)."""
@@ -197,7 +218,7 @@ def forgetting_kl(net: nn.Module, sequences: list, base_logits: list) -> float:
         with torch.no_grad():
             for ids, base in zip(sequences, base_logits):
                 for row in range(ids.shape[0]):  # a row at a time: float64 over the vocabulary is large
-                    kl = kl_per_position(base[row], net(input_ids=ids[row:row + 1]).logits[0])
+                    kl = kl_per_position(base[row], net(input_ids=ids[row : row + 1]).logits[0])
                     total += kl.sum().item()
                     count += kl.numel()
     finally:
@@ -206,6 +227,7 @@ def forgetting_kl(net: nn.Module, sequences: list, base_logits: list) -> float:
 
 
 # -- forgetting set, inference time, checkpoint size ----------------------------------------------------
+
 
 def unrelated_text() -> tuple[str, str]:
     """CPython's LICENSE.txt (the stdlib folder's copy), or IDLE's CREDITS.txt where a distribution drops it."""
@@ -221,14 +243,22 @@ def chat_sequences(model, tokenizer, prompts, new_tokens: int) -> tuple[list, li
     seqs, answers = [], []
     with torch.no_grad():
         for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             seqs.append(out)
-            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return seqs, answers
 
 
@@ -250,6 +280,7 @@ def folder_bytes(folder: Path) -> dict[str, int]:
 
 
 # -- peak memory ---------------------------------------------------------------------------------------------
+
 
 class PeakRSS:
     """The maximum resident set size of this process, read from ``/proc/self/statm`` every ``interval`` s by a
@@ -295,24 +326,55 @@ def grad_and_optimizer_bytes(params: list, opt: torch.optim.Optimizer) -> tuple[
 # -- computed table for larger shapes ------------------------------------------------------------------------
 
 SHAPES = {  # LlamaConfig fields; SmolLM2-135M is the real model's config (tests/test_seed_table.py checks it)
-    "SmolLM2-135M": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "SmolLM2-1.7B": dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=8192, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
-    "Llama-3-8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "Llama-3-70B": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "SmolLM2-135M": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "SmolLM2-1.7B": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3-8B": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "Llama-3-70B": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
-PRECISION = ("bf16 weights; full fine-tuning: bf16 gradients + fp32 master weights + fp32 AdamW moments "
-             "(2 + 2 + 4 + 8 = 16 bytes per parameter); the other methods: frozen base in bf16 (2 bytes per "
-             "parameter), trainable parameters in fp32 with fp32 gradients and fp32 AdamW moments (4 + 4 + 8 = "
-             "16 bytes per trainable parameter); activations not counted")
+PRECISION = (
+    "bf16 weights; full fine-tuning: bf16 gradients + fp32 master weights + fp32 AdamW moments "
+    "(2 + 2 + 4 + 8 = 16 bytes per parameter); the other methods: frozen base in bf16 (2 bytes per "
+    "parameter), trainable parameters in fp32 with fp32 gradients and fp32 AdamW moments (4 + 4 + 8 = "
+    "16 bytes per trainable parameter); activations not counted"
+)
 
 
 def meta_model(shape: dict) -> nn.Module:
     """A ``LlamaForCausalLM`` of ``shape`` on the meta device (no memory, no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     with torch.device("meta"):
         return LlamaForCausalLM(LlamaConfig(**shape))
 
@@ -345,6 +407,13 @@ def computed_table(shapes: Optional[dict] = None) -> list[dict]:
     for name, shape in (shapes or SHAPES).items():
         for method in METHODS:
             c = computed_counts(shape, method)
-            rows.append({"model": name, "method": method, **c, "trainable_percent": 100 * c["trainable"] / c["base"],
-                         "bytes": computed_bytes(c, method)})
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    **c,
+                    "trainable_percent": 100 * c["trainable"] / c["base"],
+                    "bytes": computed_bytes(c, method),
+                }
+            )
     return rows

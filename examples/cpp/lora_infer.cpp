@@ -79,7 +79,9 @@ double time_ms(int repeat, F&& f, torch::Tensor& out) {
   return ms[ms.size() / 2];
 }
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
 
 }  // namespace
 
@@ -100,7 +102,8 @@ int main(int argc, char** argv) try {
   const double base_ms = time_ms(args.repeat, run_script, out["base"]);
   std::printf("%-32s %10.3f %16s\n", "base (TorchScript)", base_ms, "-");
   const double net_ms = time_ms(args.repeat, [&] { return net.forward(ids); }, out["base.cpp_net"]);
-  std::printf("%-32s %10.3f %16.3g\n", "base (C++ net, no adapter)", net_ms, max_diff(out["base.cpp_net"], out["base"]));
+  std::printf("%-32s %10.3f %16.3g\n", "base (C++ net, no adapter)", net_ms,
+              max_diff(out["base.cpp_net"], out["base"]));
 
   std::vector<std::pair<std::string, lora_ext::Adapter>> adapters;
   for (const auto& [name, dir] : args.adapters) adapters.emplace_back(name, lora_ext::load_adapter(dir));
@@ -125,8 +128,8 @@ int main(int argc, char** argv) try {
   for (const auto& [name, adapter] : adapters) {
     net.set_adapter(name);
     const double ms = time_ms(args.repeat, [&] { return net.forward(ids); }, out[name + ".unmerged"]);
-    std::printf("%-32s %10.3f %16.3g   (max|unmerged - merged| %.3g)\n", (name + " unmerged (LoraLinear)").c_str(),
-                ms, max_diff(out[name + ".unmerged"], out["base"]),
+    std::printf("%-32s %10.3f %16.3g   (max|unmerged - merged| %.3g)\n", (name + " unmerged (LoraLinear)").c_str(), ms,
+                max_diff(out[name + ".unmerged"], out["base"]),
                 max_diff(out[name + ".unmerged"], out[name + ".merged"]));
   }
   net.set_adapter(std::nullopt);

@@ -14,6 +14,7 @@ Both adapter folders are plain PEFT format (adapter_config.json + adapter_model.
 The C++ program mirrors TinyLM with torch::nn modules (examples/cpp/tiny_lm.h); the parameter
 names are the contract between the two.
 """
+
 import argparse
 import os
 
@@ -73,6 +74,7 @@ class Block(nn.Module):
 
 class TinyLM(nn.Module):
     """Pre-norm GPT-style decoder: token + learned position embeddings, LAYERS blocks, tied-free head."""
+
     n_heads: int
 
     def __init__(self, vocab=VOCAB, d=D, n_heads=HEADS, n_layers=LAYERS, ff=FF, max_len=MAX_LEN):
@@ -145,9 +147,14 @@ def main():
 
     # 1. an adapter trained with lora_ext: attention and MLP, per-layer rank and alpha
     model = make_base()
-    cfg = lora_ext.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                              rank_pattern={r"blocks\.1\.mlp\.down_proj": 4}, alpha_pattern={"o_proj": 32})
+    cfg = lora_ext.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        rank_pattern={r"blocks\.1\.mlp\.down_proj": 4},
+        alpha_pattern={"o_proj": 32},
+    )
     lora_ext.inject_adapter(model, cfg)
     losses = train(model, args.steps, seed=2)
     lora_ext.save_adapter(model, os.path.join(args.out_dir, "adapter_lora_ext"))
@@ -158,8 +165,12 @@ def main():
     # 2. an adapter trained with PEFT: rsLoRA on the MLPs and the output head
     import peft
 
-    model = peft.get_peft_model(make_base(), peft.LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.0, target_modules=["up_proj", "down_proj", "lm_head"]))
+    model = peft.get_peft_model(
+        make_base(),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.0, target_modules=["up_proj", "down_proj", "lm_head"]
+        ),
+    )
     losses = train(model, args.steps, seed=3)
     model.save_pretrained(os.path.join(args.out_dir, "adapter_peft"), save_embedding_layers=False)
     with torch.no_grad():
@@ -169,8 +180,10 @@ def main():
     from safetensors.torch import save_file
 
     save_file({"input_ids": ids}, os.path.join(args.out_dir, "inputs.safetensors"))
-    save_file({k: v.contiguous() for k, v in expected.items() if k != "input_ids"},
-              os.path.join(args.out_dir, "expected.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in expected.items() if k != "input_ids"},
+        os.path.join(args.out_dir, "expected.safetensors"),
+    )
     for name in ("lora_ext.python", "peft.python"):
         print(f"{name}: max |adapter - base| logits = {(expected[name] - expected['base']).abs().max().item():.3f}")
     print(f"wrote {args.out_dir}")

@@ -13,8 +13,8 @@ TinyLM::TinyLM(const torch::jit::Module& scripted) {
     const bool is_linear = name.ends_with(suffix) && (name.ends_with("_proj.weight") || path == "lm_head");
     if (is_linear) {
       auto b = all.find(path + ".bias");
-      linears_.emplace(path, lora_ext::nn::LoraLinear(t, b == all.end() ? std::nullopt
-                                                                          : std::optional<torch::Tensor>(b->second)));
+      linears_.emplace(
+          path, lora_ext::nn::LoraLinear(t, b == all.end() ? std::nullopt : std::optional<torch::Tensor>(b->second)));
     }
     if (name.starts_with("blocks.")) n_layers_ = std::max<int64_t>(n_layers_, std::stoll(name.substr(7)) + 1);
   }
@@ -51,8 +51,8 @@ torch::Tensor TinyLM::forward(const torch::Tensor& ids) {
     auto heads = [&](const std::string& proj) {
       return linear(blk + ".attn." + proj, y).view({b, t, h, d / h}).transpose(1, 2);
     };
-    auto a = at::scaled_dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), std::nullopt,
-                                              0.0, /*is_causal=*/true);
+    auto a = at::scaled_dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), std::nullopt, 0.0,
+                                              /*is_causal=*/true);
     x = x + linear(blk + ".attn.o_proj", a.transpose(1, 2).reshape({b, t, d}));
     y = layer_norm(blk + ".ln2", x);
     x = x + linear(blk + ".mlp.down_proj", torch::gelu(linear(blk + ".mlp.up_proj", y)));
@@ -68,8 +68,8 @@ void TinyLM::add_adapter(const std::string& name, const lora_ext::Adapter& adapt
                                ", which is not a linear of this model (run such adapters merged)");
     }
     const auto& w = linears_.at(m.path)->weight;
-    if (m.lora_A.dim() != 2 || m.lora_B.dim() != 2 || m.lora_A.size(1) != w.size(1) ||
-        m.lora_B.size(0) != w.size(0) || m.lora_A.size(0) != m.lora_B.size(1)) {
+    if (m.lora_A.dim() != 2 || m.lora_B.dim() != 2 || m.lora_A.size(1) != w.size(1) || m.lora_B.size(0) != w.size(0) ||
+        m.lora_A.size(0) != m.lora_B.size(1)) {
       throw std::runtime_error("TinyLM: adapter \"" + name + "\" does not fit " + m.path);
     }
     const auto names = linears_.at(m.path)->adapters();

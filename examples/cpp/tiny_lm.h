@@ -31,8 +31,8 @@ class TinyLM {
   torch::Tensor linear(const std::string& path, const torch::Tensor& x);
   torch::Tensor layer_norm(const std::string& path, const torch::Tensor& x) const;
 
-  std::map<std::string, torch::Tensor> params_;                  // everything but the linears
-  std::map<std::string, lora_ext::nn::LoraLinear> linears_;      // by module path
+  std::map<std::string, torch::Tensor> params_;              // everything but the linears
+  std::map<std::string, lora_ext::nn::LoraLinear> linears_;  // by module path
   int64_t n_heads_ = 0;
   int64_t n_layers_ = 0;
 };

@@ -19,6 +19,7 @@ every rank calls it); only the adapter's tensors are gathered, never the base we
 Nothing here imports ``torch.distributed`` unless a DTensor is met, so ``lora_ext`` imports
 where ``torch.distributed`` is unavailable.
 """
+
 from __future__ import annotations
 
 import sys
@@ -84,13 +85,16 @@ def _factor_placements(weight_placements, which: str):
         elif isinstance(p, Shard) and p.dim in (1, -1):
             out.append(Shard(1) if which == "A" else Replicate())
         elif isinstance(p, Shard):
-            raise ValueError(f"lora_ext merge: expected a weight sharded on dim 0 or 1, got placements "
-                             f"{tuple(weight_placements)}")
+            raise ValueError(
+                f"lora_ext merge: expected a weight sharded on dim 0 or 1, got placements {tuple(weight_placements)}"
+            )
         elif p.is_replicate():
             out.append(Replicate())
         else:
-            raise ValueError(f"lora_ext merge: expected a weight with Shard/Replicate placements, got "
-                             f"{tuple(weight_placements)} (a Partial weight has no values to merge into)")
+            raise ValueError(
+                f"lora_ext merge: expected a weight with Shard/Replicate placements, got "
+                f"{tuple(weight_placements)} (a Partial weight has no values to merge into)"
+            )
     return out
 
 
@@ -100,19 +104,24 @@ def local_operands(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
     returned as they are. A collective when ``weight`` is a DTensor."""
     if not is_dtensor(weight):
         if any_dtensor((lora_A, lora_B)):
-            raise ValueError("lora_ext merge: expected the adapter and the weight both DTensors or both plain "
-                             "tensors, got a plain weight and DTensor factors")
+            raise ValueError(
+                "lora_ext merge: expected the adapter and the weight both DTensors or both plain "
+                "tensors, got a plain weight and DTensor factors"
+            )
         return weight, lora_A, lora_B
     mesh, placements = weight.device_mesh, weight.placements
     factors = []
     for t, which in ((lora_A, "A"), (lora_B, "B")):
         want = _factor_placements(placements, which)
         if not is_dtensor(t):
-            raise ValueError(f"lora_ext merge: expected lora_{which} as a DTensor like the weight "
-                             f"({tuple(placements)}), got a plain tensor")
+            raise ValueError(
+                f"lora_ext merge: expected lora_{which} as a DTensor like the weight "
+                f"({tuple(placements)}), got a plain tensor"
+            )
         if t.device_mesh != mesh:
-            raise ValueError(f"lora_ext merge: expected lora_{which} on the weight's device mesh {mesh}, got "
-                             f"{t.device_mesh}")
+            raise ValueError(
+                f"lora_ext merge: expected lora_{which} on the weight's device mesh {mesh}, got {t.device_mesh}"
+            )
         factors.append(t.redistribute(mesh, want).to_local())
     return weight.to_local(), factors[0], factors[1]
 
@@ -149,8 +158,7 @@ def distributed_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return value
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
-                             src_data_rank=None)
+    return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def full_tensors(obj):

@@ -1,4 +1,5 @@
 """Replacing a submodule given by its dotted path (the one way lora_ext swaps layers in and out of a model)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -4,6 +4,7 @@ A name is a key of the layers' ``ModuleDict``s and, for a non-default adapter, a
 inside the save/load directory (PEFT's layout: ``<dir>/<name>``). It must therefore never
 escape that directory or break a module key.
 """
+
 from __future__ import annotations
 
 import os

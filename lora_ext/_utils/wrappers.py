@@ -20,6 +20,7 @@ instance of a class whose module has been imported, so each class is looked up i
 ``sys.modules``. This keeps the module importable, and cheap, where ``torch.distributed`` is
 unavailable. It imports nothing from lora_ext, so every lora_ext module may import it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,7 +41,11 @@ _TRANSPARENT = (
 # (module, class name, how an error message names it)
 _FIXING = (
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "DistributedDataParallel"),
-    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel", "FSDP (FullyShardedDataParallel)"),
+    (
+        "torch.distributed.fsdp.fully_sharded_data_parallel",
+        "FullyShardedDataParallel",
+        "FSDP (FullyShardedDataParallel)",
+    ),
     ("torch.distributed.fsdp", "FSDPModule", "FSDP2 (fully_shard)"),
     ("torch.distributed._composable.fsdp", "FSDPModule", "FSDP2 (fully_shard)"),  # torch < 2.6
 )
@@ -134,8 +139,13 @@ def check_not_wrapped(model: nn.Module, where: str, tensor_parallel_ok: bool = F
     no DDP/FSDP) with at least one LoRA layer ``lora_ext.distributed.tensor_parallel`` parallelized; the caller
     then refuses targets holding DTensors that are not such layers."""
     found = wrapped_by(model)
-    if found and tensor_parallel_ok and len(found) == 1 and found[0].startswith("DTensor parameters") \
-            and any(is_tensor_parallel_layer(m) for m in model.modules()):
+    if (
+        found
+        and tensor_parallel_ok
+        and len(found) == 1
+        and found[0].startswith("DTensor parameters")
+        and any(is_tensor_parallel_layer(m) for m in model.modules())
+    ):
         return
     if found:
         raise ValueError(
@@ -166,7 +176,6 @@ def check_trainable_fixed(model: nn.Module, where: str, what: str) -> None:
             "lora_ext.distributed.unwrap(ddp_model); wrap it again afterwards), or train several adapters "
             "at once with lora_ext.adapter_batch, which picks an adapter per batch row"
         )
-
 
 
 def shards_parameters(model: nn.Module) -> bool:

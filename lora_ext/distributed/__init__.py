@@ -35,6 +35,7 @@ This package may import the model-level API (``lora_ext.model`` and ``lora_ext.i
 Importing this module does not import ``torch.distributed``: it works, and ``is_wrapped`` is
 False for every model, where ``torch.distributed.is_available()`` is False.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,16 +44,26 @@ import torch
 from torch import nn
 
 from .._utils import dtensors
+from .._utils.wrappers import is_wrapped, unwrap, wrapped_by
 from ..io.adapter import adapter_state_dict, read_adapter
 from ..model.core import adapter_configs
 from .fsdp import reshard, shard_lora_model, transformer_blocks
-from .training_state import (_dist, _names, load_training_state, read_training_state, save_training_state,
-                             training_state)
-from .._utils.wrappers import is_wrapped, unwrap, wrapped_by
+from .training_state import _dist, _names, load_training_state, read_training_state, save_training_state, training_state
 
-__all__ = ["unwrap", "is_wrapped", "wrapped_by", "broadcast_adapters", "training_state", "save_training_state",
-           "read_training_state", "load_training_state", "shard_lora_model", "transformer_blocks", "reshard",
-           "load_adapter_values"]
+__all__ = [
+    "unwrap",
+    "is_wrapped",
+    "wrapped_by",
+    "broadcast_adapters",
+    "training_state",
+    "save_training_state",
+    "read_training_state",
+    "load_training_state",
+    "shard_lora_model",
+    "transformer_blocks",
+    "reshard",
+    "load_adapter_values",
+]
 # Also LoraColwiseParallel, LoraRowwiseParallel and reduce_replicated_grads (tensor_parallel.py, which imports
 # torch.distributed.tensor): loaded on first use, so this module imports where torch.distributed is missing.
 _TENSOR_PARALLEL = ("LoraColwiseParallel", "LoraRowwiseParallel", "reduce_replicated_grads")
@@ -64,7 +75,6 @@ def __getattr__(name: str):
 
         return getattr(tensor_parallel, name)
     raise AttributeError(f"module 'lora_ext.distributed' has no attribute {name!r}")
-
 
 
 def broadcast_adapters(model: nn.Module, src: int = 0, adapter_names=None) -> nn.Module:
@@ -79,8 +89,9 @@ def broadcast_adapters(model: nn.Module, src: int = 0, adapter_names=None) -> nn
     where = "lora_ext.distributed.broadcast_adapters"
     dist = _dist()
     if dist is None:
-        raise ValueError(f"{where}: expected an initialized process group (torch.distributed.init_process_group), "
-                         "got none")
+        raise ValueError(
+            f"{where}: expected an initialized process group (torch.distributed.init_process_group), got none"
+        )
     model = unwrap(model)
     names = _names(model, adapter_names, where)
     tensors = [(f"{name}:{key}", t) for name in names for key, t in adapter_state_dict(model, name).items()]
@@ -90,9 +101,11 @@ def broadcast_adapters(model: nn.Module, src: int = 0, adapter_names=None) -> nn
     check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
     dist.all_reduce(check, op=dist.ReduceOp.MAX)
     if int(check[0]) != digest or int(check[1]) != -digest:
-        raise ValueError(f"{where}: expected every rank to hold the same adapter tensors (names, shapes, dtypes), "
-                         f"got ranks that differ; this rank ({dist.get_rank()}) has {len(tensors)} tensors of "
-                         f"adapters {names}")
+        raise ValueError(
+            f"{where}: expected every rank to hold the same adapter tensors (names, shapes, dtypes), "
+            f"got ranks that differ; this rank ({dist.get_rank()}) has {len(tensors)} tensors of "
+            f"adapters {names}"
+        )
     with torch.no_grad():
         for _, t in tensors:
             buf = t if t.is_contiguous() else t.contiguous()
@@ -105,8 +118,13 @@ def broadcast_adapters(model: nn.Module, src: int = 0, adapter_names=None) -> nn
 _COMPUTE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "modules_to_save")
 
 
-def load_adapter_values(model: nn.Module, path: str, adapter_name: str = "default", allow_pickle: bool = False,
-                        allow_nonfinite: bool = False) -> nn.Module:
+def load_adapter_values(
+    model: nn.Module,
+    path: str,
+    adapter_name: str = "default",
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
     """Copy the adapter saved in ``path`` into the model's existing adapter ``adapter_name``, on a plain,
     DDP, FSDP2 or tensor-parallel model (DTensor parameters: each rank keeps its own shard of the
     file's values; no communication). Every rank reads the file.
@@ -121,16 +139,18 @@ def load_adapter_values(model: nn.Module, path: str, adapter_name: str = "defaul
     inner = unwrap(model)
     configs = adapter_configs(inner)
     if adapter_name not in configs:
-        raise ValueError(f"{where}: expected the name of an adapter the model has ({list(configs)}), got "
-                         f"{adapter_name!r}")
+        raise ValueError(
+            f"{where}: expected the name of an adapter the model has ({list(configs)}), got {adapter_name!r}"
+        )
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
     targets = adapter_state_dict(inner, adapter_name)
     problems = []
     have, want = configs[adapter_name].to_dict(), config.to_dict()
     differ = [f for f in _COMPUTE_FIELDS if have.get(f) != want.get(f)]
     if differ:
-        problems.append("the config differs in " + ", ".join(f"{f} (model {have.get(f)!r}, file {want.get(f)!r})"
-                                                             for f in differ))
+        problems.append(
+            "the config differs in " + ", ".join(f"{f} (model {have.get(f)!r}, file {want.get(f)!r})" for f in differ)
+        )
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
     if missing:
         problems.append(f"{len(missing)} of the adapter's tensors are not in the file: {missing[:5]}")
@@ -145,8 +165,9 @@ def load_adapter_values(model: nn.Module, path: str, adapter_name: str = "defaul
         elif not allow_nonfinite and not torch.isfinite(value).all():
             problems.append(f"{key}: holds NaN/Inf values (allow_nonfinite=True loads them anyway)")
     if problems:
-        raise ValueError(f"{where}: {path!r} does not fit adapter {adapter_name!r}; nothing was changed:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"{where}: {path!r} does not fit adapter {adapter_name!r}; nothing was changed:\n  " + "\n  ".join(problems)
+        )
     with torch.no_grad():
         for key, t in targets.items():
             value = tensors[key].to(t.dtype)

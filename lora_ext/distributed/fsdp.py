@@ -13,6 +13,7 @@ it manages); ranks whose adapters were initialised with different seeds call
 rank holds). After sharding, ``lora_ext.save_adapter`` is collective and writes the same file as
 one process; ``lora_ext.merge`` merges into the sharded weights (``lora_ext/_utils/dtensors.py``).
 """
+
 from __future__ import annotations
 
 import re
@@ -56,20 +57,24 @@ def _group_dtype_problems(groups: list[tuple[str, nn.Module]], root: nn.Module) 
     in_block = {id(p) for _, m in groups for p in m.parameters()}
     problems = []
     for path, params in [(p or "<root>", list(m.named_parameters())) for p, m in groups] + [
-            ("<root>", [(n, p) for n, p in root.named_parameters() if id(p) not in in_block])]:
+        ("<root>", [(n, p) for n, p in root.named_parameters() if id(p) not in in_block])
+    ]:
         by_dtype: dict = {}
         for name, p in params:
             if p.requires_grad:
                 by_dtype.setdefault(p.dtype, []).append(name)
         if len(by_dtype) > 1:
-            listed = "; ".join(f"{str(d).replace('torch.', '')}: {names[:3]}{' ...' if len(names) > 3 else ''}"
-                               for d, names in by_dtype.items())
+            listed = "; ".join(
+                f"{str(d).replace('torch.', '')}: {names[:3]}{' ...' if len(names) > 3 else ''}"
+                for d, names in by_dtype.items()
+            )
             problems.append(f"group {path!r} trains parameters of {len(by_dtype)} dtypes ({listed})")
     return problems
 
 
-def shard_lora_model(model: nn.Module, *, mesh=None, block_types: Optional[Iterable[type]] = None,
-                     **fully_shard_kwargs) -> nn.Module:
+def shard_lora_model(
+    model: nn.Module, *, mesh=None, block_types: Optional[Iterable[type]] = None, **fully_shard_kwargs
+) -> nn.Module:
     """``fully_shard`` every transformer block of ``model`` (:func:`transformer_blocks`), then the
     root; returns ``model`` (now an FSDP2 module, sharded in place).
 
@@ -92,12 +97,15 @@ def shard_lora_model(model: nn.Module, *, mesh=None, block_types: Optional[Itera
 
     blocks = transformer_blocks(model, block_types)
     if block_types is not None and not blocks:
-        raise ValueError(f"{where}: expected modules of block_types {[t.__name__ for t in block_types]} in the "
-                         "model, got none")
+        raise ValueError(
+            f"{where}: expected modules of block_types {[t.__name__ for t in block_types]} in the model, got none"
+        )
     problems = _group_dtype_problems(blocks, model)
     if problems:
-        raise ValueError(f"{where}: expected the trainable parameters of each FSDP group to share one dtype, got "
-                         + "; ".join(problems))
+        raise ValueError(
+            f"{where}: expected the trainable parameters of each FSDP group to share one dtype, got "
+            + "; ".join(problems)
+        )
     dtensors.register_strategies()  # merging into the sharded weights
     for _, block in blocks:
         fully_shard(block, mesh=mesh, **fully_shard_kwargs)

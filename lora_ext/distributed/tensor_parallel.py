@@ -46,6 +46,7 @@ plain ``mm``/``sum`` that DTensor already shards). Each op also has an all-``Rep
 Merging into the sharded weights is ``lora_ext/_utils/dtensors.py``'s (``lora_ext.merge`` / ``unmerge``). Not covered:
 per-row adapter batches (``lora_linear_multi``), other LoRA layer types (embedding, conv, GPT-2 ``Conv1D``).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -53,15 +54,22 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_module, \
-    distribute_tensor
+from torch.distributed.tensor import (
+    DeviceMesh,
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
 from .. import ops  # noqa: F401  (registers torch.ops.lora_ext)
-from ..layers.gpt2_conv1d import LoraGPT2Conv1D
 from ..layers.base import LoraLayer
+from ..layers.gpt2_conv1d import LoraGPT2Conv1D
 from ..layers.linear import LoraLinear
 
 __all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "reduce_replicated_grads", "tensor_parallel_layout"]
@@ -217,25 +225,37 @@ class _LoraStyle:
         if not isinstance(module, LoraLayer):
             return super()._apply(module, device_mesh)  # torch's style (raises for other types)
         if not isinstance(module, LoraLinear) or isinstance(module, LoraGPT2Conv1D):
-            raise TypeError(f"{where}: expected a LoraLinear on an nn.Linear (or a plain nn.Linear/nn.Embedding), "
-                            f"got a {type(module).__name__}, which lora_ext's tensor parallel does not support")
+            raise TypeError(
+                f"{where}: expected a LoraLinear on an nn.Linear (or a plain nn.Linear/nn.Embedding), "
+                f"got a {type(module).__name__}, which lora_ext's tensor parallel does not support"
+            )
         if getattr(module, "_tp_layout", None) is not None:
-            raise ValueError(f"{where}: expected a LoraLinear that is not parallelized yet, got one already "
-                             f"parallelized as {module._tp_layout!r}")
+            raise ValueError(
+                f"{where}: expected a LoraLinear that is not parallelized yet, got one already "
+                f"parallelized as {module._tp_layout!r}"
+            )
         if device_mesh.ndim != 1:
-            raise ValueError(f"{where}: expected a 1-D DeviceMesh (slice the TP dimension, mesh['tp']), "
-                             f"got {device_mesh.ndim} dimensions")
+            raise ValueError(
+                f"{where}: expected a 1-D DeviceMesh (slice the TP dimension, mesh['tp']), "
+                f"got {device_mesh.ndim} dimensions"
+            )
         if module.merged:
-            raise ValueError(f"{where}: expected an unmerged LoraLinear, got one with merged adapters "
-                             f"{module.merged_adapters}: unmerge before parallelizing")
+            raise ValueError(
+                f"{where}: expected an unmerged LoraLinear, got one with merged adapters "
+                f"{module.merged_adapters}: unmerge before parallelizing"
+            )
         held = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
         if held:
-            raise ValueError(f"{where}: expected plain parameters, got DTensor parameters {held} (FSDP2 or another "
-                             "style holds this layer)")
+            raise ValueError(
+                f"{where}: expected plain parameters, got DTensor parameters {held} (FSDP2 or another "
+                "style holds this layer)"
+            )
         layout = _Layout(self._kind, device_mesh, self.src_data_rank)
         self._check_shapes(module, layout, where)
         return distribute_module(
-            module, device_mesh, partial(self._partition, layout),
+            module,
+            device_mesh,
+            partial(self._partition, layout),
             partial(self._prepare_input, self.input_layouts, self._desired_input),
             partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
         )
@@ -245,8 +265,10 @@ class _LoraStyle:
         k, dim = layout.mesh.size(), layout.weight.dim
         size = module.base_layer.weight.shape[dim]
         if size < k:
-            raise ValueError(f"{where}: expected the split dimension ({'out' if dim == 0 else 'in'}_features) "
-                             f"to be >= the mesh size {k}, got {size}")
+            raise ValueError(
+                f"{where}: expected the split dimension ({'out' if dim == 0 else 'in'}_features) "
+                f"to be >= the mesh size {k}, got {size}"
+            )
 
     @staticmethod
     def _partition(layout: _Layout, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
@@ -303,13 +325,23 @@ class LoraRowwiseParallel(_LoraStyle, RowwiseParallel):
                     "lora_dropout=0 on rowwise layers (dropout works on colwise ones), or eval mode"
                 )
         x = inputs[0]
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.dim() > 0 \
-                and tuple(input_layouts) in ((Shard(-1),), (Shard(x.dim() - 1),)):
+        if (
+            isinstance(x, torch.Tensor)
+            and not isinstance(x, DTensor)
+            and x.dim() > 0
+            and tuple(input_layouts) in ((Shard(-1),), (Shard(x.dim() - 1),))
+        ):
             # torch's from_local assumes even shards (global size = k * local size); the layer knows
             # in_features, so an uneven split (in % k != 0) needs no communication either
             shape = (*x.shape[:-1], mod.in_features)
-            x = DTensor.from_local(x, device_mesh, input_layouts, run_check=False, shape=torch.Size(shape),
-                                   stride=_contiguous_strides(shape))
+            x = DTensor.from_local(
+                x,
+                device_mesh,
+                input_layouts,
+                run_check=False,
+                shape=torch.Size(shape),
+                stride=_contiguous_strides(shape),
+            )
         return super()._prepare_input(input_layouts, desired_input_layouts, mod, (x, *inputs[1:]), device_mesh)
 
 
@@ -332,8 +364,12 @@ def reduce_replicated_grads(model: nn.Module) -> int:
     done = 0
     for p in model.parameters():
         g = p.grad
-        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements \
-                and any(pl.is_partial() for pl in g.placements):
+        if (
+            isinstance(g, DTensor)
+            and isinstance(p, DTensor)
+            and g.placements != p.placements
+            and any(pl.is_partial() for pl in g.placements)
+        ):
             p.grad = g.redistribute(p.device_mesh, p.placements)
             done += 1
     return done

@@ -1,6 +1,7 @@
 """Resumable LoRA training checkpoints (``lora_ext.distributed.training_state`` and friends): the
 adapters, the optimizer state and each rank's RNG stream, as plain data that ``torch.load(weights_only=True)``
 reads. See ``lora_ext/distributed/__init__.py`` for the distributed story these belong to."""
+
 from __future__ import annotations
 
 import io
@@ -10,10 +11,10 @@ import torch
 from torch import nn
 
 from .._utils import dtensors
+from .._utils.wrappers import unwrap
 from ..io.adapter import adapter_state_dict
 from ..io.atomic import atomic_write_bytes, remove_stale_temporaries
 from ..model.core import adapter_configs
-from .._utils.wrappers import unwrap
 
 FORMAT = "lora_ext.training_state"
 FORMAT_VERSION = 1
@@ -42,8 +43,9 @@ def _names(model: nn.Module, adapter_names, where: str) -> list[str]:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     missing = [n for n in names if n not in configs]
     if missing or not names:
-        raise ValueError(f"{where}: expected names of adapters the model has ({list(configs)}), got "
-                         f"{missing if missing else names}")
+        raise ValueError(
+            f"{where}: expected names of adapters the model has ({list(configs)}), got {missing if missing else names}"
+        )
     return names
 
 
@@ -66,11 +68,17 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, adapter_n
     configs = adapter_configs(model)
     adapters = {}
     for name in _names(model, adapter_names, where):
-        adapters[name] = {"config": configs[name].to_dict(),
-                          "tensors": {k: v.detach().clone() for k, v in
-                                      dtensors.gathered(adapter_state_dict(model, name)).items()}}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "adapters": adapters,
-            "optimizer": dtensors.full_tensors(optimizer.state_dict()), "rng": _rng_state()}
+        adapters[name] = {
+            "config": configs[name].to_dict(),
+            "tensors": {k: v.detach().clone() for k, v in dtensors.gathered(adapter_state_dict(model, name)).items()},
+        }
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "adapters": adapters,
+        "optimizer": dtensors.full_tensors(optimizer.state_dict()),
+        "rng": _rng_state(),
+    }
 
 
 def _check_plain(obj, path: str, where: str) -> None:
@@ -83,8 +91,10 @@ def _check_plain(obj, path: str, where: str) -> None:
         for i, v in enumerate(obj):
             _check_plain(v, f"{path}[{i}]", where)
     elif not isinstance(obj, _SAFE_TYPES):
-        raise ValueError(f"{where}: expected only dicts, lists, strings, numbers and tensors (loadable with "
-                         f"torch.load(weights_only=True)), got a {type(obj).__name__} at {path}")
+        raise ValueError(
+            f"{where}: expected only dicts, lists, strings, numbers and tensors (loadable with "
+            f"torch.load(weights_only=True)), got a {type(obj).__name__} at {path}"
+        )
 
 
 def _to_cpu(obj):
@@ -136,30 +146,41 @@ def read_training_state(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or tampered zip, or a pickle with objects weights_only refuses
-        raise ValueError(f"{where}: {path!r} is not a valid training state file "
-                         f"(torch.load(weights_only=True) failed): {e}") from e
+        raise ValueError(
+            f"{where}: {path!r} is not a valid training state file (torch.load(weights_only=True) failed): {e}"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{where}: {path!r}: expected a dict with format {FORMAT!r}, got "
-                         f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
+        raise ValueError(
+            f"{where}: {path!r}: expected a dict with format {FORMAT!r}, got "
+            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
+        )
     return state
 
 
 def _check_rng(rng, where: str) -> list[str]:
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
-            or not isinstance(rng.get("cuda"), (list, tuple)):
+    if (
+        not isinstance(rng, dict)
+        or not isinstance(rng.get("torch"), torch.Tensor)
+        or not isinstance(rng.get("cuda"), (list, tuple))
+    ):
         return ["rng: expected {'torch': tensor, 'cuda': [tensors]}, got " + repr(type(rng).__name__)]
     problems = []
     if rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape:
-        problems.append(f"rng: expected a torch RNG state of shape {tuple(torch.get_rng_state().shape)} uint8, "
-                        f"got {tuple(rng['torch'].shape)} {rng['torch'].dtype}")
+        problems.append(
+            f"rng: expected a torch RNG state of shape {tuple(torch.get_rng_state().shape)} uint8, "
+            f"got {tuple(rng['torch'].shape)} {rng['torch'].dtype}"
+        )
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) != torch.cuda.device_count():
-        problems.append(f"rng: expected CUDA RNG states of {torch.cuda.device_count()} devices, "
-                        f"got {len(rng['cuda'])}")
+        problems.append(f"rng: expected CUDA RNG states of {torch.cuda.device_count()} devices, got {len(rng['cuda'])}")
     return problems
 
 
 def _check_optimizer(optimizer, sd, problems: list[str]) -> None:
-    if not isinstance(sd, dict) or not isinstance(sd.get("param_groups"), list) or not isinstance(sd.get("state"), dict):
+    if (
+        not isinstance(sd, dict)
+        or not isinstance(sd.get("param_groups"), list)
+        or not isinstance(sd.get("state"), dict)
+    ):
         problems.append(f"optimizer: expected a state_dict with 'state' and 'param_groups', got {type(sd).__name__}")
         return
     groups, saved = optimizer.param_groups, sd["param_groups"]
@@ -170,8 +191,10 @@ def _check_optimizer(optimizer, sd, problems: list[str]) -> None:
     for i, (g, s) in enumerate(zip(groups, saved)):
         ids = s.get("params") if isinstance(s, dict) else None
         if not isinstance(ids, list) or len(ids) != len(g["params"]):
-            problems.append(f"optimizer: param group {i}: expected {len(g['params'])} parameters, "
-                            f"got {len(ids) if isinstance(ids, list) else ids!r}")
+            problems.append(
+                f"optimizer: param group {i}: expected {len(g['params'])} parameters, "
+                f"got {len(ids) if isinstance(ids, list) else ids!r}"
+            )
             return
         params += list(zip(ids, g["params"]))
     by_id = dict(params)
@@ -179,10 +202,11 @@ def _check_optimizer(optimizer, sd, problems: list[str]) -> None:
         if pid not in by_id:
             problems.append(f"optimizer: state for parameter {pid!r}, which no param group lists")
             continue
-        for k, v in (st.items() if isinstance(st, dict) else ()):
+        for k, v in st.items() if isinstance(st, dict) else ():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != by_id[pid].shape:
-                problems.append(f"optimizer: state[{pid}][{k!r}]: expected shape {tuple(by_id[pid].shape)}, "
-                                f"got {tuple(v.shape)}")
+                problems.append(
+                    f"optimizer: state[{pid}][{k!r}]: expected shape {tuple(by_id[pid].shape)}, got {tuple(v.shape)}"
+                )
 
 
 def _sharded_like_params(optimizer, sd: dict) -> dict:
@@ -193,8 +217,14 @@ def _sharded_like_params(optimizer, sd: dict) -> dict:
     state = {}
     for pid, st in sd["state"].items():
         p = params[pid]
-        state[pid] = {k: (dtensors.distributed_like(p, v) if isinstance(v, torch.Tensor) and dtensors.is_dtensor(p)
-                          and v.dim() > 0 and v.shape == p.shape else v) for k, v in st.items()}
+        state[pid] = {
+            k: (
+                dtensors.distributed_like(p, v)
+                if isinstance(v, torch.Tensor) and dtensors.is_dtensor(p) and v.dim() > 0 and v.shape == p.shape
+                else v
+            )
+            for k, v in st.items()
+        }
     return {**sd, "state": state}
 
 
@@ -209,8 +239,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     if isinstance(state, (str, os.PathLike)):
         state = read_training_state(os.fspath(state))
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{where}: expected a dict with format {FORMAT!r}, got "
-                         f"{type(state).__name__ if not isinstance(state, dict) else state.get('format')!r}")
+        raise ValueError(
+            f"{where}: expected a dict with format {FORMAT!r}, got "
+            f"{type(state).__name__ if not isinstance(state, dict) else state.get('format')!r}"
+        )
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{where}: expected format version {FORMAT_VERSION}, got {state.get('version')!r}")
     model = unwrap(model)
@@ -223,8 +255,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
         adapters = {}
     for name, saved in adapters.items():
         if name not in configs:
-            problems.append(f"adapter {name!r}: expected one of the model's adapters {list(configs)}, "
-                            "got a name the model does not have")
+            problems.append(
+                f"adapter {name!r}: expected one of the model's adapters {list(configs)}, "
+                "got a name the model does not have"
+            )
             continue
         if not isinstance(saved, dict) or not isinstance(saved.get("tensors"), dict):
             problems.append(f"adapter {name!r}: expected {{'config': ..., 'tensors': ...}}, got {type(saved).__name__}")
@@ -233,8 +267,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
         if saved.get("config") != want_cfg:
             got = saved.get("config") if isinstance(saved.get("config"), dict) else {}
             diff = sorted(k for k in set(want_cfg) | set(got) if want_cfg.get(k) != got.get(k))
-            problems.append(f"adapter {name!r}: config differs in {diff}: expected "
-                            f"{ {k: want_cfg.get(k) for k in diff} }, got { {k: got.get(k) for k in diff} }")
+            problems.append(
+                f"adapter {name!r}: config differs in {diff}: expected "
+                f"{ {k: want_cfg.get(k) for k in diff} }, got { {k: got.get(k) for k in diff} }"
+            )
         have = adapter_state_dict(model, name)
         tensors = saved["tensors"]
         for key in sorted(set(have) - set(tensors)):
@@ -244,7 +280,7 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
         for key in sorted(set(have) & set(tensors)):
             want, got = have[key], tensors[key]
             if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
-                what = (f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__)
+                what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
                 problems.append(f"adapter {name!r}: {key}: expected {tuple(want.shape)} {want.dtype}, got {what}")
             else:
                 copies.append((want, got))
@@ -253,8 +289,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     if "rng_by_rank" in state:
         ranks = state["rng_by_rank"]
         if not isinstance(ranks, (list, tuple)) or len(ranks) != world:
-            problems.append(f"rng_by_rank: expected the RNG states of {world} rank(s) (the world size), got "
-                            f"{len(ranks) if isinstance(ranks, (list, tuple)) else type(ranks).__name__}")
+            problems.append(
+                f"rng_by_rank: expected the RNG states of {world} rank(s) (the world size), got "
+                f"{len(ranks) if isinstance(ranks, (list, tuple)) else type(ranks).__name__}"
+            )
             rng = None
         else:
             rng = ranks[rank]
@@ -263,8 +301,10 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     if rng is not None or "rng_by_rank" not in state:
         problems += _check_rng(rng, where)
     if problems:
-        raise ValueError(f"{where}: the training state does not fit the model and optimizer; nothing was changed:"
-                         "\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"{where}: the training state does not fit the model and optimizer; nothing was changed:"
+            "\n  " + "\n  ".join(problems)
+        )
     with torch.no_grad():
         for dst, src in copies:  # a DTensor keeps its own shard of the full value
             dst_local = dst.to_local() if dtensors.is_dtensor(dst) else dst

@@ -15,6 +15,7 @@
 No KV cache is exported: a generation step runs the whole prefix again, so a step costs what a forward over the
 sequence costs (the head runs on the last position only).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,6 +37,7 @@ _PREFIX = "model."  # the wrapper's attribute: the package's constants are "mode
 
 class _Rows:
     """The row plan of the forward being traced (export-time only: a fresh wrapper per export, one thread)."""
+
     plan: Optional[tuple] = None
 
 
@@ -58,8 +60,19 @@ class _SlotLinear(nn.Module):
 
     def forward(self, x):
         ids, order, offsets = self._rows.plan
-        return ops.lora_linear_multi(x, self.weight, self.bias, self.lora_A, self.lora_Bt.transpose(1, 2),
-                                     self.lora_scales, ids, 0.0, False, order, offsets)
+        return ops.lora_linear_multi(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_Bt.transpose(1, 2),
+            self.lora_scales,
+            ids,
+            0.0,
+            False,
+            order,
+            offsets,
+        )
 
 
 class _LastLogits(nn.Module):
@@ -88,14 +101,23 @@ def _slot_targets(model: nn.Module, target_modules: Optional[Sequence[str]]) -> 
     chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
     missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in chosen)]
     if missing:
-        raise ValueError(f"export_causal_lm: expected every target module to name nn.Linear layers, got {missing} "
-                         f"matching none (e.g. {names[:3]})")
+        raise ValueError(
+            f"export_causal_lm: expected every target module to name nn.Linear layers, got {missing} "
+            f"matching none (e.g. {names[:3]})"
+        )
     return chosen
 
 
-def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapter_slots: int = 0,
-                     max_rank: int = 8, target_modules: Optional[Sequence[str]] = None, max_batch: int = 64,
-                     max_seq: int = 512) -> dict:
+def export_causal_lm(
+    model: nn.Module,
+    package_path: str | os.PathLike,
+    *,
+    adapter_slots: int = 0,
+    max_rank: int = 8,
+    target_modules: Optional[Sequence[str]] = None,
+    max_batch: int = 64,
+    max_seq: int = 512,
+) -> dict:
     """Export ``model`` (a Hugging Face causal LM on the CPU, e.g. ``LlamaForCausalLM``, without LoRA layers) to an
     AOTInductor package at ``package_path`` (``.pt2``) for ``lora_ext::AotiModel``.
 
@@ -111,20 +133,33 @@ def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapt
     Returns ``{"package": path, "export_s": ..., "compile_s": ..., "bytes": ...}``.
     """
     if any(True for _ in lora_layers(model)):
-        raise ValueError("export_causal_lm: expected the base model, got one with LoRA layers; export "
-                         "lora_ext.unload(model) and apply the adapters in C++ (or export lora_ext.merge_and_unload)")
-    for name, v in (("adapter_slots", adapter_slots), ("max_rank", max_rank), ("max_batch", max_batch),
-                    ("max_seq", max_seq)):
+        raise ValueError(
+            "export_causal_lm: expected the base model, got one with LoRA layers; export "
+            "lora_ext.unload(model) and apply the adapters in C++ (or export lora_ext.merge_and_unload)"
+        )
+    for name, v in (
+        ("adapter_slots", adapter_slots),
+        ("max_rank", max_rank),
+        ("max_batch", max_batch),
+        ("max_seq", max_seq),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "adapter_slots" else 1):
-            raise ValueError(f"export_causal_lm: expected {name} to be an int >= "
-                             f"{0 if name == 'adapter_slots' else 1}, got {v!r}")
+            raise ValueError(
+                f"export_causal_lm: expected {name} to be an int >= {0 if name == 'adapter_slots' else 1}, got {v!r}"
+            )
     if max_batch < 2 or max_seq < 2:
-        raise ValueError(f"export_causal_lm: expected max_batch >= 2 and max_seq >= 2 (dynamic ranges), "
-                         f"got {max_batch}, {max_seq}")
-    if not (callable(getattr(model, "get_decoder", None)) and callable(getattr(model, "get_output_embeddings", None))
-            and isinstance(model.get_output_embeddings(), nn.Linear)):
-        raise ValueError(f"export_causal_lm: expected a Hugging Face causal LM (get_decoder() and an nn.Linear "
-                         f"get_output_embeddings()), got {type(model).__name__}")
+        raise ValueError(
+            f"export_causal_lm: expected max_batch >= 2 and max_seq >= 2 (dynamic ranges), got {max_batch}, {max_seq}"
+        )
+    if not (
+        callable(getattr(model, "get_decoder", None))
+        and callable(getattr(model, "get_output_embeddings", None))
+        and isinstance(model.get_output_embeddings(), nn.Linear)
+    ):
+        raise ValueError(
+            f"export_causal_lm: expected a Hugging Face causal LM (get_decoder() and an nn.Linear "
+            f"get_output_embeddings()), got {type(model).__name__}"
+        )
     dev = next(model.parameters()).device
     if dev.type != "cpu":
         raise ValueError(f"export_causal_lm: expected a model on the CPU (AotiModel runs on the CPU), got {dev}")
@@ -150,17 +185,26 @@ def export_causal_lm(model: nn.Module, package_path: str | os.PathLike, *, adapt
         with torch.no_grad():
             ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
         t1 = time.perf_counter()
-        meta = {"lora_ext.format": FORMAT, "lora_ext.param_prefix": _PREFIX,
-                "lora_ext.adapter_slots": str(adapter_slots),
-                "lora_ext.max_rank": str(max_rank if adapter_slots else 0),
-                "lora_ext.vocab_size": str(vocab), "lora_ext.max_batch": str(max_batch),
-                "lora_ext.max_seq": str(max_seq)}
+        meta = {
+            "lora_ext.format": FORMAT,
+            "lora_ext.param_prefix": _PREFIX,
+            "lora_ext.adapter_slots": str(adapter_slots),
+            "lora_ext.max_rank": str(max_rank if adapter_slots else 0),
+            "lora_ext.vocab_size": str(vocab),
+            "lora_ext.max_batch": str(max_batch),
+            "lora_ext.max_seq": str(max_seq),
+        }
         path = torch._inductor.aoti_compile_and_package(
-            ep, package_path=os.fspath(package_path),
+            ep,
+            package_path=os.fspath(package_path),
             # otherwise Inductor replaces uniform constants (the zero-filled slots, a fresh model's norm weights) by
             # `full` calls and inlines small ones (the slots' scales) into the code: no longer weights C++ can write
-            inductor_configs={"aot_inductor.metadata": meta, "joint_graph_constant_folding": False,
-                              "always_keep_tensor_constants": True})
+            inductor_configs={
+                "aot_inductor.metadata": meta,
+                "joint_graph_constant_folding": False,
+                "always_keep_tensor_constants": True,
+            },
+        )
         t2 = time.perf_counter()
     finally:
         for name, linear in replaced:

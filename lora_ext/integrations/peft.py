@@ -19,6 +19,7 @@ does not compute (DoRA and the other LoRA variants, several active adapters, ``l
 disabled layer, a base that is not a plain ``nn.Linear``, dtypes the ops refuse) runs PEFT's own forward for
 that call, so the model is never silently different from PEFT's.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,12 @@ class LoraExtLinear(_peft_lora_layer.Linear):
     """PEFT's LoRA ``Linear`` (same parameters, names, init, merge and files) with the forward of lora_ext."""
 
     def _plain(self, name: str) -> bool:
-        return (name in self.lora_A and name not in self.lora_variant and not self.lora_bias.get(name, False)
-                and _dropout_p(self.lora_dropout[name]) is not None)
+        return (
+            name in self.lora_A
+            and name not in self.lora_variant
+            and not self.lora_bias.get(name, False)
+            and _dropout_p(self.lora_dropout[name]) is not None
+        )
 
     def _fast_path(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[list[str]]:
         """The adapters lora_ext computes this call (one name, or the batch's names), or None for PEFT's forward."""
@@ -104,8 +109,16 @@ class LoraExtLinear(_peft_lora_layer.Linear):
         batch = kwargs.get("adapter_names")
         if batch is None:
             (name,) = names
-            return ops.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                   self.scaling[name], _dropout_p(self.lora_dropout[name]), self.training)
+            return ops.lora_linear(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                _dropout_p(self.lora_dropout[name]),
+                self.training,
+            )
         return self._per_row(x, base, names, batch)
 
     def _per_row(self, x: torch.Tensor, base: nn.Linear, names: list[str], batch: list[str]) -> torch.Tensor:
@@ -121,8 +134,9 @@ class LoraExtLinear(_peft_lora_layer.Linear):
         return ops.lora_linear_multi(x, base.weight, base.bias, A, B, scales, ids, p, self.training)
 
 
-def dispatch_lora_ext(target: nn.Module, adapter_name: str, config, parameter_name: Optional[str] = None,
-                      **kwargs) -> Optional[nn.Module]:
+def dispatch_lora_ext(
+    target: nn.Module, adapter_name: str, config, parameter_name: Optional[str] = None, **kwargs
+) -> Optional[nn.Module]:
     """PEFT's dispatcher contract: a ``LoraExtLinear`` for a plain ``nn.Linear`` target, else None (PEFT's own)."""
     if parameter_name is not None:
         return None
@@ -132,8 +146,11 @@ def dispatch_lora_ext(target: nn.Module, adapter_name: str, config, parameter_na
     if config.fan_in_fan_out:  # what PEFT's dispatch_default does for an nn.Linear
         import warnings
 
-        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                      "Setting fan_in_fan_out to False.")
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+            "Setting fan_in_fan_out to False.",
+            stacklevel=2,
+        )
         config.fan_in_fan_out = False
     return LoraExtLinear(target, adapter_name, config=config, **kwargs)
 
@@ -184,11 +201,14 @@ def to_peft(model: nn.Module) -> "_peft.PeftModel":
     from ..model.core import active_adapters, adapter_configs, lora_layers, saved_modules, unload
 
     layers = dict(lora_layers(model))
-    other = [p for p, layer in layers.items() if not isinstance(layer, LoraLinear)
-             or type(layer.base_layer) is not nn.Linear]
+    other = [
+        p for p, layer in layers.items() if not isinstance(layer, LoraLinear) or type(layer.base_layer) is not nn.Linear
+    ]
     if other or list(saved_modules(model)):
-        raise ValueError(f"to_peft: expected LoRA on nn.Linear layers only, got other LoRA layers {other[:3]} or "
-                         "modules_to_save; keep the lora_ext model, or save_adapter() and load it with PEFT")
+        raise ValueError(
+            f"to_peft: expected LoRA on nn.Linear layers only, got other LoRA layers {other[:3]} or "
+            "modules_to_save; keep the lora_ext model, or save_adapter() and load it with PEFT"
+        )
     merged = [p for p, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"to_peft: {merged[:3]} have merged adapters; lora_ext.unmerge(model) first")
@@ -201,16 +221,16 @@ def to_peft(model: nn.Module) -> "_peft.PeftModel":
     was = lora_ext_enabled()
     use_lora_ext()
     try:
-        pm = _peft.get_peft_model(model, _peft_config(configs[names[0]]), adapter_name=names[0],
-                                  low_cpu_mem_usage=True)
+        pm = _peft.get_peft_model(model, _peft_config(configs[names[0]]), adapter_name=names[0], low_cpu_mem_usage=True)
         for n in names[1:]:
             pm.add_adapter(n, _peft_config(configs[n]), low_cpu_mem_usage=True)
     finally:
         use_lora_ext(was)
     built = {(p, n): m for p, m in model.named_modules() if isinstance(m, LoraExtLinear) for n in m.lora_A}
     if built.keys() != shared.keys():
-        raise RuntimeError(f"to_peft: PEFT targeted other modules than lora_ext did: "
-                           f"{sorted(built.keys() ^ shared.keys())[:3]}")
+        raise RuntimeError(
+            f"to_peft: PEFT targeted other modules than lora_ext did: {sorted(built.keys() ^ shared.keys())[:3]}"
+        )
     for (path, name), m in built.items():
         m.lora_A[name].weight, m.lora_B[name].weight = shared[path, name]
     pm.base_model.set_adapter(active if len(active) > 1 else active[0])
@@ -228,8 +248,11 @@ def from_peft(peft_model: "_peft.PeftModel") -> nn.Module:
     configs = {n: LoraConfig.from_dict(c.to_dict()) for n, c in peft_model.peft_config.items()}
     inner = peft_model.base_model.model
     peft_layers = {p: m for p, m in inner.named_modules() if isinstance(m, _peft_lora_layer.LoraLayer)}
-    other = [p for p, m in peft_layers.items() if not isinstance(m, _peft_lora_layer.Linear)
-             or type(m.get_base_layer()) is not nn.Linear]
+    other = [
+        p
+        for p, m in peft_layers.items()
+        if not isinstance(m, _peft_lora_layer.Linear) or type(m.get_base_layer()) is not nn.Linear
+    ]
     if other:
         raise ValueError(f"from_peft: expected PEFT LoRA Linear layers only, got {other[:3]}")
     shared = {(p, n): (m.lora_A[n].weight, m.lora_B[n].weight) for p, m in peft_layers.items() for n in m.lora_A}
@@ -242,7 +265,9 @@ def from_peft(peft_model: "_peft.PeftModel") -> nn.Module:
     layers = dict(lora_layers(model))
     have = {(p, n) for p, layer in layers.items() for n in layer.adapter_names}
     if have != shared.keys() or not all(isinstance(layer, LoraLinear) for layer in layers.values()):
-        raise RuntimeError(f"from_peft: lora_ext targeted other modules than PEFT did: {sorted(have ^ shared.keys())[:3]}")
+        raise RuntimeError(
+            f"from_peft: lora_ext targeted other modules than PEFT did: {sorted(have ^ shared.keys())[:3]}"
+        )
     for (path, name), (a, b) in shared.items():
         holder_a, holder_b = (getattr(layers[path], c)[name] for c in layers[path].container_names)
         holder_a.weight, holder_b.weight = a, b

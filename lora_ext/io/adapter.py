@@ -11,6 +11,7 @@ A crash between the two renames leaves new weights next to the old config; the r
 that the two disagree and uses the weights' own config, so it always gets exactly the old or
 exactly the new adapter. Files written by PEFT (no such metadata) are read as they are.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,15 @@ import torch
 from torch import nn
 
 from .._utils import dtensors
-from .atomic import atomic_write_bytes, remove_stale_temporaries
-
+from .._utils.names import check_adapter_name
+from .._utils.wrappers import check_not_wrapped, path_cleaner, reshard_fsdp, unwrap
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
-from ..model.registry import LAYER_TYPES, layer_type_for
 from ..model.core import active_adapters, adapter_configs, inject_adapter, lora_layers, saved_modules, set_adapter
 from ..model.modules_to_save import ModulesToSave, find_modules_to_save
-from .._utils.names import check_adapter_name
+from ..model.registry import LAYER_TYPES, layer_type_for
 from ..model.targeting import candidate_modules, layer_r_alpha
-from .._utils.wrappers import check_not_wrapped, path_cleaner, reshard_fsdp, unwrap
+from .atomic import atomic_write_bytes, remove_stale_temporaries
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,9 +38,9 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 CONFIG_METADATA_KEY = "lora_ext.adapter_config"  # the config, in the weights file's metadata
 # file-key suffix -> which matrix ("A"/"B"); longest first so that suffixes never shadow each other
-_SUFFIXES = dict(sorted(
-    ((suf, ab) for cls in LAYER_TYPES for suf, ab in zip(cls.file_suffixes, "AB")), key=lambda kv: -len(kv[0])
-))
+_SUFFIXES = dict(
+    sorted(((suf, ab) for cls in LAYER_TYPES for suf, ab in zip(cls.file_suffixes, "AB")), key=lambda kv: -len(kv[0]))
+)
 
 
 def _adapter_dir(path: str, adapter_name: str, where: str) -> str:
@@ -58,7 +58,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if layer.has_adapter(adapter_name):
             for suffix, w in zip(layer.file_suffixes, layer.adapter_weights(adapter_name)):
                 out[f"{PREFIX}{path}{suffix}"] = w.detach()
-            if config is not None and config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            if (
+                config is not None
+                and config.bias == "lora_only"
+                and getattr(layer.base_layer, "bias", None) is not None
+            ):
                 out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias.detach()
     for path, wrapper in saved_modules(model):
         if wrapper.has_adapter(adapter_name):
@@ -70,7 +74,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             if name.endswith("bias") and "lora_" not in name and not any(name.startswith(w + ".") for w in wrapped):
                 out[f"{PREFIX}{name}"] = p.detach()
     clean = path_cleaner(model)
-    return {PREFIX + clean(k[len(PREFIX):]): v for k, v in out.items()}
+    return {PREFIX + clean(k[len(PREFIX) :]): v for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
@@ -180,9 +184,11 @@ def read_adapter(path: str, allow_pickle: bool = False) -> tuple[LoraConfig, dic
         if embedded is not None:
             own = _load_json(embedded, f"{st_path}'s {CONFIG_METADATA_KEY} metadata")
             if cfg_dict != own:
-                warnings.warn(f"lora_ext.load_adapter: {cfg_path} does not match the config saved with the weights "
-                              "(an interrupted save, or the file was edited); using the weights' own config",
-                              stacklevel=3)
+                warnings.warn(
+                    f"lora_ext.load_adapter: {cfg_path} does not match the config saved with the weights "
+                    "(an interrupted save, or the file was edited); using the weights' own config",
+                    stacklevel=3,
+                )
                 cfg_dict = own
     elif os.path.isfile(bin_path):
         if not allow_pickle:
@@ -238,23 +244,25 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         if not t.is_floating_point():
             problems.append(f"{key!r} has dtype {t.dtype}, expected a floating dtype")
             continue
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if name is not None and suffix is None:
             owner = next((p for p in save_paths if name.startswith(p + ".")), None)
             if owner is not None:
                 module = model.get_submodule(owner)
                 orig = module.original_module if isinstance(module, ModulesToSave) else module
-                pname = name[len(owner) + 1:]
+                pname = name[len(owner) + 1 :]
                 if config.bias == "all" and pname.startswith("original_module."):
                     take_bias(name, key, t)  # PEFT's bias="all" also saves the original module's biases
                     continue
                 if pname.startswith("modules_to_save."):  # PEFT's bias="all" duplicate of the copy's bias
-                    pname = pname[len("modules_to_save."):]
+                    pname = pname[len("modules_to_save.") :]
                 want = dict(orig.named_parameters()).get(pname)
                 if want is None or tuple(want.shape) != tuple(t.shape):
-                    problems.append(f"{key!r} does not match a parameter of the module to save {owner!r}"
-                                    + ("" if want is None else f" (expected shape {tuple(want.shape)})"))
+                    problems.append(
+                        f"{key!r} does not match a parameter of the module to save {owner!r}"
+                        + ("" if want is None else f" (expected shape {tuple(want.shape)})")
+                    )
                 else:
                     saved[owner][pname] = t
                 continue
@@ -264,14 +272,16 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         if name is None or suffix is None:
             problems.append(f"unexpected key {key!r}")
             continue
-        path = name[:-len(suffix)]
+        path = name[: -len(suffix)]
         if path not in cands:
             problems.append(f"unexpected key {key!r}: the model has no LoRA-capable module {path!r}")
             continue
         cls = layer_type_for(cands[path])
         if suffix not in cls.file_suffixes:
-            problems.append(f"unexpected key {key!r}: module {path!r} is a {type(cands[path]).__name__}, "
-                            f"whose keys end in {cls.file_suffixes}")
+            problems.append(
+                f"unexpected key {key!r}: module {path!r} is a {type(cands[path]).__name__}, "
+                f"whose keys end in {cls.file_suffixes}"
+            )
             continue
         found.setdefault(path, {})[_SUFFIXES[suffix]] = t
     for owner, params in saved.items():
@@ -294,8 +304,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         base = module.base_layer if isinstance(module, LoraLayer) else module
         r, _ = layer_r_alpha(config, path)
         if r > cls.max_rank(base):
-            problems.append(f"rank too large at {path!r}: expected r <= min(in, out) = {cls.max_rank(base)}, "
-                            f"got r={r}")
+            problems.append(f"rank too large at {path!r}: expected r <= min(in, out) = {cls.max_rank(base)}, got r={r}")
             continue
         want_a, want_b = cls.adapter_shapes(base, r)
         a, b = ab["A"], ab["B"]
@@ -313,8 +322,14 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     return plan, saved, biases
 
 
-def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
-                 allow_pickle: bool = False, allow_nonfinite: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
     """Load a PEFT/lora_ext adapter folder into ``model`` (injecting LoRA layers as needed).
 
     Every key is mapped exactly (``base_model.model.<path>.lora_A.weight`` -> module ``<path>``);
@@ -335,8 +350,10 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     if not allow_nonfinite:
         bad = _nonfinite_keys(tensors)
         if bad:
-            raise ValueError(f"lora_ext.load_adapter: {path!r} holds NaN/Inf values in {bad}; the model was not "
-                             "changed (pass allow_nonfinite=True to load it anyway)")
+            raise ValueError(
+                f"lora_ext.load_adapter: {path!r} holds NaN/Inf values in {bad}; the model was not "
+                "changed (pass allow_nonfinite=True to load it anyway)"
+            )
     was_active = active_adapters(model)
     inject_adapter(model, config.replace(init_lora_weights=True), adapter_name, target_names=sorted(plan))
     adapter_configs(model)[adapter_name] = config

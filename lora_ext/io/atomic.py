@@ -6,6 +6,7 @@ loss. The temporary file is created with mode ``0666 & ~umask``, exactly as ``op
 would create the target, so another user (a serving process) can read what was saved.
 Temporaries of writers that died (``kill -9``) are removed by the next write in that folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,7 +70,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -5,6 +5,7 @@ base layer type (``linear``, ``embedding``, ``conv``, ``gpt2_conv1d``); ``per_ro
 adapters in one batch) forward of a layer; ``saved_inputs`` compresses the activations a layer saves for backward.
 A quantized base has its LoRA layer in :mod:`lora_ext.quant`.
 """
+
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding

@@ -4,6 +4,7 @@ Adapters are kept by name with PEFT's in-memory names, so saving PEFT files is a
 rename: ``base_layer.weight``, ``base_layer.bias``, ``lora_A.<name>.weight`` ``[r, in]``,
 ``lora_B.<name>.weight`` ``[out, r]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,10 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .._utils import dtensors
-
 from .. import ops
-from ..config import valid_dropout
+from .._utils import dtensors
 from .._utils.names import adapter_name_list, check_adapter_name
+from ..config import valid_dropout
 
 _INIT_CHOICES = (True, False, "gaussian")
 
@@ -168,8 +168,9 @@ class LoraLayer(nn.Module):
             raise ValueError(f"LoraLayer.add_adapter: adapter {adapter_name!r} already exists")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoraLayer.add_adapter: expected an integer rank r >= 1, got {r!r}")
-        if isinstance(lora_alpha, bool) or not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha)
-                                                and lora_alpha > 0):
+        if isinstance(lora_alpha, bool) or not (
+            isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0
+        ):
             raise ValueError(f"LoraLayer.add_adapter: expected a finite lora_alpha > 0, got {lora_alpha!r}")
         if not valid_dropout(lora_dropout):
             raise ValueError(f"LoraLayer.add_adapter: expected a number 0 <= lora_dropout < 1, got {lora_dropout!r}")
@@ -179,8 +180,10 @@ class LoraLayer(nn.Module):
             )
         limit = self.max_rank(self.base_layer)
         if r > limit:
-            raise ValueError(f"{type(self).__name__}.add_adapter: expected r <= min(in, out) = {limit} for a base "
-                             f"layer of weight shape {tuple(self._base_weight().shape)}, got r={r}")
+            raise ValueError(
+                f"{type(self).__name__}.add_adapter: expected r <= min(in, out) = {limit} for a base "
+                f"layer of weight shape {tuple(self._base_weight().shape)}, got r={r}"
+            )
         base_w = self._base_weight()
         dtype = adapter_dtype(base_w.dtype)
         shape_a, shape_b = self.adapter_shapes(self.base_layer, r)
@@ -264,8 +267,10 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             for n in todo:  # always: a NaN/Inf adapter would poison the weight for good
                 if not all(dtensors.all_finite(t) for t in self.adapter_weights(n)):
-                    raise ValueError(f"{type(self).__name__}.merge: adapter {n!r} holds non-finite (NaN/Inf) "
-                                     "values; the weight was left unchanged")
+                    raise ValueError(
+                        f"{type(self).__name__}.merge: adapter {n!r} holds non-finite (NaN/Inf) "
+                        "values; the weight was left unchanged"
+                    )
             if safe_merge:
                 for n in todo:
                     self._check_finite_merge(n)

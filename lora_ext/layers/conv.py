@@ -1,4 +1,5 @@
 """``LoraConv``: LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (PEFT's layout and names)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """``LoraEmbedding``: LoRA on an ``nn.Embedding`` (PEFT's layout and names)."""
+
 from __future__ import annotations
 
 from typing import Union

@@ -1,4 +1,5 @@
 """``LoraGPT2Conv1D``: LoRA on HF transformers' GPT-2 ``Conv1D`` (weight stored ``[in, out]``)."""
+
 from __future__ import annotations
 
 import torch

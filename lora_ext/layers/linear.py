@@ -1,4 +1,5 @@
 """``LoraLinear``: LoRA on an existing ``nn.Linear`` through the compiled ``lora_linear`` op."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-
 from . import saved_inputs
 from .base import LoraLayer
 from .per_row import current_batch, has_training_notes, multi_forward, training_batch
@@ -72,8 +72,16 @@ class LoraLinear(LoraLayer):
     def _lora_op(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The base output plus adapter ``name``'s term, through the compiled op."""
         a, b = self.adapter_weights(name)
-        return ops.lora_linear(x, self._base_weight(), self.base_layer.bias, a, b, self.scaling[name],
-                               self.lora_dropout[name], self.training)
+        return ops.lora_linear(
+            x,
+            self._base_weight(),
+            self.base_layer.bias,
+            a,
+            b,
+            self.scaling[name],
+            self.lora_dropout[name],
+            self.training,
+        )
 
     def _lora_forward(self, x: torch.Tensor, names: list) -> torch.Tensor:
         first, *rest = names

@@ -13,6 +13,7 @@ whole, so concurrent readers never see a half-built entry; the row groupings bel
 batch. In training mode, gradients reach each adapter from its own rows only, so several
 adapters train at once on one frozen base.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -25,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._utils.names import BASE
 
 # id(layer) -> the AdapterBatch it serves in the current thread / asyncio task.
 _CURRENT: contextvars.ContextVar[Optional[dict[int, "AdapterBatch"]]] = contextvars.ContextVar(
-    "lora_ext_adapter_batch", default=None)
+    "lora_ext_adapter_batch", default=None
+)
 # How many adapter_batch contexts are open in the whole process. While none is, forward does
 # not even look at the ContextVar (so torch.compile sees a plain global int, not a ContextVar).
 _open_contexts = 0
@@ -136,13 +137,15 @@ def _recomputed_batch(layer) -> Optional[AdapterBatch]:
             f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward "
             "during backward, and the adapter_batch it ran under has been exited; expected backward() inside that "
             "`with lora_ext.adapter_batch(...)` (the recomputation must give each row the same adapter), got a "
-            "recomputation after the `with`")
+            "recomputation after the `with`"
+        )
     if len({id(v) for v in seen}) > 1:
         raise RuntimeError(
             f"adapter_batch ({type(layer).__name__}): activation checkpointing recomputes this layer's forward on "
             f"a thread other than the one that ran it, while {len(seen)} threads train different per-row batches "
             "through this layer; expected backward() on the thread that ran the forward (CPU), or one per-row "
-            "training batch at a time per layer")
+            "training batch at a time per layer"
+        )
     return seen[0]
 
 
@@ -189,8 +192,15 @@ def stacked_adapters(layer, cache: bool = True) -> tuple[torch.Tensor, torch.Ten
     weights = [layer.adapter_weights(n) for n in names]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for ab in weights for t in ab)
     cache = cache and not need_grad
-    key = (names, tuple((id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version) for a, b in weights),
-           tuple(layer.scaling[n] for n in names)) if cache else None
+    key = (
+        (
+            names,
+            tuple((id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version) for a, b in weights),
+            tuple(layer.scaling[n] for n in names),
+        )
+        if cache
+        else None
+    )
     cached = _stacks.get(layer)  # one read: another thread may replace it meanwhile
     if cache and cached is not None and cached[0] == key:
         return cached[1]
@@ -222,8 +232,10 @@ def per_row_plan(layer, x: torch.Tensor, batch: AdapterBatch):
     if layer.merged:
         raise ValueError(f"{where}: adapters are merged into the weight; unmerge() before per-row adapters")
     if x.dim() < 2 or x.shape[0] != len(batch):
-        raise ValueError(f"{where}: expected an input whose first dim is the batch of {len(batch)} rows "
-                         f"(one adapter name per row), got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: expected an input whose first dim is the batch of {len(batch)} rows "
+            f"(one adapter name per row), got x of shape {tuple(x.shape)}"
+        )
     names = tuple(layer.adapter_names)
     if not names:
         return None
@@ -232,8 +244,10 @@ def per_row_plan(layer, x: torch.Tensor, batch: AdapterBatch):
     if layer.training:
         ps = {layer.lora_dropout[n] for n in used}
         if len(ps) > 1:
-            raise ValueError(f"{where}: the adapters in this batch have different lora_dropout {sorted(ps)}; "
-                             "per-row adapters share one dropout probability in training")
+            raise ValueError(
+                f"{where}: the adapters in this batch have different lora_dropout {sorted(ps)}; "
+                "per-row adapters share one dropout probability in training"
+            )
         p = ps.pop() if ps else 0.0
     return (names, p, *batch.grouping(names, math.prod(x.shape[1:-1]), x.device))
 
@@ -245,5 +259,6 @@ def multi_forward(layer, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         return layer.base_layer(x)
     _, p, ids, order, offsets = plan
     A, B, scales = stacked_adapters(layer, batch.cache_stacks)
-    return ops.lora_linear_multi(x, layer._base_weight(), layer.base_layer.bias, A, B, scales, ids, p,
-                                 layer.training, order, offsets)
+    return ops.lora_linear_multi(
+        x, layer._base_weight(), layer.base_layer.bias, A, B, scales, ids, p, layer.training, order, offsets
+    )

@@ -28,6 +28,7 @@ the compressed copy instead of ``x``.
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()   # may run outside the ``with``
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,7 @@ __all__ = ["compress_saved_inputs", "MODES"]
 
 MODES = ("bf16", "int8")
 
-_STATE: contextvars.ContextVar[Optional["_Compressor"]] = contextvars.ContextVar("lora_ext_saved_inputs",
-                                                                                  default=None)
+_STATE: contextvars.ContextVar[Optional["_Compressor"]] = contextvars.ContextVar("lora_ext_saved_inputs", default=None)
 _open_blocks = 0  # compress_saved_inputs blocks open in any thread: 0 keeps the common path free (torch.compile)
 _open_lock = threading.Lock()
 
@@ -100,8 +100,11 @@ class _Compressor:
             return hit[2]
         saved = _Saved(x, self.mode)
         key = id(x)
-        self._shared[key] = (weakref.ref(x, lambda _, key=key, shared=self._shared: shared.pop(key, None)),
-                             x._version, saved)
+        self._shared[key] = (
+            weakref.ref(x, lambda _, key=key, shared=self._shared: shared.pop(key, None)),
+            x._version,
+            saved,
+        )
         return saved
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:

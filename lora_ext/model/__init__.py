@@ -6,6 +6,7 @@ manage them in place.
 (``add_weighted_adapter``), ``batch`` (``adapter_batch``: a different adapter per row) and ``hf_save``
 (transformers' ``save_pretrained`` on an injected model refuses what ``from_pretrained`` would load wrong).
 """
+
 from .batch import adapter_batch
 from .core import (
     active_adapters,
@@ -24,6 +25,20 @@ from .core import (
 )
 from .weighted import add_weighted_adapter
 
-__all__ = ["inject_adapter", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge", "unmerge",
-           "merge_and_unload", "unload", "trainable_parameters", "lora_layers", "adapter_configs", "active_adapters",
-           "add_weighted_adapter", "adapter_batch"]
+__all__ = [
+    "inject_adapter",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "unload",
+    "trainable_parameters",
+    "lora_layers",
+    "adapter_configs",
+    "active_adapters",
+    "add_weighted_adapter",
+    "adapter_batch",
+]

@@ -1,4 +1,5 @@
 """``adapter_batch``: one adapter per batch row, scoped to the calling thread / asyncio task."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +7,10 @@ from typing import Iterator
 
 from torch import nn
 
-from ..layers.linear import LoraLinear
-from .core import lora_layers, saved_modules
-from ..layers.per_row import BASE, AdapterBatch, enter_batch, exit_batch
 from .._utils.wrappers import shards_parameters
+from ..layers.linear import LoraLinear
+from ..layers.per_row import BASE, AdapterBatch, enter_batch, exit_batch
+from .core import lora_layers, saved_modules
 
 
 @contextlib.contextmanager
@@ -37,26 +38,36 @@ def adapter_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[Adapte
     known = {n for _, layer in layers for n in layer.adapter_names}
     unknown = sorted(wanted - known)
     if unknown:
-        raise ValueError(f"adapter_batch: unknown adapter(s) {unknown}; the model has {sorted(known)} "
-                         f"(use {BASE!r} for rows without an adapter)")
-    other = [p or "<root>" for p, layer in layers
-             if not isinstance(layer, LoraLinear) and wanted & set(layer.adapter_names)]
+        raise ValueError(
+            f"adapter_batch: unknown adapter(s) {unknown}; the model has {sorted(known)} "
+            f"(use {BASE!r} for rows without an adapter)"
+        )
+    other = [
+        p or "<root>" for p, layer in layers if not isinstance(layer, LoraLinear) and wanted & set(layer.adapter_names)
+    ]
     other += [p for p, m in saved_modules(model) if wanted & set(m.modules_to_save.keys())]
     if other:
-        raise NotImplementedError(f"adapter_batch: per-row adapters are implemented for linear layers; "
-                                  f"{other} hold adapters of this batch (Embedding/Conv LoRA or modules_to_save)")
+        raise NotImplementedError(
+            f"adapter_batch: per-row adapters are implemented for linear layers; "
+            f"{other} hold adapters of this batch (Embedding/Conv LoRA or modules_to_save)"
+        )
     sharded = [p or "<root>" for p, layer in layers if getattr(layer, "_tp_layout", None) is not None]
     if sharded:
-        raise NotImplementedError(f"adapter_batch: per-row adapters are not implemented for tensor-parallel layers "
-                                  f"(the per-row op has no DTensor sharding strategy); {sharded[:3]} were "
-                                  "parallelized by LoraColwiseParallel/LoraRowwiseParallel. Use set_adapter, or "
-                                  "FSDP2/DDP, for several adapters")
+        raise NotImplementedError(
+            f"adapter_batch: per-row adapters are not implemented for tensor-parallel layers "
+            f"(the per-row op has no DTensor sharding strategy); {sharded[:3]} were "
+            "parallelized by LoraColwiseParallel/LoraRowwiseParallel. Use set_adapter, or "
+            "FSDP2/DDP, for several adapters"
+        )
     merged = [p or "<root>" for p, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"adapter_batch: {merged} have merged adapters; unmerge() first")
     # FSDP2 re-gathers parameters in place without moving their version counters: no cached stacks
-    batch = AdapterBatch(adapter_names, [layer for _, layer in layers if isinstance(layer, LoraLinear)],
-                         cache_stacks=not shards_parameters(model))
+    batch = AdapterBatch(
+        adapter_names,
+        [layer for _, layer in layers if isinstance(layer, LoraLinear)],
+        cache_stacks=not shards_parameters(model),
+    )
     token = enter_batch(batch)
     try:
         yield batch

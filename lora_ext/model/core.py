@@ -1,4 +1,5 @@
 """Model-level API: inject adapters into an existing model and manage them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,17 +8,23 @@ from typing import Iterator, Optional, Union
 
 from torch import nn
 
-from . import hf_save
-from ..config import LoraConfig
-from ..layers.gpt2_conv1d import is_gpt2_conv1d
-from ..layers.base import LoraLayer
 from .._utils.modules import replace_submodule
 from .._utils.names import adapter_name_list, check_adapter_name
+from .._utils.wrappers import (
+    check_not_wrapped,
+    check_trainable_fixed,
+    holds_dtensors,
+    is_tensor_parallel_layer,
+    reshard_fsdp,
+    unwrap,
+)
+from ..config import LoraConfig
+from ..layers.base import LoraLayer
+from ..layers.gpt2_conv1d import is_gpt2_conv1d
+from . import hf_save
 from .modules_to_save import ModulesToSave, find_modules_to_save
 from .registry import layer_type_for
 from .targeting import layer_r_alpha, resolve_targets
-from .._utils.wrappers import (check_not_wrapped, check_trainable_fixed, holds_dtensors, is_tensor_parallel_layer,
-                       reshard_fsdp, unwrap)
 
 CONFIGS_ATTR = "lora_ext_configs"
 ACTIVE_ATTR = "lora_ext_active"
@@ -55,8 +62,9 @@ def _wrap(module: nn.Module, path: str) -> LoraLayer:
     return cls(module, adapter_name=None)
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                   target_names: Optional[list[str]] = None) -> nn.Module:
+def inject_adapter(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", target_names: Optional[list[str]] = None
+) -> nn.Module:
     """Add adapter ``adapter_name`` to the modules ``config`` targets, in place.
 
     Targeted ``nn.Linear`` modules are replaced by ``LoraLinear`` wrappers (no copy of the base
@@ -76,15 +84,20 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     given, model = model, unwrap(model)
     check_adapter_name(adapter_name, "lora_ext.inject_adapter")
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got {type(config).__name__} "
-                        "(a dict or a PEFT config: lora_ext.LoraConfig.from_dict(d) / .from_dict(cfg.to_dict()))")
+        raise TypeError(
+            f"lora_ext.inject_adapter: expected a lora_ext.LoraConfig, got {type(config).__name__} "
+            "(a dict or a PEFT config: lora_ext.LoraConfig.from_dict(d) / .from_dict(cfg.to_dict()))"
+        )
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"lora_ext.inject_adapter: adapter {adapter_name!r} already exists in the model")
     names = resolve_targets(model, config) if target_names is None else target_names
     if not config.fan_in_fan_out and any(is_gpt2_conv1d(_base(model.get_submodule(n))) for n in names):
-        warnings.warn("lora_ext: target modules include GPT-2 Conv1D layers (weight stored [in, out]); "
-                      "setting fan_in_fan_out=True", stacklevel=2)
+        warnings.warn(
+            "lora_ext: target modules include GPT-2 Conv1D layers (weight stored [in, out]); "
+            "setting fan_in_fan_out=True",
+            stacklevel=2,
+        )
         config = config.replace(fan_in_fan_out=True)
     problems = []
     for path in names:
@@ -94,9 +107,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             problems.append(f"{path!r} is a {type(module).__name__}, which LoRA cannot wrap")
             continue
         if holds_dtensors(module) and not is_tensor_parallel_layer(module):
-            problems.append(f"{path!r}: expected a LoRA layer that LoraColwiseParallel/LoraRowwiseParallel "
-                            f"parallelized or a module without DTensor parameters, got a {type(module).__name__} "
-                            "holding DTensors placed by something else (e.g. torch's ColwiseParallel)")
+            problems.append(
+                f"{path!r}: expected a LoRA layer that LoraColwiseParallel/LoraRowwiseParallel "
+                f"parallelized or a module without DTensor parameters, got a {type(module).__name__} "
+                "holding DTensors placed by something else (e.g. torch's ColwiseParallel)"
+            )
             continue
         r, _ = layer_r_alpha(config, path)
         if r > cls.max_rank(_base(module)):
@@ -110,14 +125,22 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             raise ValueError(f"lora_ext.inject_adapter: modules_to_save={config.modules_to_save!r} matches no module")
         held = [p for p in save_paths if holds_dtensors(model.get_submodule(p))]
         if held:
-            raise ValueError(f"lora_ext.inject_adapter: expected modules_to_save without DTensor parameters "
-                             f"(tensor parallel), got {held}; the model was not changed")
+            raise ValueError(
+                f"lora_ext.inject_adapter: expected modules_to_save without DTensor parameters "
+                f"(tensor parallel), got {held}; the model was not changed"
+            )
     for path in names:
         module = model.get_submodule(path)
         layer = module if isinstance(module, LoraLayer) else _wrap(module, path)
         r, alpha = layer_r_alpha(config, path)
-        layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+        layer.add_adapter(
+            adapter_name,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+        )
         if layer is not module:
             layer.train(module.training)  # keep the model's train/eval mode
             replace_submodule(model, path, layer)
@@ -166,8 +189,11 @@ def _activate(model: nn.Module, names: list[str], inference_mode: Optional[bool]
         wrapper.set_adapter(names)
     configs = adapter_configs(model)
     biases = set() if inference_mode else {configs[n].bias for n in names if n in configs}
-    _mark_trainable(model, [] if inference_mode else names,
-                    "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none")
+    _mark_trainable(
+        model,
+        [] if inference_mode else names,
+        "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none",
+    )
 
 
 def _mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none") -> None:
@@ -233,8 +259,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if not active and configs:  # as PEFT: the first remaining adapter becomes active (and trainable
         # unless the model is in inference mode: loaded with is_trainable=False or set so)
         active = [next(iter(configs))]
-        warnings.warn(f"lora_ext.delete_adapter: adapter {adapter_name!r} was the active adapter; "
-                      f"{active[0]!r} is active now", stacklevel=2)
+        warnings.warn(
+            f"lora_ext.delete_adapter: adapter {adapter_name!r} was the active adapter; {active[0]!r} is active now",
+            stacklevel=2,
+        )
     _activate(model, active)
 
 
@@ -254,8 +282,9 @@ def disable_adapters(model: nn.Module):
             layer.disable_adapters = b
 
 
-def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
-          exact: bool = False) -> None:
+def merge(
+    model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, exact: bool = False
+) -> None:
     """Merge the active (or the named) adapters into the base weights of every LoRA layer
     (``exact=True``: :func:`unmerge` restores the weights bit for bit; see ``LoraLayer.merge``)."""
     if adapter_names is not None:
@@ -277,8 +306,12 @@ def unmerge(model: nn.Module) -> None:
 
 def _replace_layers(given: nn.Module, merge_first: bool) -> nn.Module:
     what = "merge_and_unload" if merge_first else "unload"
-    check_trainable_fixed(given, f"lora_ext.{what}", "removing the LoRA layers (for export, call it on the unwrapped "
-                          "model; the DDP wrapper cannot train that model afterwards)")
+    check_trainable_fixed(
+        given,
+        f"lora_ext.{what}",
+        "removing the LoRA layers (for export, call it on the unwrapped "
+        "model; the DDP wrapper cannot train that model afterwards)",
+    )
     model = unwrap(given)
     reshard_fsdp(model)
     for path, layer in list(lora_layers(model)):

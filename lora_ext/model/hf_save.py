@@ -8,6 +8,7 @@ and says what to do instead. With ``state_dict=`` given (``Trainer``'s checkpoin
 does: ``resume_from_checkpoint`` loads that state dict back into the same injected model. ``merge_and_unload``
 and ``unload`` remove it.
 """
+
 from __future__ import annotations
 
 import types
@@ -24,14 +25,18 @@ def save_pretrained(self, save_directory, *args, **kwargs):  # named as the meth
             "from_pretrained() does not load (those weights would come back randomly initialised). Save the "
             "adapter with lora_ext.save_adapter(model, path) (PEFT's format: PeftModel.from_pretrained and "
             "lora_ext.load_adapter read it), the merged model with lora_ext.merge_and_unload(model)"
-            ".save_pretrained(path), or train through PEFT with lora_ext.integrations.peft.to_peft(model)")
+            ".save_pretrained(path), or train through PEFT with lora_ext.integrations.peft.to_peft(model)"
+        )
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 
 def guard(model: nn.Module) -> None:
     """Install the refusing ``save_pretrained`` on a transformers model (``PreTrainedModel``: has a config)."""
-    if callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "config") \
-            and _MARK not in model.__dict__:
+    if (
+        callable(getattr(type(model), "save_pretrained", None))
+        and hasattr(model, "config")
+        and _MARK not in model.__dict__
+    ):
         object.__setattr__(model, "save_pretrained", types.MethodType(save_pretrained, model))
         object.__setattr__(model, _MARK, True)
 

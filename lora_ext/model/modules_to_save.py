@@ -1,9 +1,9 @@
 """``ModulesToSave``: full trainable copies of whole modules per adapter (PEFT's ``modules_to_save``)."""
+
 from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from .._utils.names import check_adapter_name
@@ -67,7 +67,7 @@ class ModulesToSave(nn.Module):
 def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     """Paths of the modules named (exactly, or as a ``.suffix`` of their path) in ``names``."""
     out: list[str] = []
-    for path, m in model.named_modules():
+    for path, _ in model.named_modules():
         if not path or any(path.startswith(p + ".") for p in out):
             continue
         if any(path == n or path.endswith("." + n) for n in names):

@@ -1,14 +1,15 @@
 """Which LoRA layer type wraps which base module type."""
+
 from __future__ import annotations
 
 from typing import Optional
 
 from torch import nn
 
+from ..layers.base import LoraLayer
 from ..layers.conv import LoraConv
 from ..layers.embedding import LoraEmbedding
 from ..layers.gpt2_conv1d import LoraGPT2Conv1D
-from ..layers.base import LoraLayer
 from ..layers.linear import LoraLinear
 from ..quant.lora_layer import LoraQuantLinear
 

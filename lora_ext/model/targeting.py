@@ -1,4 +1,5 @@
 """Which modules an adapter targets, and with which rank/alpha: PEFT's matching rules."""
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,9 @@ def pattern_value(pattern: dict, key: str, default):
 
 
 def layer_r_alpha(config: LoraConfig, key: str) -> tuple[int, float]:
-    return pattern_value(config.rank_pattern, key, config.r), pattern_value(config.alpha_pattern, key, config.lora_alpha)
+    return pattern_value(config.rank_pattern, key, config.r), pattern_value(
+        config.alpha_pattern, key, config.lora_alpha
+    )
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -76,8 +79,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     names = [n for n in names if not matches(config.exclude_modules, n)]
     if config.modules_to_save:  # as PEFT: a module to save whole never also gets LoRA
         saved = config.modules_to_save
-        names = [n for n in names if not any(n == m or n.endswith("." + m) or ("." + m + ".") in ("." + n + ".")
-                                             for m in saved)]
+        names = [
+            n
+            for n in names
+            if not any(n == m or n.endswith("." + m) or ("." + m + ".") in ("." + n + ".") for m in saved)
+        ]
     if not names:
         raise ValueError(
             f"LoraConfig(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}) "

@@ -1,4 +1,5 @@
 """``add_weighted_adapter``: combine existing adapters into a new one (PEFT's semantics)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .core import adapter_configs, inject_adapter, lora_layers
 from .._utils.wrappers import check_not_wrapped
+from .core import adapter_configs, inject_adapter, lora_layers
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -39,7 +40,9 @@ def add_weighted_adapter(
     configs = adapter_configs(model)
     missing = [a for a in adapters if a not in configs]
     if not adapters or missing:
-        raise ValueError(f"lora_ext.add_weighted_adapter: unknown adapter(s) {missing or adapters}; have {list(configs)}")
+        raise ValueError(
+            f"lora_ext.add_weighted_adapter: unknown adapter(s) {missing or adapters}; have {list(configs)}"
+        )
     if len(weights) != len(adapters):
         raise ValueError(f"lora_ext.add_weighted_adapter: expected {len(adapters)} weights, got {len(weights)}")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
@@ -49,12 +52,15 @@ def add_weighted_adapter(
         raise ValueError(f"lora_ext.add_weighted_adapter: adapter {adapter_name!r} already exists")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     if combination_type not in COMBINATIONS:
-        raise ValueError(f"lora_ext.add_weighted_adapter: combination_type must be one of {COMBINATIONS}, "
-                         f"got {combination_type!r}")
+        raise ValueError(
+            f"lora_ext.add_weighted_adapter: combination_type must be one of {COMBINATIONS}, got {combination_type!r}"
+        )
     ranks = [_rank(configs[a]) for a in adapters]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ValueError(f"lora_ext.add_weighted_adapter: 'linear' needs equal ranks, got {dict(zip(adapters, ranks))}")
+            raise ValueError(
+                f"lora_ext.add_weighted_adapter: 'linear' needs equal ranks, got {dict(zip(adapters, ranks))}"
+            )
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -67,8 +73,9 @@ def add_weighted_adapter(
         targets = "|".join(f"({configs[a].target_modules})" for a in adapters)
     else:
         targets = sorted(set().union(*(configs[a].target_modules for a in adapters)))
-    config = configs[adapters[0]].replace(r=new_rank, lora_alpha=new_rank, target_modules=targets,
-                                          alpha_pattern={}, rank_pattern={}, modules_to_save=None)
+    config = configs[adapters[0]].replace(
+        r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={}, modules_to_save=None
+    )
     paths = [p for p, layer in lora_layers(model) if any(layer.has_adapter(a) for a in adapters)]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     inject_adapter(model, config, adapter_name, target_names=paths)

@@ -18,6 +18,7 @@ The GGUF formats are the file's blocks byte for byte (``from_gguf`` takes a tens
 ``quantize`` reproduces ``gguf.quants.quantize`` bit for bit. ``dequantize`` is the compiled
 ``lora_ext::dequantize_weight`` op (float32).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,13 +98,16 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
     if qtype not in QTYPES:
         raise ValueError(f"quantize: expected qtype in {QTYPES}, got {qtype!r}")
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize: expected a float [out, in] weight, got {weight.dtype} of shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"quantize: expected a float [out, in] weight, got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
     out_f, in_f = weight.shape
     block = block_size(qtype)
     if in_f % block:
-        raise ValueError(f"quantize: {qtype} quantizes blocks of {block} along in_features: expected in_features "
-                         f"divisible by {block}, got {in_f}")
+        raise ValueError(
+            f"quantize: {qtype} quantizes blocks of {block} along in_features: expected in_features "
+            f"divisible by {block}, got {in_f}"
+        )
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize: expected finite weights, got NaN or infinite values")
@@ -116,8 +120,13 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
         absmax = blocks.abs().amax(dim=1, keepdim=True)
         codes = ((blocks * _inv(absmax))[..., None] - NF4_VALUES).abs().argmin(dim=-1).to(torch.uint8)
         packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-        return QuantizedWeight(packed.reshape(out_f, in_f // block * _FORMATS[qtype]["block_bytes"]).contiguous(),
-                               absmax.reshape(out_f, in_f // block).contiguous(), qtype, out_f, in_f)
+        return QuantizedWeight(
+            packed.reshape(out_f, in_f // block * _FORMATS[qtype]["block_bytes"]).contiguous(),
+            absmax.reshape(out_f, in_f // block).contiguous(),
+            qtype,
+            out_f,
+            in_f,
+        )
     if qtype == "q8_0":
         d = blocks.abs().amax(dim=1, keepdim=True) / 127
         qs = _roundf(blocks * _inv(d)).to(torch.int8).view(torch.uint8)
@@ -140,8 +149,10 @@ def from_gguf(tensor) -> QuantizedWeight:
     dequantization; the file's bytes are copied once, so the reader's memory map can close)."""
     name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type)).lower()
     if name not in _GGUF:
-        raise ValueError(f"from_gguf: expected a tensor of type Q8_0, Q4_0 or Q4_1, got {name.upper()} "
-                         f"({getattr(tensor, 'name', '?')})")
+        raise ValueError(
+            f"from_gguf: expected a tensor of type Q8_0, Q4_0 or Q4_1, got {name.upper()} "
+            f"({getattr(tensor, 'name', '?')})"
+        )
     shape = [int(v) for v in tensor.shape]  # GGUF lists ne0 (in_features) first
     if len(shape) != 2:
         raise ValueError(f"from_gguf: expected a 2-D weight, got shape {shape} ({getattr(tensor, 'name', '?')})")

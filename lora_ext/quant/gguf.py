@@ -11,6 +11,7 @@ its rotary layout and the same inverse permutation is applied here, to whole row
 Needs ``transformers`` and ``gguf`` (``pip install gguf``); the config comes from the file's metadata through
 ``transformers.AutoConfig``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,15 @@ from .layers import QuantEmbedding, QuantLinear
 
 __all__ = ["load_gguf_llama"]
 
-_PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-         "mlp.down_proj": "ffn_down"}
+_PROJ = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 

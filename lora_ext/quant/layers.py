@@ -8,6 +8,7 @@ The quantized bytes are buffers: ``qdata`` and, for int8/nf4, ``qscale_bits`` (t
 int32 bits, so that ``model.to(torch.bfloat16)`` converts the bias but never rounds the scales). Activations may
 be float32, float64, bfloat16 or float16; the output has the input's dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -70,9 +71,13 @@ class QuantLinear(_QuantizedBytes):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         q = quantize(linear.weight.detach(), qtype)
-        q = QuantizedWeight(q.qdata.to(linear.weight.device),
-                            None if q.qscale is None else q.qscale.to(linear.weight.device), qtype,
-                            q.out_features, q.in_features)
+        q = QuantizedWeight(
+            q.qdata.to(linear.weight.device),
+            None if q.qscale is None else q.qscale.to(linear.weight.device),
+            qtype,
+            q.out_features,
+            q.in_features,
+        )
         return cls(q, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +85,9 @@ class QuantLinear(_QuantizedBytes):
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight (frozen, like this layer)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.qdata.device,
-                        dtype=dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.qdata.device, dtype=dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:
@@ -90,8 +96,10 @@ class QuantLinear(_QuantizedBytes):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class QuantEmbedding(_QuantizedBytes):
@@ -109,11 +117,18 @@ class QuantEmbedding(_QuantizedBytes):
             raise TypeError(f"QuantEmbedding: expected int32/int64 ids, got {ids.dtype}")
         flat = ids.reshape(-1)
         if flat.numel() and not bool(((flat >= 0) & (flat < self.num_embeddings)).all()):
-            raise IndexError(f"QuantEmbedding: expected ids in [0, {self.num_embeddings}), got "
-                             f"[{int(flat.min())}, {int(flat.max())}]")
+            raise IndexError(
+                f"QuantEmbedding: expected ids in [0, {self.num_embeddings}), got "
+                f"[{int(flat.min())}, {int(flat.max())}]"
+            )
         q = self.qscale
-        rows = QuantizedWeight(self.qdata.index_select(0, flat), None if q is None else q.index_select(0, flat),
-                               self.qtype, flat.numel(), self.embedding_dim)
+        rows = QuantizedWeight(
+            self.qdata.index_select(0, flat),
+            None if q is None else q.index_select(0, flat),
+            self.qtype,
+            flat.numel(),
+            self.embedding_dim,
+        )
         return dequantize(rows).to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -127,9 +142,11 @@ def quantize_linear_layers(model: nn.Module, qtype: str, skip: tuple[str, ...] =
     if qtype not in QTYPES:
         raise ValueError(f"quantize_linear_layers: expected qtype in {QTYPES}, got {qtype!r}")
     from ..layers.base import LoraLayer
+
     if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise ValueError("quantize_linear_layers: the model already holds LoRA layers; quantize the base first, "
-                         "then inject_adapter")
+        raise ValueError(
+            "quantize_linear_layers: the model already holds LoRA layers; quantize the base first, then inject_adapter"
+        )
     block = block_size(qtype)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or module.in_features % block:

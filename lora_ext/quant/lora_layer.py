@@ -1,4 +1,5 @@
 """``LoraQuantLinear``: LoRA on a quantized frozen base (``QuantLinear``) through ``lora_linear_quantized``."""
+
 from __future__ import annotations
 
 import torch
@@ -49,12 +50,21 @@ class LoraQuantLinear(LoraLinear):
         # A stand-in of the base's shape, dtype and device, backed by one element: what adapter creation and
         # saved-input compression read. Nothing computes with it (merge and both forwards are overridden).
         return torch.empty((), dtype=self.compute_dtype(), device=self.base_layer.qdata.device).expand(
-            self.out_features, self.in_features)
+            self.out_features, self.in_features
+        )
 
     def _lora_op(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.adapter_weights(name)
-        return ops.lora_linear_quantized(x, self.base_layer.qweight, self.base_layer.bias, a, b, self.scaling[name],
-                                         self.lora_dropout[name], self.training)
+        return ops.lora_linear_quantized(
+            x,
+            self.base_layer.qweight,
+            self.base_layer.bias,
+            a,
+            b,
+            self.scaling[name],
+            self.lora_dropout[name],
+            self.training,
+        )
 
     def _per_row_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         plan = per_row_plan(self, x, batch)
@@ -67,16 +77,18 @@ class LoraQuantLinear(LoraLinear):
         for i, name in enumerate(names):
             if bounds[i + 1] == bounds[i]:
                 continue
-            rows = order[bounds[i]:bounds[i + 1]]
+            rows = order[bounds[i] : bounds[i + 1]]
             a, b = self.adapter_weights(name)
             xa = F.dropout(x2d.index_select(0, rows), p, self.training).to(a.dtype)
             y2d = y2d.index_add(0, rows, (F.linear(F.linear(xa, a), b) * self.scaling[name]).to(y.dtype))
         return y2d.reshape(y.shape)
 
     def merge(self, adapter_names=None, safe_merge: bool = False, exact: bool = False) -> None:
-        raise ValueError("LoraQuantLinear.merge: merging into a quantized base would re-quantize it (lossy); "
-                         "lora_ext.merge_and_unload(model) replaces the layer by a dequantized nn.Linear with the "
-                         "adapters merged, or serve the adapters unmerged on the quantized base")
+        raise ValueError(
+            "LoraQuantLinear.merge: merging into a quantized base would re-quantize it (lossy); "
+            "lora_ext.merge_and_unload(model) replaces the layer by a dequantized nn.Linear with the "
+            "adapters merged, or serve the adapters unmerged on the quantized base"
+        )
 
     def unloaded_base(self, merge: bool) -> nn.Module:
         if not merge or self.disable_adapters or not self.active_adapters:

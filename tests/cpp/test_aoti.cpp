@@ -117,9 +117,8 @@ int main(int argc, char** argv) try {
   auto loaded = snapshot(slots);
   base.merge_adapter(docs);
   auto merged_bits = snapshot(base);
-  const auto wrong_shape = with_last_module(docs, [](at::Tensor& A, at::Tensor& B) {
-    A = at::randn({A.size(0), A.size(1) + 1});
-  });
+  const auto wrong_shape =
+      with_last_module(docs, [](at::Tensor& A, at::Tensor& B) { A = at::randn({A.size(0), A.size(1) + 1}); });
   check(throws([&] { base.merge_adapter(wrong_shape); }, "nothing was changed"), "merge: wrong in_features refused");
   check(throws([&] { slots.load_adapter_slot(1, wrong_shape); }, "nothing was changed"),
         "slot: wrong in_features refused");

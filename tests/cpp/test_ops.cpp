@@ -67,8 +67,8 @@ int main() {
   auto y32 = lora_ext::ops::lora_linear(x.to(at::kFloat), w.to(at::kFloat), std::nullopt, A.to(at::kFloat),
                                         B.to(at::kFloat), s);
   check(close(y32, ref - b, 1e-4), "lora_linear forward (float32, no bias)");
-  auto ybf = lora_ext::ops::lora_linear(x.to(at::kBFloat16), w.to(at::kBFloat16), b.to(at::kBFloat16),
-                                        A.to(at::kFloat), B.to(at::kFloat), s);
+  auto ybf = lora_ext::ops::lora_linear(x.to(at::kBFloat16), w.to(at::kBFloat16), b.to(at::kBFloat16), A.to(at::kFloat),
+                                        B.to(at::kFloat), s);
   check(ybf.scalar_type() == at::kBFloat16 && close(ybf, ref, 5e-2), "lora_linear forward (bf16 base, fp32 adapter)");
 
   // under autocast (what torch.autocast sets): fp32 x, weight and bias run in bf16, the fp32 adapter is kept;
@@ -81,8 +81,8 @@ int main() {
     auto yac = lora_ext::ops::lora_linear(xf, wf, bf, Af, Bf, s);
     at::autocast::set_autocast_enabled(at::kCPU, false);
     at::autocast::clear_cache();
-    auto yhand = lora_ext::ops::lora_linear(xf.to(at::kBFloat16), wf.to(at::kBFloat16), bf.to(at::kBFloat16), Af,
-                                            Bf, s);
+    auto yhand =
+        lora_ext::ops::lora_linear(xf.to(at::kBFloat16), wf.to(at::kBFloat16), bf.to(at::kBFloat16), Af, Bf, s);
     check(yac.scalar_type() == at::kBFloat16 && at::equal(yac, yhand), "lora_linear under CPU autocast (bf16)");
   }
 
@@ -216,19 +216,23 @@ int main() {
           "nn::LoraLinear::set_adapter refuses an unknown name");
     check(throws([&] { layer->delete_adapter("nope"); }, "lora_ext::nn::LoraLinear: unknown adapter \"nope\""),
           "nn::LoraLinear::delete_adapter refuses an unknown name");
-    check(throws([&] { layer->add_adapter("one", A, B, s); }, "lora_ext::nn::LoraLinear: adapter \"one\" already exists"),
-          "nn::LoraLinear::add_adapter refuses an existing name");
+    check(
+        throws([&] { layer->add_adapter("one", A, B, s); }, "lora_ext::nn::LoraLinear: adapter \"one\" already exists"),
+        "nn::LoraLinear::add_adapter refuses an existing name");
     check(throws([&] { layer->add_adapter("a.b", A, B, s); }, "expected an adapter name without '.'"),
           "nn::LoraLinear::add_adapter refuses a dotted name");
     check(throws([&] { layer->add_adapter("p", A, B, s, 1.0); }, "lora_ext::lora_linear: expected 0 <= dropout_p < 1"),
           "nn::LoraLinear::add_adapter refuses dropout_p = 1");
-    check(throws([&] { lora_ext::nn::LoraLinear bad(w[0]); }, "lora_ext::nn::LoraLinear: expected weight of shape [out, in]"),
+    check(throws([&] { lora_ext::nn::LoraLinear bad(w[0]); },
+                 "lora_ext::nn::LoraLinear: expected weight of shape [out, in]"),
           "nn::LoraLinear refuses a 1-D weight");
-    check(layer->adapters() == std::vector<std::string>{"one"} && layer->active_adapter() == std::optional<std::string>("one"),
+    check(layer->adapters() == std::vector<std::string>{"one"} &&
+              layer->active_adapter() == std::optional<std::string>("one"),
           "refused calls leave the layer's adapters as they were");
     auto wm = w.clone();
     check(throws([&] { lora_ext::ops::merge_(wm, A.narrow(1, 0, 8), B, s); },
-                 "lora_ext::merge_: expected lora_A of shape [r, in] with in = 16") && at::equal(wm, w),
+                 "lora_ext::merge_: expected lora_A of shape [r, in] with in = 16") &&
+              at::equal(wm, w),
           "ops::merge_ refuses a mismatched lora_A and leaves the weight unchanged");
 
     torch::nn::Sequential net(torch::nn::Linear(16, 12));
@@ -247,9 +251,11 @@ int main() {
           "merge_adapter (torch::nn::Module) refuses an adapter key without a parameter, changing nothing");
     adapter.tensors.erase("base_model.model.9.lora_B.weight");
     check(throws([&] { lora_ext::adapter_modules(adapter); },
-                 "lora_ext::adapter_modules: the adapter's keys do not pair up:\n  missing key base_model.model.9.lora_B.weight"),
+                 "lora_ext::adapter_modules: the adapter's keys do not pair up:\n  missing key "
+                 "base_model.model.9.lora_B.weight"),
           "adapter_modules refuses a lora_A without its lora_B");
-    check(throws([&] { lora_ext::merge_adapter(*net, adapter, std::nan("")); }, "lora_ext::merge_adapter: expected a finite weight"),
+    check(throws([&] { lora_ext::merge_adapter(*net, adapter, std::nan("")); },
+                 "lora_ext::merge_adapter: expected a finite weight"),
           "merge_adapter refuses a NaN weight factor");
 
     // A rank_pattern entry of 0 gives module "1" an infinite scaling (alpha / 0); load_adapter_config

@@ -26,14 +26,18 @@ namespace fs = std::filesystem;
 inline const fs::path& scratch_dir() {
   static const fs::path* dir = [] {
     const char* env = std::getenv("LORA_EXT_FUZZ_TMP");
-    const fs::path base = env ? fs::path(env) : fs::is_directory("/dev/shm") ? fs::path("/dev/shm")
-                                                                             : fs::temp_directory_path();
+    const fs::path base = env                            ? fs::path(env)
+                          : fs::is_directory("/dev/shm") ? fs::path("/dev/shm")
+                                                         : fs::temp_directory_path();
     std::string tmpl = (base / "lora_ext_fuzz.XXXXXX").string();
     if (!mkdtemp(tmpl.data())) {
       std::perror("mkdtemp");
       std::abort();
     }
-    std::atexit([] { std::error_code ec; fs::remove_all(scratch_dir(), ec); });
+    std::atexit([] {
+      std::error_code ec;
+      fs::remove_all(scratch_dir(), ec);
+    });
     return new fs::path(tmpl);
   }();
   return *dir;

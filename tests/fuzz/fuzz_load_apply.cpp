@@ -47,7 +47,7 @@ TORCH_MODULE(Net);
 struct State {
   Net net;
   std::vector<std::pair<at::Tensor, at::Tensor>> params;  // (parameter, its pristine copy)
-  std::vector<at::Tensor> exact_bases;                     // special / plain values, in each dtype
+  std::vector<at::Tensor> exact_bases;                    // special / plain values, in each dtype
 };
 
 State& state() {
@@ -56,8 +56,8 @@ State& state() {
     auto* st = new State{Net(), {}, {}};
     for (auto& p : st->net->parameters()) st->params.emplace_back(p, p.detach().clone());
     // finite values of every magnitude, signed zeros, subnormals, extremes, Inf and NaN
-    const float specials[] = {0.f, -0.f, 1e-45f, -1e-40f, 6e-8f, 1e-5f, 1.f, -3.5f, 65504.f, 3e38f,
-                              -3.4028235e38f, INFINITY, -INFINITY, NAN, 0.1f, 1e4f};
+    const float specials[] = {0.f,     -0.f,  1e-45f,         -1e-40f,  6e-8f,     1e-5f, 1.f,  -3.5f,
+                              65504.f, 3e38f, -3.4028235e38f, INFINITY, -INFINITY, NAN,   0.1f, 1e4f};
     const auto base = at::tensor(at::ArrayRef<float>(specials, std::size(specials)));
     // and plain finite values, where the sparse list is usually empty (a NaN weight always goes there)
     const auto plain = at::linspace(-2.f, 3.f, 13);
@@ -79,15 +79,16 @@ bool unchanged(const State& s) {
 // A [r, in] / B [out, r] small enough to build a weight for (all sizes come from the file).
 bool small_linear_pair(const lora_ext::AdapterModule& m) {
   const auto &A = m.lora_A, &B = m.lora_B;
-  return !m.embedding && A.dim() == 2 && B.dim() == 2 && A.numel() > 0 && B.numel() > 0 &&
-         A.size(0) == B.size(1) && A.size(1) * B.size(0) <= 4096;
+  return !m.embedding && A.dim() == 2 && B.dim() == 2 && A.numel() > 0 && B.numel() > 0 && A.size(0) == B.size(1) &&
+         A.size(1) * B.size(0) <= 4096;
 }
 
 // merge_exact_codes + merge_exact_ + unmerge_exact_ must restore W bit for bit.
 void exact_round_trip(const State& s, const lora_ext::AdapterModule& m) {
   const int64_t out = m.lora_B.size(0), in = m.lora_A.size(1);
   for (const auto& base : s.exact_bases) {
-    at::Tensor W = base.repeat({(out * in + base.numel() - 1) / base.numel()}).narrow(0, 0, out * in).reshape({out, in});
+    at::Tensor W =
+        base.repeat({(out * in + base.numel() - 1) / base.numel()}).narrow(0, 0, out * in).reshape({out, in});
     const at::Tensor W0 = W.clone();
     const at::Tensor A = m.lora_A.to(at::kFloat), B = m.lora_B.to(at::kFloat);  // any base takes fp32
     lora_ext::ops::ExactMergeCodes codes;

@@ -12,6 +12,7 @@ format change):
   and from the C++ writer.
 load_apply inputs are adapter_config.json, one NUL byte, adapter_model.safetensors. Files named regress_*
 are inputs that once crashed a harness (or broke a property it checks); they are kept as they are."""
+
 import json
 import pathlib
 import tempfile
@@ -63,12 +64,30 @@ def lora_ext_adapter(folder, **kw):
 
 ADAPTERS = {
     "peft_plain": (peft_adapter, dict(r=2, lora_alpha=4, target_modules=TARGETS)),
-    "peft_patterns": (peft_adapter, dict(r=3, lora_alpha=8, use_rslora=True, target_modules=r".*\.(q|v)|l1|conv",
-                                         rank_pattern={"q": 2, "conv": 1}, alpha_pattern={r"blocks\.0\.v": 3})),
+    "peft_patterns": (
+        peft_adapter,
+        dict(
+            r=3,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=r".*\.(q|v)|l1|conv",
+            rank_pattern={"q": 2, "conv": 1},
+            alpha_pattern={r"blocks\.0\.v": 3},
+        ),
+    ),
     "peft_modules_to_save": (peft_adapter, dict(r=1, target_modules=["l1"], modules_to_save=["conv"])),
     "lora_ext_plain": (lora_ext_adapter, dict(r=2, lora_alpha=2, target_modules=TARGETS)),
-    "lora_ext_patterns": (lora_ext_adapter, dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q", "v", "emb"],
-                                                 rank_pattern={"emb": 1}, alpha_pattern={"v": 5})),
+    "lora_ext_patterns": (
+        lora_ext_adapter,
+        dict(
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["q", "v", "emb"],
+            rank_pattern={"emb": 1},
+            alpha_pattern={"v": 5},
+        ),
+    ),
 }
 
 
@@ -95,14 +114,23 @@ def mismatched(config, tensors_bytes):
         path = pathlib.Path(d) / "a.safetensors"
         path.write_bytes(tensors_bytes)
         t = lora_ext._C.read_safetensors(str(path))
-    extra = dict(t, **{"base_model.model.nothing.lora_A.weight": torch.zeros(2, 8),
-                       "base_model.model.nothing.lora_B.weight": torch.zeros(6, 2)})
+    extra = dict(
+        t,
+        **{
+            "base_model.model.nothing.lora_A.weight": torch.zeros(2, 8),
+            "base_model.model.nothing.lora_B.weight": torch.zeros(6, 2),
+        },
+    )
     wrong = dict(t, **{"base_model.model.l1.lora_A.weight": torch.zeros(2, 7)})
     lone = {k: v for k, v in t.items() if k != "base_model.model.l1.lora_A.weight"}
     lone["base_model.model.l1.bias"] = torch.zeros(6)
     fan = json.dumps(dict(json.loads(config), fan_in_fan_out=True)).encode()
-    return {"extra_key": (config, st_bytes(extra)), "wrong_shape": (config, st_bytes(wrong)),
-            "lone_a_and_bias": (config, st_bytes(lone)), "fan_in_fan_out": (fan, tensors_bytes)}
+    return {
+        "extra_key": (config, st_bytes(extra)),
+        "wrong_shape": (config, st_bytes(wrong)),
+        "lone_a_and_bias": (config, st_bytes(lone)),
+        "fan_in_fan_out": (fan, tensors_bytes),
+    }
 
 
 def main():
@@ -119,7 +147,7 @@ def main():
         for name, (config, tensors) in mismatched(*adapter_files(pathlib.Path(d) / "peft_plain")).items():
             write("load_apply", name, config + b"\0" + tensors)
         # every malformed file of tests/test_cpp_reader.py
-        for i, (case, (spec, _)) in enumerate(BAD.items()):
+        for case, (spec, _) in BAD.items():
             path = pathlib.Path(d) / "bad.safetensors"
             if spec is None:
                 path.write_bytes(b"\x01\x02")
@@ -138,8 +166,11 @@ def main():
     write("safetensors", "truncated.safetensors", data[:-10])
     with tempfile.TemporaryDirectory() as d:
         path = pathlib.Path(d) / "cpp.safetensors"
-        lora_ext._C.write_safetensors(str(path), {"strided": torch.randn(6, 8, generator=g)[::2, 1::3],
-                                                  "bf16": torch.randn(3, generator=g).bfloat16()}, {"who": "c++"})
+        lora_ext._C.write_safetensors(
+            str(path),
+            {"strided": torch.randn(6, 8, generator=g)[::2, 1::3], "bf16": torch.randn(3, generator=g).bfloat16()},
+            {"who": "c++"},
+        )
         write("safetensors", "cpp_writer.safetensors", path.read_bytes())
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {sum(1 for f in OUT.rglob('*') if f.is_file())} files, {total} bytes, under {OUT}")

@@ -21,7 +21,7 @@ struct LORA_EXT_API AdapterConfig {
   // regex -> r / alpha, in the file's order: like PEFT, the first pattern that matches wins
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
-  std::vector<std::string> target_modules;       // names (exact or ".suffix" match) ...
+  std::vector<std::string> target_modules;          // names (exact or ".suffix" match) ...
   std::optional<std::string> target_modules_regex;  // ... or one regex (re.fullmatch)
   std::vector<std::string> modules_to_save;
   std::string json;  // the whole file, for anything else
@@ -54,10 +54,10 @@ LORA_EXT_API Adapter load_adapter(const std::string& dir, bool allow_nonfinite =
 // (embeddings: .lora_embedding_A / .lora_embedding_B, stored [r, num] and [dim, r]) with PEFT's
 // scaling for <path>. For programs that attach adapters to their own layers (lora_ext::nn::LoraLinear).
 struct LORA_EXT_API AdapterModule {
-  std::string path;      // module path in the base model, e.g. "blocks.0.attn.q_proj"
-  at::Tensor lora_A;     // as stored: [r, in] (convolutions: [r, in, kh, kw])
-  at::Tensor lora_B;     // [out, r] (convolutions: [out, r, 1, 1])
-  double scaling;        // config.scaling_for(path)
+  std::string path;   // module path in the base model, e.g. "blocks.0.attn.q_proj"
+  at::Tensor lora_A;  // as stored: [r, in] (convolutions: [r, in, kh, kw])
+  at::Tensor lora_B;  // [out, r] (convolutions: [out, r, 1, 1])
+  double scaling;     // config.scaling_for(path)
   bool embedding;
 };
 

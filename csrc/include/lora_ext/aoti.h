@@ -36,7 +36,7 @@ class LORA_EXT_API AotiModel {
   int64_t adapter_slots() const;  // 0: the plain base (merge only)
   int64_t max_rank() const;       // the largest adapter rank a slot holds
   int64_t vocab_size() const;
-  int64_t max_batch() const;      // the exported dynamic ranges
+  int64_t max_batch() const;  // the exported dynamic ranges
   int64_t max_seq() const;
   const std::map<std::string, std::string>& metadata() const;
   // The live weights by the base model's parameter names ("model.layers.0.self_attn.q_proj.weight", the

@@ -20,8 +20,7 @@ class LORA_EXT_API LoraLinearImpl : public torch::nn::Module {
 
   // Adds adapter `name` (lora_A [r, in], lora_B [out, r], scale = alpha / r or alpha / sqrt(r)),
   // registered as trainable parameters lora_A_<name> / lora_B_<name>. The first one becomes active.
-  void add_adapter(const std::string& name, at::Tensor lora_A, at::Tensor lora_B, double scale,
-                   double dropout_p = 0.0);
+  void add_adapter(const std::string& name, at::Tensor lora_A, at::Tensor lora_B, double scale, double dropout_p = 0.0);
   // The adapter forward uses; std::nullopt: the plain base linear.
   void set_adapter(const std::optional<std::string>& name);
   void delete_adapter(const std::string& name);

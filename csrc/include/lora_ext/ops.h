@@ -18,15 +18,10 @@ namespace lora_ext::ops {
 // y = x W^T + bias + scale * (dropout(x) A^T) B^T.
 // Dropout (probability dropout_p) is applied only when training is true; the
 // mask is regenerated from a saved seed in backward, never stored.
-LORA_EXT_API at::Tensor lora_linear(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    double dropout_p = 0.0,
-    bool training = false);
+LORA_EXT_API at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                    const at::Tensor& lora_B, double scale, double dropout_p = 0.0,
+                                    bool training = false);
 
 // Row grouping for multi-adapter batches: adapter_ids [N] (int32/int64, -1 =
 // base only) -> order [N] (row indices, adapter 0's rows first, base rows last,
@@ -38,26 +33,18 @@ LORA_EXT_API std::tuple<at::Tensor, at::Tensor> lora_group_rows(const at::Tensor
 // a = adapter_ids[i] (-1: base only). lora_A [n, r_max, in], lora_B [n, out,
 // r_max] (zero-padded for smaller ranks), scales float32 [n]. group_order /
 // group_offsets: lora_group_rows(adapter_ids, n), computed here when absent.
-LORA_EXT_API at::Tensor lora_linear_multi(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    const at::Tensor& scales,
-    const at::Tensor& adapter_ids,
-    double dropout_p = 0.0,
-    bool training = false,
-    const std::optional<at::Tensor>& group_order = std::nullopt,
-    const std::optional<at::Tensor>& group_offsets = std::nullopt);
+LORA_EXT_API at::Tensor lora_linear_multi(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                          const at::Tensor& lora_B, const at::Tensor& scales,
+                                          const at::Tensor& adapter_ids, double dropout_p = 0.0, bool training = false,
+                                          const std::optional<at::Tensor>& group_order = std::nullopt,
+                                          const std::optional<at::Tensor>& group_offsets = std::nullopt);
 
 // weight += scale * lora_B @ lora_A, in place, without a weight-sized temporary.
-LORA_EXT_API void merge_(
-    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+LORA_EXT_API void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
 // weight -= scale * lora_B @ lora_A, in place.
-LORA_EXT_API void unmerge_(
-    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+LORA_EXT_API void unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
 
 // Exact merge of a float32/bfloat16/float16 weight: call merge_exact_codes
 // (reads the current weight, returns the side information) and then
@@ -69,13 +56,11 @@ struct ExactMergeCodes {
   at::Tensor exc_value;  // weight dtype [n], their original values
 };
 
-LORA_EXT_API ExactMergeCodes merge_exact_codes(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
-LORA_EXT_API void merge_exact_(
-    at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
-LORA_EXT_API void unmerge_exact_(
-    at::Tensor& weight, const ExactMergeCodes& codes, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale);
+LORA_EXT_API ExactMergeCodes merge_exact_codes(const at::Tensor& weight, const at::Tensor& lora_A,
+                                               const at::Tensor& lora_B, double scale);
+LORA_EXT_API void merge_exact_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
+LORA_EXT_API void unmerge_exact_(at::Tensor& weight, const ExactMergeCodes& codes, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, double scale);
 
 // A quantized frozen base weight [out_features, in_features] (issue 15). qtype
 // and layouts (csrc/ops/common/quant_formats.h; Python: lora_ext.quant):
@@ -94,11 +79,12 @@ struct QuantizedWeight {
 LORA_EXT_API at::Tensor dequantize_weight(const QuantizedWeight& w);
 // lora_linear over the quantized base, dequantized tile by tile into bounded
 // scratch (never whole); gradients for x, bias, lora_A and lora_B.
-LORA_EXT_API at::Tensor lora_linear_quantized(
-    const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scale, double dropout_p = 0.0, bool training = false);
+LORA_EXT_API at::Tensor lora_linear_quantized(const at::Tensor& x, const QuantizedWeight& w,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, double scale, double dropout_p = 0.0,
+                                              bool training = false);
 // x W^T + bias for the quantized base alone.
-LORA_EXT_API at::Tensor linear_quantized(
-    const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias = std::nullopt);
+LORA_EXT_API at::Tensor linear_quantized(const at::Tensor& x, const QuantizedWeight& w,
+                                         const std::optional<at::Tensor>& bias = std::nullopt);
 
 }  // namespace lora_ext::ops

@@ -11,8 +11,8 @@
 namespace lora_ext {
 
 struct SafetensorsFile {
-  std::map<std::string, at::Tensor> tensors;        // name -> CPU tensor (owns its memory)
-  std::map<std::string, std::string> metadata;      // the optional "__metadata__" object
+  std::map<std::string, at::Tensor> tensors;    // name -> CPU tensor (owns its memory)
+  std::map<std::string, std::string> metadata;  // the optional "__metadata__" object
 };
 
 // Reads a whole .safetensors file. Everything is validated before a tensor is

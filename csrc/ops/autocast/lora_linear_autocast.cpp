@@ -11,9 +11,9 @@
 // autocast's fallthrough: they are called from the autograd kernels with consistent dtypes.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <torch/library.h>
 #include <string>
 #include <string_view>
-#include <torch/library.h>
 
 #include <lora_ext/ops.h>
 
@@ -87,8 +87,12 @@ void register_autocast(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_ext, AutocastCPU, m) { register_autocast<c10::DeviceType::CPU>(m); }
+TORCH_LIBRARY_IMPL(lora_ext, AutocastCPU, m) {
+  register_autocast<c10::DeviceType::CPU>(m);
+}
 
-TORCH_LIBRARY_IMPL(lora_ext, AutocastCUDA, m) { register_autocast<c10::DeviceType::CUDA>(m); }
+TORCH_LIBRARY_IMPL(lora_ext, AutocastCUDA, m) {
+  register_autocast<c10::DeviceType::CUDA>(m);
+}
 
 }  // namespace lora_ext::autocast

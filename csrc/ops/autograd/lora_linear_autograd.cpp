@@ -25,16 +25,8 @@ namespace {
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
-  static Tensor forward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const Tensor& weight,
-      const optional<Tensor>& bias,
-      const Tensor& lora_A,
-      const Tensor& lora_B,
-      double scale,
-      double dropout_p,
-      bool training) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                        const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p, bool training) {
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
     auto [y, h] = handles::lora_linear_forward().call(x, weight, bias, lora_A, lora_B, scale, p, seed);
@@ -82,18 +74,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   }
 };
 
-Tensor lora_linear_autograd(
-    const Tensor& x,
-    const Tensor& weight,
-    const optional<Tensor>& bias,
-    const Tensor& lora_A,
-    const Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    bool training) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-      (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) || lora_A.requires_grad() ||
-       lora_B.requires_grad());
+Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
+                            const Tensor& lora_B, double scale, double dropout_p, bool training) {
+  const bool any_grad =
+      at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) ||
+                                     lora_A.requires_grad() || lora_B.requires_grad());
   if (!any_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return handles::lora_linear().call(x, weight, bias, lora_A, lora_B, scale, dropout_p, training);

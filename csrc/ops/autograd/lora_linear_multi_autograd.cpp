@@ -22,14 +22,13 @@ namespace {
 
 class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMultiFunction> {
  public:
-  static Tensor forward(
-      AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
-      const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids,
-      const Tensor& order, const Tensor& offsets, double dropout_p, bool training) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                        const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids,
+                        const Tensor& order, const Tensor& offsets, double dropout_p, bool training) {
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
-    auto [y, h] = handles::lora_linear_multi_forward().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids,
-                                                            order, offsets, p, seed);
+    auto [y, h] = handles::lora_linear_multi_forward().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order,
+                                                            offsets, p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, scales, order, offsets, h, seed.value_or(Tensor())});
     ctx->saved_data["p"] = p;
     ctx->saved_data["grad_x"] = x.requires_grad();
@@ -65,17 +64,17 @@ class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMulti
   }
 };
 
-Tensor lora_linear_multi_autograd(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
-    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-      (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) || lora_A.requires_grad() ||
-       lora_B.requires_grad());
+Tensor lora_linear_multi_autograd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales,
+                                  const Tensor& adapter_ids, double dropout_p, bool training,
+                                  const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+  const bool any_grad =
+      at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || detail::requires_grad(bias) ||
+                                     lora_A.requires_grad() || lora_B.requires_grad());
   if (!any_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return handles::lora_linear_multi().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p,
-                                             training, group_order, group_offsets);
+    return handles::lora_linear_multi().call(x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, training,
+                                             group_order, group_offsets);
   }
   detail::check_lora_linear_multi_args("lora_linear_multi", x, weight, bias, lora_A, lora_B, scales, adapter_ids,
                                        dropout_p, group_order, group_offsets);
@@ -87,8 +86,8 @@ Tensor lora_linear_multi_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(order, offsets) = handles::lora_group_rows().call(adapter_ids, lora_A.size(0));
   }
-  return LoraLinearMultiFunction::apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets,
-                                        dropout_p, training);
+  return LoraLinearMultiFunction::apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p,
+                                        training);
 }
 
 }  // namespace

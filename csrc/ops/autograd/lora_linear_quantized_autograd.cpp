@@ -44,8 +44,8 @@ class LoraLinearQuantizedFunction : public torch::autograd::Function<LoraLinearQ
                         const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p, bool training) {
     const double p = training ? dropout_p : 0.0;
     const optional<Tensor> seed = detail::draw_dropout_seed(p);
-    auto [y, h] = handles::lora_linear_quantized_forward().call(x, qdata, qscale, qtype, out, in, bias, lora_A,
-                                                                lora_B, scale, p, seed);
+    auto [y, h] = handles::lora_linear_quantized_forward().call(x, qdata, qscale, qtype, out, in, bias, lora_A, lora_B,
+                                                                scale, p, seed);
     ctx->save_for_backward({x, qdata, qscale.value_or(Tensor()), lora_A, lora_B, h, seed.value_or(Tensor())});
     save_base(ctx, qtype, out, in);
     ctx->saved_data["scale"] = scale;
@@ -78,8 +78,8 @@ class LoraLinearQuantizedFunction : public torch::autograd::Function<LoraLinearQ
       }
       grad_b = bias_grad(g, ctx->saved_data["grad_b"].toBool());
     }
-    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), grad_b, grad_A, grad_B,
-            Tensor(), Tensor(), Tensor()};
+    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            grad_b, grad_A,   grad_B,   Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -103,8 +103,8 @@ class LinearQuantizedFunction : public torch::autograd::Function<LinearQuantized
     Tensor grad_x, grad_b;
     if (g.defined()) {
       if (ctx->saved_data["grad_x"].toBool()) {
-        grad_x = handles::lora_linear_quantized_backward_input().call(g, s[0], opt(s[1]), qtype, out, in,
-                                                                      std::nullopt, std::nullopt, 0.0, std::nullopt);
+        grad_x = handles::lora_linear_quantized_backward_input().call(g, s[0], opt(s[1]), qtype, out, in, std::nullopt,
+                                                                      std::nullopt, 0.0, std::nullopt);
       }
       grad_b = bias_grad(g, ctx->saved_data["grad_b"].toBool());
     }

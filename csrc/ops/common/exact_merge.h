@@ -56,7 +56,7 @@ struct BF16 {
   LORA_EXT_HOST_DEVICE static U from_float(float f) {
     const uint32_t x = float_bits(f);
     if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<U>((x >> 16) | 0x0040u);  // NaN stays NaN (quiet)
-    return static_cast<U>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);  // overflow rounds to Inf
+    return static_cast<U>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);                    // overflow rounds to Inf
   }
   LORA_EXT_HOST_DEVICE static bool is_nan(U u) { return (u & 0x7FFFu) > 0x7F80u; }
 };
@@ -82,7 +82,7 @@ struct F16 {
     const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
     const uint32_t ax = x & 0x7FFFFFFFu;
     if (ax > 0x7F800000u) return static_cast<U>(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));  // NaN
-    if (ax >= 0x47800000u) return static_cast<U>(sign | 0x7C00u);  // >= 2^16 (and Inf): Inf
+    if (ax >= 0x47800000u) return static_cast<U>(sign | 0x7C00u);                         // >= 2^16 (and Inf): Inf
     const uint32_t e = ax >> 23;
     if (e >= 113u) {  // a normal half (a carry out of the mantissa may round up to Inf: correct)
       uint32_t h = ((e - 112u) << 10) | ((ax >> 13) & 0x3FFu);

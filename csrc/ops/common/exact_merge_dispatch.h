@@ -13,10 +13,17 @@ namespace lora_ext::detail::exact {
 template <typename F>
 void dispatch_format(c10::ScalarType t, F&& f) {
   switch (t) {
-    case c10::ScalarType::Float: f(F32{}); break;
-    case c10::ScalarType::BFloat16: f(BF16{}); break;
-    case c10::ScalarType::Half: f(F16{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "lora_ext exact merge: unsupported dtype ", t);
+    case c10::ScalarType::Float:
+      f(F32{});
+      break;
+    case c10::ScalarType::BFloat16:
+      f(BF16{});
+      break;
+    case c10::ScalarType::Half:
+      f(F16{});
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "lora_ext exact merge: unsupported dtype ", t);
   }
 }
 

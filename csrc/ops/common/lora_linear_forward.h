@@ -48,15 +48,11 @@ struct DenseBase {
 };
 
 template <typename Backend, typename Base>
-std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
-    const at::Tensor& x,
-    const Base& base,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(const at::Tensor& x, const Base& base,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                            double scale, double dropout_p,
+                                                            const std::optional<at::Tensor>& seed) {
   using at::Tensor;
   const typename Backend::Guard guard(x.device());
   const int64_t out = base.out_features(), r = lora_A.size(0);
@@ -98,15 +94,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_impl(
 
 // lora_linear: y only; dropout (training) with a freshly drawn seed.
 template <typename Backend>
-at::Tensor lora_linear_op(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    bool training) {
+at::Tensor lora_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                          bool training) {
   check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   const double p = training ? dropout_p : 0.0;
   return std::get<0>(
@@ -115,15 +105,11 @@ at::Tensor lora_linear_op(
 
 // _lora_linear_forward: (y, h) with the caller's seed (the autograd kernel's).
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> lora_linear_forward_op(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_op(const at::Tensor& x, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                          double scale, double dropout_p,
+                                                          const std::optional<at::Tensor>& seed) {
   check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   check_seed("_lora_linear_forward", seed, dropout_p);
   return lora_linear_forward_impl<Backend>(x, DenseBase{weight}, bias, lora_A, lora_B, scale, dropout_p, seed);

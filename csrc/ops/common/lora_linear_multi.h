@@ -56,10 +56,11 @@ std::tuple<at::Tensor, at::Tensor> multi_grouping(const char* op, const at::Tens
 
 // (y, h) for a checked grouping.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> multi_forward_impl(
-    const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& order,
-    const at::Tensor& offsets, double dropout_p, const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> multi_forward_impl(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, const at::Tensor& scales,
+                                                      const at::Tensor& order, const at::Tensor& offsets,
+                                                      double dropout_p, const std::optional<at::Tensor>& seed) {
   const int64_t out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
   const auto acc = lora_acc_dtype(lora_A.scalar_type());
   const at::Tensor x2d = as_rows(x);
@@ -76,10 +77,11 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_impl(
 }
 
 template <typename Backend>
-at::Tensor lora_linear_multi_op(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids, double dropout_p,
-    bool training, const std::optional<at::Tensor>& group_order, const std::optional<at::Tensor>& group_offsets) {
+at::Tensor lora_linear_multi_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales,
+                                const at::Tensor& adapter_ids, double dropout_p, bool training,
+                                const std::optional<at::Tensor>& group_order,
+                                const std::optional<at::Tensor>& group_offsets) {
   const char* op = "lora_linear_multi";
   check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, group_order,
                                group_offsets);
@@ -106,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_multi_forward_op(
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_lora_op(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& scales, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& h,
-    double dropout_p, const std::optional<at::Tensor>& seed) {
+    const at::Tensor& scales, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& h, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   const char* op = "_lora_linear_multi_backward_lora";
   check_seed(op, seed, dropout_p);
   const typename Backend::Guard guard(x.device());
@@ -128,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_multi_backward_lora_o
 }
 
 template <typename Backend>
-at::Tensor lora_linear_multi_backward_input_op(
-    const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& grad_h,
-    const at::Tensor& order, const at::Tensor& offsets, double dropout_p, const std::optional<at::Tensor>& seed) {
+at::Tensor lora_linear_multi_backward_input_op(const at::Tensor& grad_y, const at::Tensor& weight,
+                                               const at::Tensor& lora_A, const at::Tensor& grad_h,
+                                               const at::Tensor& order, const at::Tensor& offsets, double dropout_p,
+                                               const std::optional<at::Tensor>& seed) {
   const char* op = "_lora_linear_multi_backward_input";
   check_seed(op, seed, dropout_p);
   const typename Backend::Guard guard(grad_y.device());

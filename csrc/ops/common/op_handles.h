@@ -24,28 +24,30 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 
 // ---------------------------------------------------------------- lora_linear and its autograd pieces
 inline const auto& lora_linear() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                     double, double, bool)>("lora_ext::lora_linear");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, double, double, bool)>(
+          "lora_ext::lora_linear");
   return op;
 }
 
 inline const auto& lora_linear_forward() {
-  static const auto op = find<tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                                    const Tensor&, double, double, const OptTensor&)>(
-      "lora_ext::_lora_linear_forward");
+  static const auto op =
+      find<tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, double,
+                                 double, const OptTensor&)>("lora_ext::_lora_linear_forward");
   return op;
 }
 
 inline const auto& lora_linear_backward_lora() {
-  static const auto op = find<tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                            const Tensor&, const Tensor&, double, double,
-                                                            const OptTensor&)>("lora_ext::_lora_linear_backward_lora");
+  static const auto op =
+      find<tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         double, double, const OptTensor&)>("lora_ext::_lora_linear_backward_lora");
   return op;
 }
 
 inline const auto& lora_linear_backward_input() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                     const OptTensor&)>("lora_ext::_lora_linear_backward_input");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&)>(
+          "lora_ext::_lora_linear_backward_input");
   return op;
 }
 
@@ -75,28 +77,29 @@ inline const auto& merge_exact_codes() {
 }
 
 inline const auto& unmerge_exact_() {
-  static const auto op = find<void(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   double)>("lora_ext::unmerge_exact_");
+  static const auto op =
+      find<void(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
+          "lora_ext::unmerge_exact_");
   return op;
 }
 
 // ---------------------------------------------------------------- quantized bases
 inline const auto& dequantize_weight() {
-  static const auto op = find<Tensor(const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t)>(
-      "lora_ext::dequantize_weight");
+  static const auto op =
+      find<Tensor(const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t)>("lora_ext::dequantize_weight");
   return op;
 }
 
 inline const auto& lora_linear_quantized() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t,
-                                     int64_t, const OptTensor&, const Tensor&, const Tensor&, double, double, bool)>(
-      "lora_ext::lora_linear_quantized");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t, const OptTensor&,
+                  const Tensor&, const Tensor&, double, double, bool)>("lora_ext::lora_linear_quantized");
   return op;
 }
 
 inline const auto& linear_quantized() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t,
-                                     int64_t, const OptTensor&)>("lora_ext::linear_quantized");
+  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t,
+                                     const OptTensor&)>("lora_ext::linear_quantized");
   return op;
 }
 
@@ -109,9 +112,9 @@ inline const auto& lora_linear_quantized_forward() {
 }
 
 inline const auto& lora_linear_quantized_backward_input() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t,
-                                     int64_t, const OptTensor&, const OptTensor&, double, const OptTensor&)>(
-      "lora_ext::_lora_linear_quantized_backward_input");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t, const OptTensor&,
+                  const OptTensor&, double, const OptTensor&)>("lora_ext::_lora_linear_quantized_backward_input");
   return op;
 }
 
@@ -122,17 +125,17 @@ inline const auto& lora_group_rows() {
 }
 
 inline const auto& lora_linear_multi() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, double, bool, const OptTensor&, const OptTensor&)>(
-      "lora_ext::lora_linear_multi");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+                  const Tensor&, double, bool, const OptTensor&, const OptTensor&)>("lora_ext::lora_linear_multi");
   return op;
 }
 
 inline const auto& lora_linear_multi_forward() {
   static const auto op =
       find<tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                 const OptTensor&)>("lora_ext::_lora_linear_multi_forward");
+                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&)>(
+          "lora_ext::_lora_linear_multi_forward");
   return op;
 }
 
@@ -145,9 +148,9 @@ inline const auto& lora_linear_multi_backward_lora() {
 }
 
 inline const auto& lora_linear_multi_backward_input() {
-  static const auto op = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, double, const OptTensor&)>(
-      "lora_ext::_lora_linear_multi_backward_input");
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                  const OptTensor&)>("lora_ext::_lora_linear_multi_backward_input");
   return op;
 }
 

@@ -14,8 +14,8 @@ const quant::Format& check_quantized_weight(const char* op, const at::Tensor& qd
                                             const std::optional<at::Tensor>& qscale, std::string_view qtype,
                                             int64_t out_features, int64_t in_features) {
   const quant::Format* f = quant::find_format(qtype);
-  TORCH_CHECK_VALUE(f != nullptr, "lora_ext::", op,
-                    ": expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got '", std::string(qtype), "'");
+  TORCH_CHECK_VALUE(f != nullptr, "lora_ext::", op, ": expected qtype 'int8', 'q8_0', 'q4_0', 'q4_1' or 'nf4', got '",
+                    std::string(qtype), "'");
   TORCH_CHECK_VALUE(out_features >= 0 && in_features >= 0, "lora_ext::", op,
                     ": expected out_features >= 0 and in_features >= 0, got ", out_features, " and ", in_features);
   TORCH_CHECK_VALUE(in_features % f->block == 0, "lora_ext::", op, ": ", f->name, " quantizes blocks of ", f->block,
@@ -24,9 +24,9 @@ const quant::Format& check_quantized_weight(const char* op, const at::Tensor& qd
   const auto want = f->type == quant::QType::Int8 ? at::kChar : at::kByte;
   TORCH_CHECK(qdata.scalar_type() == want, "lora_ext::", op, ": expected ", f->name, " qdata of dtype ",
               want == at::kChar ? "int8" : "uint8", ", got ", qdata.scalar_type());
-  TORCH_CHECK(qdata.dim() == 2 && qdata.sym_size(0) == out_features && qdata.sym_size(1) == row_bytes,
-              "lora_ext::", op, ": expected ", f->name, " qdata of shape [", out_features, ", ", row_bytes,
-              "] for a [", out_features, ", ", in_features, "] weight, got ", qdata.sym_sizes());
+  TORCH_CHECK(qdata.dim() == 2 && qdata.sym_size(0) == out_features && qdata.sym_size(1) == row_bytes, "lora_ext::", op,
+              ": expected ", f->name, " qdata of shape [", out_features, ", ", row_bytes, "] for a [", out_features,
+              ", ", in_features, "] weight, got ", qdata.sym_sizes());
   TORCH_CHECK(qdata.is_contiguous(), "lora_ext::", op, ": expected a contiguous qdata (the format's byte layout)");
   if (!f->has_qscale) {
     TORCH_CHECK_VALUE(!qscale.has_value(), "lora_ext::", op, ": ", f->name,
@@ -38,8 +38,8 @@ const quant::Format& check_quantized_weight(const char* op, const at::Tensor& qd
   const at::Tensor& s = *qscale;
   const bool int8 = f->type == quant::QType::Int8;
   const int64_t cols = int8 ? 1 : in_features / f->block;
-  TORCH_CHECK(s.scalar_type() == at::kFloat, "lora_ext::", op, ": expected ", f->name,
-              " qscale of dtype float32, got ", s.scalar_type());
+  TORCH_CHECK(s.scalar_type() == at::kFloat, "lora_ext::", op, ": expected ", f->name, " qscale of dtype float32, got ",
+              s.scalar_type());
   TORCH_CHECK(int8 ? (s.dim() == 1 && s.sym_size(0) == out_features)
                    : (s.dim() == 2 && s.sym_size(0) == out_features && s.sym_size(1) == cols),
               "lora_ext::", op, ": expected ", f->name, " qscale of shape ",
@@ -64,10 +64,11 @@ bool activation_dtype(at::ScalarType t) {
 
 }  // namespace
 
-const quant::Format& check_lora_linear_quantized_args(
-    const char* op, const at::Tensor& x, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
-    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
-    const at::Tensor* lora_A, const at::Tensor* lora_B, double scale, double dropout_p) {
+const quant::Format& check_lora_linear_quantized_args(const char* op, const at::Tensor& x, const at::Tensor& qdata,
+                                                      const std::optional<at::Tensor>& qscale, std::string_view qtype,
+                                                      int64_t out_features, int64_t in_features,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor* lora_A,
+                                                      const at::Tensor* lora_B, double scale, double dropout_p) {
   const auto& f = check_quantized_weight(op, qdata, qscale, qtype, out_features, in_features);
   TORCH_CHECK(x.dim() >= 1, "lora_ext::", op,
               ": expected x of shape [..., in] with at least 1 dim, got a 0-dim tensor");
@@ -75,15 +76,16 @@ const quant::Format& check_lora_linear_quantized_args(
               ", got ", x.device());
   TORCH_CHECK(activation_dtype(x.scalar_type()), "lora_ext::", op,
               ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_SYM_CHECK(x.sym_size(-1).sym_eq(in_features), "lora_ext::", op, ": expected x of shape [..., in] with in = ",
-                  in_features, " (in_features), got x of shape ", x.sym_sizes());
+  TORCH_SYM_CHECK(x.sym_size(-1).sym_eq(in_features), "lora_ext::", op,
+                  ": expected x of shape [..., in] with in = ", in_features, " (in_features), got x of shape ",
+                  x.sym_sizes());
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == out_features, "lora_ext::", op,
-                ": expected bias of shape [", out_features, "], got ", bias->sym_sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == out_features, "lora_ext::", op, ": expected bias of shape [",
+                out_features, "], got ", bias->sym_sizes());
     TORCH_CHECK(bias->device() == x.device(), "lora_ext::", op, ": expected bias on device ", x.device(), ", got ",
                 bias->device());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected bias of dtype ",
-                x.scalar_type(), " (x's dtype), got ", bias->scalar_type());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_ext::", op, ": expected bias of dtype ", x.scalar_type(),
+                " (x's dtype), got ", bias->scalar_type());
   }
   if (lora_A != nullptr) {
     TORCH_CHECK(lora_A->defined() && lora_B->defined(), "lora_ext::", op,
@@ -94,16 +96,17 @@ const quant::Format& check_lora_linear_quantized_args(
   return f;
 }
 
-const quant::Format& check_quantized_backward_input_args(
-    const char* op, const at::Tensor& grad_y, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
-    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& lora_A,
-    const std::optional<at::Tensor>& grad_h, double dropout_p) {
+const quant::Format& check_quantized_backward_input_args(const char* op, const at::Tensor& grad_y,
+                                                         const at::Tensor& qdata,
+                                                         const std::optional<at::Tensor>& qscale,
+                                                         std::string_view qtype, int64_t out_features,
+                                                         int64_t in_features, const std::optional<at::Tensor>& lora_A,
+                                                         const std::optional<at::Tensor>& grad_h, double dropout_p) {
   const auto& f = check_quantized_weight(op, qdata, qscale, qtype, out_features, in_features);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.sym_size(-1) == out_features, "lora_ext::", op,
               ": expected grad_y of shape [..., ", out_features, "], got ", grad_y.sym_sizes());
   TORCH_CHECK(grad_y.device() == qdata.device() && activation_dtype(grad_y.scalar_type()), "lora_ext::", op,
-              ": expected a float grad_y on ", qdata.device(), ", got ", grad_y.scalar_type(), " on ",
-              grad_y.device());
+              ": expected a float grad_y on ", qdata.device(), ", got ", grad_y.scalar_type(), " on ", grad_y.device());
   TORCH_CHECK(lora_A.has_value() == grad_h.has_value(), "lora_ext::", op,
               ": expected lora_A and grad_h given together or not at all");
   if (lora_A.has_value()) {

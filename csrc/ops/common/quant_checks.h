@@ -23,16 +23,19 @@ namespace lora_ext::detail {
 // [..., in_features] (float32/float64/bfloat16/float16) on qdata's device, bias
 // [out_features] in x's dtype or None, and, when lora_A/lora_B are given, the
 // adapter's rules of lora_linear (check_adapter), finite scale and 0 <= dropout_p < 1.
-const quant::Format& check_lora_linear_quantized_args(
-    const char* op, const at::Tensor& x, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
-    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
-    const at::Tensor* lora_A, const at::Tensor* lora_B, double scale, double dropout_p);
+const quant::Format& check_lora_linear_quantized_args(const char* op, const at::Tensor& x, const at::Tensor& qdata,
+                                                      const std::optional<at::Tensor>& qscale, std::string_view qtype,
+                                                      int64_t out_features, int64_t in_features,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor* lora_A,
+                                                      const at::Tensor* lora_B, double scale, double dropout_p);
 
 // _lora_linear_quantized_backward_input: grad_y [..., out_features] on qdata's
 // device; lora_A [r, in_features] and grad_h [N, r] given together or not at all.
-const quant::Format& check_quantized_backward_input_args(
-    const char* op, const at::Tensor& grad_y, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
-    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& lora_A,
-    const std::optional<at::Tensor>& grad_h, double dropout_p);
+const quant::Format& check_quantized_backward_input_args(const char* op, const at::Tensor& grad_y,
+                                                         const at::Tensor& qdata,
+                                                         const std::optional<at::Tensor>& qscale,
+                                                         std::string_view qtype, int64_t out_features,
+                                                         int64_t in_features, const std::optional<at::Tensor>& lora_A,
+                                                         const std::optional<at::Tensor>& grad_h, double dropout_p);
 
 }  // namespace lora_ext::detail

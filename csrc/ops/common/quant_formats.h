@@ -49,8 +49,9 @@ constexpr const Format& format_of(QType t) {
   return kFormats[static_cast<int>(t)];
 }
 static_assert(format_of(QType::Int8).type == QType::Int8 && format_of(QType::Q8_0).type == QType::Q8_0 &&
-              format_of(QType::Q4_0).type == QType::Q4_0 && format_of(QType::Q4_1).type == QType::Q4_1 &&
-              format_of(QType::NF4).type == QType::NF4, "kFormats must list the formats in QType order");
+                  format_of(QType::Q4_0).type == QType::Q4_0 && format_of(QType::Q4_1).type == QType::Q4_1 &&
+                  format_of(QType::NF4).type == QType::NF4,
+              "kFormats must list the formats in QType order");
 // nullptr when `name` is not a format.
 inline const Format* find_format(std::string_view name) {
   for (const auto& f : kFormats) {
@@ -62,11 +63,22 @@ inline const Format* find_format(std::string_view name) {
 // The NF4 code book (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
 inline constexpr int kNF4Codes = 16;
 LORA_EXT_HOST_DEVICE float nf4_value(int code) {
-  constexpr float kNF4[kNF4Codes] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-                                     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-                                     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
-                                     0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-                                     0.7229568362236023f, 1.0f};
+  constexpr float kNF4[kNF4Codes] = {-1.0f,
+                                     -0.6961928009986877f,
+                                     -0.5250730514526367f,
+                                     -0.39491748809814453f,
+                                     -0.28444138169288635f,
+                                     -0.18477343022823334f,
+                                     -0.09105003625154495f,
+                                     0.0f,
+                                     0.07958029955625534f,
+                                     0.16093020141124725f,
+                                     0.24611230194568634f,
+                                     0.33791524171829224f,
+                                     0.44070982933044434f,
+                                     0.5626170039176941f,
+                                     0.7229568362236023f,
+                                     1.0f};
   return kNF4[code & 15];
 }
 

@@ -137,8 +137,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_quantized_forward_op(
     const at::Tensor& lora_B, double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "_lora_linear_quantized_forward";
   const auto& f = check_lora_linear_quantized_args(op, x, qdata, qscale, std::string_view(qtype.data(), qtype.size()),
-                                                   out_features, in_features, bias, &lora_A, &lora_B, scale,
-                                                   dropout_p);
+                                                   out_features, in_features, bias, &lora_A, &lora_B, scale, dropout_p);
   check_seed(op, seed, dropout_p);
   const QuantizedBase<Backend> base{f, qdata, qscale, out_features, in_features};
   return lora_linear_forward_impl<Backend>(x, base, bias, lora_A, lora_B, scale, dropout_p, seed);
@@ -148,8 +147,8 @@ template <typename Backend>
 at::Tensor lora_linear_quantized_op(const at::Tensor& x, const at::Tensor& qdata,
                                     const std::optional<at::Tensor>& qscale, c10::string_view qtype,
                                     int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
-                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                    double dropout_p, bool training) {
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                                    bool training) {
   const auto& f = check_lora_linear_quantized_args("lora_linear_quantized", x, qdata, qscale,
                                                    std::string_view(qtype.data(), qtype.size()), out_features,
                                                    in_features, bias, &lora_A, &lora_B, scale, dropout_p);
@@ -173,14 +172,16 @@ at::Tensor linear_quantized_op(const at::Tensor& x, const at::Tensor& qdata, con
 }
 
 template <typename Backend>
-at::Tensor lora_linear_quantized_backward_input_op(
-    const at::Tensor& grad_y, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
-    c10::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& lora_A,
-    const std::optional<at::Tensor>& grad_h, double dropout_p, const std::optional<at::Tensor>& seed) {
+at::Tensor lora_linear_quantized_backward_input_op(const at::Tensor& grad_y, const at::Tensor& qdata,
+                                                   const std::optional<at::Tensor>& qscale, c10::string_view qtype,
+                                                   int64_t out_features, int64_t in_features,
+                                                   const std::optional<at::Tensor>& lora_A,
+                                                   const std::optional<at::Tensor>& grad_h, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed) {
   const char* op = "_lora_linear_quantized_backward_input";
-  const auto& f = check_quantized_backward_input_args(op, grad_y, qdata, qscale,
-                                                      std::string_view(qtype.data(), qtype.size()), out_features,
-                                                      in_features, lora_A, grad_h, dropout_p);
+  const auto& f =
+      check_quantized_backward_input_args(op, grad_y, qdata, qscale, std::string_view(qtype.data(), qtype.size()),
+                                          out_features, in_features, lora_A, grad_h, dropout_p);
   check_seed(op, seed, dropout_p);
   const QuantizedBase<Backend> base{f, qdata, qscale, out_features, in_features};
   return quantized_backward_input_impl<Backend>(grad_y, base, lora_A, grad_h, dropout_p, seed);

@@ -31,30 +31,31 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
           scales == nullptr ? nullptr : scales + (row0 + r) * (f.type == QType::Int8 ? 1 : in_features / f.block);
       if (dequantize_row_fast(f, q, scale_row, in_features, o, &ok)) {
         // AVX2 (ops/cpu/quant_gemv.cpp): the same values as the portable decoder below
-      } else switch (f.type) {
-        case QType::Int8: {
-          const float s = scales[row0 + r];
-          ok = s - s == 0.0f;
-          const int8_t* qi = reinterpret_cast<const int8_t*>(q);
-          for (int64_t i = 0; i < in_features; ++i) o[i] = static_cast<float>(qi[i]) * s;
-          break;
-        }
-        case QType::NF4: {
-          const float* absmax = scales + (row0 + r) * (in_features / quant::kNF4Block);
-          for (int64_t i = 0; i < in_features; i += 2) {
-            const float s = absmax[i / quant::kNF4Block];
-            const uint8_t byte = q[i / 2];
-            o[i] = quant::nf4_value(byte >> 4) * s;
-            o[i + 1] = quant::nf4_value(byte & 0x0F) * s;
+      } else
+        switch (f.type) {
+          case QType::Int8: {
+            const float s = scales[row0 + r];
+            ok = s - s == 0.0f;
+            const int8_t* qi = reinterpret_cast<const int8_t*>(q);
+            for (int64_t i = 0; i < in_features; ++i) o[i] = static_cast<float>(qi[i]) * s;
+            break;
           }
-          for (int64_t b = 0; b < in_features / quant::kNF4Block; ++b) ok = ok && absmax[b] - absmax[b] == 0.0f;
-          break;
-        }
-        default:
-          for (int64_t b = 0; b < in_features / quant::kGgufBlock; ++b) {
-            ok = quant::decode_gguf_block(f.type, q + b * f.block_bytes, o + b * quant::kGgufBlock) && ok;
+          case QType::NF4: {
+            const float* absmax = scales + (row0 + r) * (in_features / quant::kNF4Block);
+            for (int64_t i = 0; i < in_features; i += 2) {
+              const float s = absmax[i / quant::kNF4Block];
+              const uint8_t byte = q[i / 2];
+              o[i] = quant::nf4_value(byte >> 4) * s;
+              o[i + 1] = quant::nf4_value(byte & 0x0F) * s;
+            }
+            for (int64_t b = 0; b < in_features / quant::kNF4Block; ++b) ok = ok && absmax[b] - absmax[b] == 0.0f;
+            break;
           }
-      }
+          default:
+            for (int64_t b = 0; b < in_features / quant::kGgufBlock; ++b) {
+              ok = quant::decode_gguf_block(f.type, q + b * f.block_bytes, o + b * quant::kGgufBlock) && ok;
+            }
+        }
       if (!ok) bad.note(row0 + r);
     }
   });
@@ -65,9 +66,8 @@ namespace {
 
 at::Tensor dequantize_weight_cpu(const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
                                  c10::string_view qtype, int64_t out_features, int64_t in_features) {
-  const auto& f = detail::check_quantized_weight("dequantize_weight", qdata, qscale,
-                                                 std::string_view(qtype.data(), qtype.size()), out_features,
-                                                 in_features);
+  const auto& f = detail::check_quantized_weight(
+      "dequantize_weight", qdata, qscale, std::string_view(qtype.data(), qtype.size()), out_features, in_features);
   at::Tensor w = at::empty({out_features, in_features}, qdata.options().dtype(at::kFloat));
   if (w.numel() == 0) return w;
   dequantize_rows(f, qdata, qscale, 0, out_features, in_features, w.mutable_data_ptr<float>(), in_features);

@@ -13,23 +13,23 @@ namespace {
 // a plain loop over 32-bit lanes (the multiply is unconditional, a select picks
 // its factor) so the compiler vectorises it; target_clones
 // builds an AVX2 copy chosen at load time on CPUs that have it.
-#define LORA_EXT_DROPOUT_SEGMENT(NAME, SRC_T, DST_T)                                                     \
-  __attribute__((target_clones("avx2", "default"))) void NAME(                                           \
-      DST_T* dst, const SRC_T* src, int64_t sstride, int64_t n, uint32_t lo0, uint32_t hi,   \
-      uint32_t key_lo, uint32_t key_hi, uint32_t threshold, DST_T scale) {                                \
-    if (sstride == 1) {                                                                                   \
-      for (int64_t j = 0; j < n; ++j) {                                                                   \
-        const uint32_t u = detail::dropout_u32(key_lo, key_hi, lo0 + static_cast<uint32_t>(j), hi);      \
-        const DST_T v = static_cast<DST_T>(src[j]);                                                       \
-        dst[j] = v * (u >= threshold ? scale : DST_T(0));                                                   \
-      }                                                                                                   \
-    } else {                                                                                              \
-      for (int64_t j = 0; j < n; ++j) {                                                                   \
-        const uint32_t u = detail::dropout_u32(key_lo, key_hi, lo0 + static_cast<uint32_t>(j), hi);      \
-        const DST_T v = static_cast<DST_T>(src[j * sstride]);                                             \
-        dst[j] = v * (u >= threshold ? scale : DST_T(0));                                                   \
-      }                                                                                                   \
-    }                                                                                                     \
+#define LORA_EXT_DROPOUT_SEGMENT(NAME, SRC_T, DST_T)                                                                 \
+  __attribute__((target_clones("avx2", "default"))) void NAME(DST_T* dst, const SRC_T* src, int64_t sstride,         \
+                                                              int64_t n, uint32_t lo0, uint32_t hi, uint32_t key_lo, \
+                                                              uint32_t key_hi, uint32_t threshold, DST_T scale) {    \
+    if (sstride == 1) {                                                                                              \
+      for (int64_t j = 0; j < n; ++j) {                                                                              \
+        const uint32_t u = detail::dropout_u32(key_lo, key_hi, lo0 + static_cast<uint32_t>(j), hi);                  \
+        const DST_T v = static_cast<DST_T>(src[j]);                                                                  \
+        dst[j] = v * (u >= threshold ? scale : DST_T(0));                                                            \
+      }                                                                                                              \
+    } else {                                                                                                         \
+      for (int64_t j = 0; j < n; ++j) {                                                                              \
+        const uint32_t u = detail::dropout_u32(key_lo, key_hi, lo0 + static_cast<uint32_t>(j), hi);                  \
+        const DST_T v = static_cast<DST_T>(src[j * sstride]);                                                        \
+        dst[j] = v * (u >= threshold ? scale : DST_T(0));                                                            \
+      }                                                                                                              \
+    }                                                                                                                \
   }
 
 LORA_EXT_DROPOUT_SEGMENT(segment_f32, float, float)
@@ -38,16 +38,20 @@ LORA_EXT_DROPOUT_SEGMENT(segment_bf16, c10::BFloat16, float)
 LORA_EXT_DROPOUT_SEGMENT(segment_f16, c10::Half, float)
 #undef LORA_EXT_DROPOUT_SEGMENT
 
-inline void segment(float* d, const float* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi, const detail::DropoutParams& p) {
+inline void segment(float* d, const float* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi,
+                    const detail::DropoutParams& p) {
   segment_f32(d, s, ss, n, lo, hi, p.key_lo, p.key_hi, p.threshold, p.scale);
 }
-inline void segment(double* d, const double* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi, const detail::DropoutParams& p) {
+inline void segment(double* d, const double* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi,
+                    const detail::DropoutParams& p) {
   segment_f64(d, s, ss, n, lo, hi, p.key_lo, p.key_hi, p.threshold, p.scale_d);
 }
-inline void segment(float* d, const c10::BFloat16* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi, const detail::DropoutParams& p) {
+inline void segment(float* d, const c10::BFloat16* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi,
+                    const detail::DropoutParams& p) {
   segment_bf16(d, s, ss, n, lo, hi, p.key_lo, p.key_hi, p.threshold, p.scale);
 }
-inline void segment(float* d, const c10::Half* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi, const detail::DropoutParams& p) {
+inline void segment(float* d, const c10::Half* s, int64_t ss, int64_t n, uint32_t lo, uint32_t hi,
+                    const detail::DropoutParams& p) {
   segment_f16(d, s, ss, n, lo, hi, p.key_lo, p.key_hi, p.threshold, p.scale);
 }
 

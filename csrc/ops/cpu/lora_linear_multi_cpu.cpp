@@ -36,7 +36,7 @@ namespace {
 
 // A validated grouping, read on the host.
 struct Groups {
-  Tensor order_t;                // int64 [N], contiguous
+  Tensor order_t;  // int64 [N], contiguous
   const int64_t* order;
   std::vector<int64_t> offsets;  // n + 2 entries
   int64_t n;
@@ -104,8 +104,10 @@ std::vector<Run> row_runs(const Groups& g, int64_t N) {
   }
   std::vector<Run> runs;
   for (int64_t i = 0; i < N; ++i) {
-    if (!runs.empty() && runs.back().a == adapter[i]) ++runs.back().len;
-    else runs.push_back({i, 1, adapter[i]});
+    if (!runs.empty() && runs.back().a == adapter[i])
+      ++runs.back().len;
+    else
+      runs.push_back({i, 1, adapter[i]});
   }
   return runs;
 }
@@ -117,8 +119,7 @@ std::vector<double> host_scales(const Tensor& scales) {
 }
 
 // Rows `idx` of x2d (any dtype) in the acc dtype, dropped out by their own row index.
-Tensor rows_acc(const Tensor& x2d, const Tensor& idx, at::ScalarType acc,
-                const optional<detail::DropoutParams>& drop) {
+Tensor rows_acc(const Tensor& x2d, const Tensor& idx, at::ScalarType acc, const optional<detail::DropoutParams>& drop) {
   if (!drop) return x2d.index_select(0, idx).to(acc);
   Tensor buf = at::empty({idx.numel(), x2d.size(1)}, x2d.options().dtype(acc));
   const int64_t* rows = idx.const_data_ptr<int64_t>();
@@ -137,10 +138,13 @@ void fused_lora_f32(Tensor& y, Tensor& h, const Tensor& x2d, const Tensor& A, co
                     const std::vector<double>& scales, const Groups& g, bool expand) {
   constexpr int64_t kBlock = 8;
   const int64_t in = x2d.size(1), out = y.size(1), r = A.size(1), n = g.n;
-  struct Block { int64_t a, start, len; };
+  struct Block {
+    int64_t a, start, len;
+  };
   std::vector<Block> blocks;
   for (int64_t a = 0; a < n; ++a) {
-    for (int64_t s = 0; s < g.count(a); s += kBlock) blocks.push_back({a, g.begin(a) + s, std::min(kBlock, g.count(a) - s)});
+    for (int64_t s = 0; s < g.count(a); s += kBlock)
+      blocks.push_back({a, g.begin(a) + s, std::min(kBlock, g.count(a) - s)});
   }
   const float* xp = x2d.const_data_ptr<float>();
   const int64_t ldx = x2d.stride(0);
@@ -190,8 +194,8 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
   const Tensor A_acc = lora_A.to(acc).contiguous();
   Tensor y = at::empty({N, out}, x2d.options());
 
-  const bool fast = xt == at::kFloat && acc == at::kFloat && !drop && has_avx2_fma() &&
-                    x2d.stride(1) == 1 && r <= 256 && in >= 8;
+  const bool fast =
+      xt == at::kFloat && acc == at::kFloat && !drop && has_avx2_fma() && x2d.stride(1) == 1 && r <= 256 && in >= 8;
   if (fast) {
     // lora_B given as the transpose of a contiguous [n, r, out] stack (the module's layout) is used as is
     const Tensor Bt = lora_B.transpose(1, 2).to(acc).contiguous();
@@ -204,8 +208,10 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
       for (const auto& [start, len, a] : runs) {
         Tensor yv = y.narrow(0, start, len);
         if (a < 0) {
-          if (bias) yv.copy_(bias->expand({len, out}));
-          else yv.zero_();
+          if (bias)
+            yv.copy_(bias->expand({len, out}));
+          else
+            yv.zero_();
         } else if (bias) {
           at::addmm_out(yv, *bias, h.narrow(0, start, len), Bt[a], 1, scales[a]);
         } else {
@@ -216,8 +222,10 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
     } else {
       // Small outputs or short runs (decode): the base GEMM first, then the LoRA rows are added
       // in place by the fused kernel (y is small enough to stay in cache).
-      if (bias) at::addmm_out(y, *bias, x2d, weight.t());
-      else at::mm_out(y, x2d, weight.t());
+      if (bias)
+        at::addmm_out(y, *bias, x2d, weight.t());
+      else
+        at::mm_out(y, x2d, weight.t());
       fused_lora_f32(y, h, x2d, A_acc, Bt, scales, g, /*expand=*/true);
     }
     return y;
@@ -231,8 +239,10 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
   const Tensor B_acc = lora_B.to(acc);
   if (xt == acc) {
     // y = bias + s_a h B[a]^T first, then the base GEMM accumulates into y
-    if (bias) y.copy_(bias->expand({N, out}));
-    else y.zero_();
+    if (bias)
+      y.copy_(bias->expand({N, out}));
+    else
+      y.zero_();
     g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
       y.index_add_(0, idx, at::mm(h.index_select(0, idx), B_acc[a].t()), scales[a]);
     });
@@ -263,11 +273,11 @@ std::tuple<Tensor, Tensor, Tensor> multi_backward_lora(const char* op, const Ten
   detail::check_finite_scales(op, scales, lora_A.scalar_type());
   const auto sc = host_scales(scales);
   g.for_adapter_chunks(chunk_rows(std::max(in, out), acc), [&](int64_t a, const Tensor& idx) {
-    const Tensor G = g2d.index_select(0, idx).to(acc);          // [c, out]
-    gB[a].addmm_(G.t(), h.index_select(0, idx), 1, sc[a]);       // s G^T H
-    const Tensor GH = at::mm(G, B_acc[a]).mul_(sc[a]);          // [c, r]
+    const Tensor G = g2d.index_select(0, idx).to(acc);      // [c, out]
+    gB[a].addmm_(G.t(), h.index_select(0, idx), 1, sc[a]);  // s G^T H
+    const Tensor GH = at::mm(G, B_acc[a]).mul_(sc[a]);      // [c, r]
     gh.index_copy_(0, idx, GH);
-    gA[a].addmm_(GH.t(), rows_acc(x2d, idx, acc, drop));         // GH^T dropout(X)
+    gA[a].addmm_(GH.t(), rows_acc(x2d, idx, acc, drop));  // GH^T dropout(X)
   });
   return {gA, gB, gh};
 }
@@ -311,8 +321,7 @@ struct CpuMulti {
   using Guard = CpuBackend::Guard;
   using Groups = cpu::Groups;
   static std::tuple<Tensor, Tensor> group_rows(const Tensor& ids, int64_t n) { return cpu::group_rows(ids, n); }
-  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets,
-                             int64_t n) {
+  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
     detail::check_grouping_values(op, ids, order, offsets, n);  // O(N)
   }
   static void check_scales(const char* op, const Tensor& scales, at::ScalarType adapter_dtype) {

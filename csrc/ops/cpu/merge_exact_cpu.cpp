@@ -31,7 +31,8 @@ struct Dims {
 
 // d_row[j] = scale * sum_k b_row[k] * A32[k, j] for one row, k in order. The
 // AVX2 clone rounds exactly like the default one (separate multiply and add).
-__attribute__((target_clones("avx2", "default"))) void delta_row(float* d_row, const float* b_row, const float* A32, const Dims& dm, float scale) {
+__attribute__((target_clones("avx2", "default"))) void delta_row(float* d_row, const float* b_row, const float* A32,
+                                                                 const Dims& dm, float scale) {
   for (int64_t j = 0; j < dm.in; ++j) d_row[j] = 0.0f;
   for (int64_t k = 0; k < dm.r; ++k) {
     const float bk = b_row[k];
@@ -88,8 +89,8 @@ void merge_exact_cpu(Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> merge_exact_codes_cpu(
-    const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scale) {
+std::tuple<Tensor, Tensor, Tensor> merge_exact_codes_cpu(const Tensor& weight, const Tensor& lora_A,
+                                                         const Tensor& lora_B, double scale) {
   detail::check_merge_exact_args("merge_exact_codes", weight, lora_A, lora_B, scale);
   const int64_t n = weight.numel();
   Tensor codes = at::zeros({(n + 3) / 4}, weight.options().dtype(at::kByte));

@@ -14,7 +14,6 @@ namespace {
 
 using quant::QType;
 
-
 __attribute__((target("avx2,fma"))) inline __m256 u8x8(__m128i v) {  // the low 8 bytes, unsigned, as floats
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
 }
@@ -33,8 +32,8 @@ __attribute__((target("avx2,fma,f16c"))) inline float half_at(const uint8_t* p) 
 __attribute__((target("avx2,fma"))) inline __m256 nf4x8(const uint8_t* q, __m256 tbl_lo, __m256 tbl_hi) {
   int32_t four;
   std::memcpy(&four, q, 4);
-  const __m128i dup = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1,
-                                                                               -1, -1, -1, -1, -1));
+  const __m128i dup =
+      _mm_shuffle_epi8(_mm_cvtsi32_si128(four), _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1));
   const __m256i codes = _mm256_and_si256(
       _mm256_srlv_epi32(_mm256_cvtepu8_epi32(dup), _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)), _mm256_set1_epi32(15));
   const __m256 lo = _mm256_permutevar8x32_ps(tbl_lo, codes), hi = _mm256_permutevar8x32_ps(tbl_hi, codes);
@@ -47,7 +46,7 @@ inline bool finite(float s) {
 
 // One row of W decoded into float32 (the tiles' fast path).
 __attribute__((target("avx2,fma,f16c"))) bool dequantize_row(QType type, const uint8_t* q, const float* scale_row,
-                                                            int64_t in, float* o) {
+                                                             int64_t in, float* o) {
   bool ok = true;
   if (type == QType::Int8) {
     const int8_t* qi = reinterpret_cast<const int8_t*>(q);
@@ -114,8 +113,8 @@ __attribute__((target("avx2,fma,f16c"))) bool dequantize_row(QType type, const u
 // xsum[n * nb + b] is the sum of x[n]'s block b (for the formats with an offset).
 template <int N>
 __attribute__((target("avx2,fma,f16c"))) bool row_dots(QType type, const uint8_t* q, const float* scale_row,
-                                                  const float* const* x, const float* xsum, int64_t in,
-                                                  float* dot) {
+                                                       const float* const* x, const float* xsum, int64_t in,
+                                                       float* dot) {
   __m256 acc[N];
   float extra[N];
   for (int n = 0; n < N; ++n) {
@@ -202,16 +201,15 @@ __attribute__((target("avx2,fma,f16c"))) bool row_dots(QType type, const uint8_t
 }
 
 template <int N>
-void gemv_rows(const quant::Format& f, const uint8_t* q, int64_t row_bytes, const float* scales,
-               const float* const* x, const float* xsum, int64_t in, int64_t out, float* y, int64_t ldy,
-               bool accumulate) {
+void gemv_rows(const quant::Format& f, const uint8_t* q, int64_t row_bytes, const float* scales, const float* const* x,
+               const float* xsum, int64_t in, int64_t out, float* y, int64_t ldy, bool accumulate) {
   const int64_t scale_cols = f.type == QType::Int8 ? 1 : in / quant::kNF4Block;
   FirstBadRow bad;
   at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
     float dot[N];
     for (int64_t o = o0; o < o1; ++o) {
-      const bool ok = row_dots<N>(f.type, q + o * row_bytes, scales ? scales + o * scale_cols : nullptr, x, xsum,
-                                  in, dot);
+      const bool ok =
+          row_dots<N>(f.type, q + o * row_bytes, scales ? scales + o * scale_cols : nullptr, x, xsum, in, dot);
       for (int n = 0; n < N; ++n) {
         float& dst = y[n * ldy + o];
         dst = accumulate ? dst + dot[n] : dot[n];
@@ -248,10 +246,17 @@ bool quant_gemv(const quant::Format& f, const at::Tensor& qdata, const std::opti
   float* yp = y.mutable_data_ptr<float>();
   const int64_t rb = qdata.size(1), ldy = y.stride(0);
   switch (N) {
-    case 1: gemv_rows<1>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate); break;
-    case 2: gemv_rows<2>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate); break;
-    case 3: gemv_rows<3>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate); break;
-    default: gemv_rows<4>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
+    case 1:
+      gemv_rows<1>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
+      break;
+    case 2:
+      gemv_rows<2>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
+      break;
+    case 3:
+      gemv_rows<3>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
+      break;
+    default:
+      gemv_rows<4>(f, q, rb, scales, xr, xsum.data(), in, out, yp, ldy, accumulate);
   }
   return true;
 }

@@ -18,8 +18,7 @@ inline bool portable_kernels_only() {
 }
 
 inline bool cpu_has_avx2_fma() {
-  static const bool ok =
-      !portable_kernels_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = !portable_kernels_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 

@@ -10,8 +10,8 @@ namespace {
 
 // NB rows X[0..NB) against KB rows of W: NB*KB accumulators stay in registers.
 template <int NB, int KB>
-__attribute__((target("avx2,fma"))) void rowdot_block(
-    const float* const* X, const float* W, int64_t K, float* out, int64_t ldo) {
+__attribute__((target("avx2,fma"))) void rowdot_block(const float* const* X, const float* W, int64_t K, float* out,
+                                                      int64_t ldo) {
   __m256 acc[NB][KB];
 #pragma GCC unroll 4
   for (int a = 0; a < NB; ++a)
@@ -41,18 +41,25 @@ __attribute__((target("avx2,fma"))) void rowdot_block(
 }
 
 template <int NB>
-__attribute__((target("avx2,fma"))) void rowdot_rows(
-    const float* const* X, const float* W, int64_t K, int64_t R, float* out, int64_t ldo) {
+__attribute__((target("avx2,fma"))) void rowdot_rows(const float* const* X, const float* W, int64_t K, int64_t R,
+                                                     float* out, int64_t ldo) {
   int64_t k0 = 0;
   if constexpr (NB == 1) {  // one row: 8 accumulator chains instead of 4 (FMA latency)
     for (; k0 + 8 <= R; k0 += 8) rowdot_block<1, 8>(X, W + k0 * K, K, out + k0, ldo);
   }
   for (; k0 + 4 <= R; k0 += 4) rowdot_block<NB, 4>(X, W + k0 * K, K, out + k0, ldo);
   switch (R - k0) {
-    case 3: rowdot_block<NB, 3>(X, W + k0 * K, K, out + k0, ldo); break;
-    case 2: rowdot_block<NB, 2>(X, W + k0 * K, K, out + k0, ldo); break;
-    case 1: rowdot_block<NB, 1>(X, W + k0 * K, K, out + k0, ldo); break;
-    default: break;
+    case 3:
+      rowdot_block<NB, 3>(X, W + k0 * K, K, out + k0, ldo);
+      break;
+    case 2:
+      rowdot_block<NB, 2>(X, W + k0 * K, K, out + k0, ldo);
+      break;
+    case 1:
+      rowdot_block<NB, 1>(X, W + k0 * K, K, out + k0, ldo);
+      break;
+    default:
+      break;
   }
 }
 
@@ -60,8 +67,8 @@ __attribute__((target("avx2,fma"))) void rowdot_rows(
 // y[m][o] += sum_k hs[m][k] * Wt[k][o]; MB * OV independent accumulator chains.
 // Returns the first column not done.
 template <int MB, int OV>
-__attribute__((target("avx2,fma"))) int64_t expand_cols(
-    const float* hs, int64_t R, const float* Wt, int64_t out, float* const* y, int64_t o0) {
+__attribute__((target("avx2,fma"))) int64_t expand_cols(const float* hs, int64_t R, const float* Wt, int64_t out,
+                                                        float* const* y, int64_t o0) {
   int64_t o = o0;
   for (; o + 8 * OV <= out; o += 8 * OV) {
     __m256 acc[MB][OV];
@@ -103,7 +110,9 @@ void expand_rows(const float* hs, int64_t R, const float* Wt, int64_t out, float
 
 }  // namespace
 
-bool has_avx2_fma() { return cpu_has_avx2_fma(); }
+bool has_avx2_fma() {
+  return cpu_has_avx2_fma();
+}
 
 void rowdot_ptrs(const float* const* rows, int64_t nrows, const float* W, int64_t K, int64_t R, float* out,
                  int64_t ldo) {
@@ -120,10 +129,17 @@ void expand_ptrs(const float* hs, int64_t nrows, const float* Wt, int64_t R, int
   int64_t m = 0;
   for (; m + 4 <= nrows; m += 4) expand_rows<4, 2>(hs + m * R, R, Wt, out, yrows + m);
   switch (nrows - m) {
-    case 3: expand_rows<3, 2>(hs + m * R, R, Wt, out, yrows + m); break;
-    case 2: expand_rows<2, 4>(hs + m * R, R, Wt, out, yrows + m); break;
-    case 1: expand_rows<1, 4>(hs + m * R, R, Wt, out, yrows + m); break;
-    default: break;
+    case 3:
+      expand_rows<3, 2>(hs + m * R, R, Wt, out, yrows + m);
+      break;
+    case 2:
+      expand_rows<2, 4>(hs + m * R, R, Wt, out, yrows + m);
+      break;
+    case 1:
+      expand_rows<1, 4>(hs + m * R, R, Wt, out, yrows + m);
+      break;
+    default:
+      break;
   }
 }
 
@@ -146,9 +162,12 @@ bool skinny_rowdot(at::Tensor& out, const at::Tensor& X, const at::Tensor& W) {
       const int64_t n = b * 3, nb = std::min<int64_t>(3, N - n);
       const float* xr[3] = {xp + n * ldx, xp + (n + 1) * ldx, xp + (n + 2) * ldx};
       float* orow = op + n * R;
-      if (nb == 3) rowdot_rows<3>(xr, wp, K, R, orow, R);
-      else if (nb == 2) rowdot_rows<2>(xr, wp, K, R, orow, R);
-      else rowdot_rows<1>(xr, wp, K, R, orow, R);
+      if (nb == 3)
+        rowdot_rows<3>(xr, wp, K, R, orow, R);
+      else if (nb == 2)
+        rowdot_rows<2>(xr, wp, K, R, orow, R);
+      else
+        rowdot_rows<1>(xr, wp, K, R, orow, R);
     }
   });
   return true;

@@ -24,7 +24,7 @@ using quant::QType;
 
 struct DequantParams {
   const uint8_t* q;
-  const float* scales;  // int8: [out]; nf4: [out, in / 64]; GGUF: nullptr
+  const float* scales;      // int8: [out]; nf4: [out, in / 64]; GGUF: nullptr
   float* w;                 // rows [row0, row0 + rows) of the weight, leading dimension in
   unsigned long long* bad;  // the first row with a non-finite scale (atomicMin)
   int64_t row0, rows, in, row_bytes, block_bytes;
@@ -61,9 +61,8 @@ __global__ void dequantize_kernel(DequantParams p) {
 
 at::Tensor dequantize_weight_cuda(const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
                                   c10::string_view qtype, int64_t out_features, int64_t in_features) {
-  const auto& f = detail::check_quantized_weight("dequantize_weight", qdata, qscale,
-                                                 std::string_view(qtype.data(), qtype.size()), out_features,
-                                                 in_features);
+  const auto& f = detail::check_quantized_weight(
+      "dequantize_weight", qdata, qscale, std::string_view(qtype.data(), qtype.size()), out_features, in_features);
   at::Tensor w = at::empty({out_features, in_features}, qdata.options().dtype(at::kFloat));
   if (w.numel() == 0) return w;
   const c10::cuda::CUDAGuard guard(qdata.device());
@@ -101,9 +100,7 @@ void dequantize_rows(const quant::Format& f, const at::Tensor& qdata, const std:
                     f.name, " scales, got a non-finite scale in row ", first);
 }
 
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("dequantize_weight", &dequantize_weight_cuda);

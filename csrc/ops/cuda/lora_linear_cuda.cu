@@ -16,9 +16,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "ops/common/dropout_rng.h"
 #include "ops/common/lora_linear_backward.h"
 #include "ops/common/lora_linear_forward.h"
-#include "ops/common/dropout_rng.h"
 #include "ops/common/op_utils.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/dropout_cuda.h"

@@ -19,10 +19,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 
 #include "ops/common/checks.h"
 #include "ops/common/dropout_rng.h"
@@ -288,8 +288,7 @@ struct CudaMulti {
   static bool capturing() { return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None; }
 
   // The CPU's check (same messages) on one host copy of the three small int64 vectors (one sync).
-  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets,
-                             int64_t n) {
+  static void check_grouping(const char* op, const Tensor& ids, const Tensor& order, const Tensor& offsets, int64_t n) {
     static ValidatedInputs checked(1024);
     if (capturing() || checked.contains({ids, order, offsets})) return;
     const int64_t N = ids.size(0);
@@ -329,8 +328,8 @@ struct CudaMulti {
   }
 
   static std::tuple<Tensor, Tensor, Tensor> backward_lora(const char* op, const Tensor& g2d, const Tensor& x2d,
-                                                          const Tensor& lora_A, const Tensor& B,
-                                                          const Tensor& scales, const Groups& g, const Tensor& h,
+                                                          const Tensor& lora_A, const Tensor& B, const Tensor& scales,
+                                                          const Groups& g, const Tensor& h,
                                                           const optional<detail::DropoutParams>& drop) {
     const int64_t n = lora_A.size(0), r = lora_A.size(1), N = g2d.size(0);
     const optional<Tensor> s = scales.to(B.scalar_type()).contiguous();
@@ -342,7 +341,7 @@ struct CudaMulti {
       using acc_t = typename decltype(acc_ty)::type;
       // grad_h[row, k] = s_a sum_o g[row, o] B[a, o, k]: B read as [n, r, out]
       shrink<T, acc_t>(gh, g2d, B, B.stride(0), B.stride(2), B.stride(1), s, std::nullopt, g, n);
-      gB = outer<T, acc_t>(g2d, hc, s, std::nullopt, g, n);                   // [n, out, r]
+      gB = outer<T, acc_t>(g2d, hc, s, std::nullopt, g, n);                     // [n, out, r]
       gA = outer<T, acc_t>(x2d, gh, std::nullopt, drop, g, n).transpose(1, 2);  // [n, in, r] -> [n, r, in]
     });
     return {gA.contiguous(), gB, gh};

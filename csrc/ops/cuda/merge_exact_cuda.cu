@@ -142,8 +142,8 @@ void merge_exact_cuda(Tensor& weight, const Tensor& lora_A, const Tensor& lora_B
   launch<Mode::kMerge>(weight.scalar_type(), pr.p);
 }
 
-std::tuple<Tensor, Tensor, Tensor> merge_exact_codes_cuda(
-    const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scale) {
+std::tuple<Tensor, Tensor, Tensor> merge_exact_codes_cuda(const Tensor& weight, const Tensor& lora_A,
+                                                          const Tensor& lora_B, double scale) {
   detail::check_merge_exact_args("merge_exact_codes", weight, lora_A, lora_B, scale);
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t n = weight.numel();

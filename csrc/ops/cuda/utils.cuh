@@ -15,10 +15,18 @@
 namespace lora_ext::cuda {
 
 // ---- device: load any float element as float (double stays double) ----
-__device__ __forceinline__ float to_acc_base(float v) { return v; }
-__device__ __forceinline__ double to_acc_base(double v) { return v; }
-__device__ __forceinline__ float to_acc_base(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc_base(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc_base(float v) {
+  return v;
+}
+__device__ __forceinline__ double to_acc_base(double v) {
+  return v;
+}
+__device__ __forceinline__ float to_acc_base(__half v) {
+  return __half2float(v);
+}
+__device__ __forceinline__ float to_acc_base(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 template <typename acc_t, typename T>
 __device__ __forceinline__ acc_t load_acc(const T* p) {
@@ -73,6 +81,8 @@ void dispatch_acc(c10::ScalarType t, const char* what, F&& f) {
   }
 }
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace lora_ext::cuda

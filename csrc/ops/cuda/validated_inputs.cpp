@@ -7,7 +7,9 @@ namespace lora_ext::cuda {
 
 namespace {
 
-int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
+int64_t version_of(const at::Tensor& t) {
+  return t.is_inference() ? -1 : t._version();
+}
 
 }  // namespace
 

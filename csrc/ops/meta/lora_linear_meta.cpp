@@ -14,16 +14,15 @@ using std::optional;
 
 namespace {
 
-Tensor lora_linear_meta(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
-    const Tensor& lora_B, double scale, double dropout_p, bool training) {
+Tensor lora_linear_meta(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
+                        const Tensor& lora_B, double scale, double dropout_p, bool training) {
   detail::check_lora_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   return at::empty_symint(detail::with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
 }
 
-std::tuple<Tensor, Tensor> lora_linear_forward_meta(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
-    const Tensor& lora_B, double scale, double dropout_p, const optional<Tensor>& seed) {
+std::tuple<Tensor, Tensor> lora_linear_forward_meta(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                                    const Tensor& lora_A, const Tensor& lora_B, double scale,
+                                                    double dropout_p, const optional<Tensor>& seed) {
   detail::check_lora_linear_args("_lora_linear_forward", x, weight, bias, lora_A, lora_B, scale, dropout_p);
   detail::check_seed("_lora_linear_forward", seed, dropout_p);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
@@ -32,19 +31,19 @@ std::tuple<Tensor, Tensor> lora_linear_forward_meta(
   return {y, h};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_meta(
-    const Tensor& grad_y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& h,
-    double scale, double dropout_p, const optional<Tensor>& seed) {
+std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_lora_meta(const Tensor& grad_y, const Tensor& x,
+                                                                  const Tensor& lora_A, const Tensor& lora_B,
+                                                                  const Tensor& h, double scale, double dropout_p,
+                                                                  const optional<Tensor>& seed) {
   detail::check_seed("_lora_linear_backward_lora", seed, dropout_p);
   const auto acc = detail::lora_acc_dtype(lora_A.scalar_type());
-  return {at::empty_symint(lora_A.sym_sizes(), lora_A.options()),
-          at::empty_symint(lora_B.sym_sizes(), lora_B.options()),
-          at::empty_symint({detail::leading_numel(grad_y.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc))};
+  return {
+      at::empty_symint(lora_A.sym_sizes(), lora_A.options()), at::empty_symint(lora_B.sym_sizes(), lora_B.options()),
+      at::empty_symint({detail::leading_numel(grad_y.sym_sizes()), lora_A.sym_size(0)}, lora_A.options().dtype(acc))};
 }
 
-Tensor lora_linear_backward_input_meta(
-    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, double dropout_p,
-    const optional<Tensor>& seed) {
+Tensor lora_linear_backward_input_meta(const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A,
+                                       const Tensor& grad_h, double dropout_p, const optional<Tensor>& seed) {
   detail::check_seed("_lora_linear_backward_input", seed, dropout_p);
   return at::empty_symint(detail::with_last(grad_y.sym_sizes(), weight.sym_size(1)), grad_y.options());
 }

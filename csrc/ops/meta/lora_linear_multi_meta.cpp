@@ -23,19 +23,21 @@ std::tuple<Tensor, Tensor> group_rows_meta(const Tensor& ids, int64_t n) {
   return {at::empty_symint(ids.sym_sizes(), opt), at::empty({n + 2}, opt)};
 }
 
-Tensor lora_linear_multi_meta(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
-    const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+Tensor lora_linear_multi_meta(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
+                              const Tensor& lora_B, const Tensor& scales, const Tensor& adapter_ids, double dropout_p,
+                              bool training, const optional<Tensor>& group_order,
+                              const optional<Tensor>& group_offsets) {
   detail::check_lora_linear_multi_args("lora_linear_multi", x, weight, bias, lora_A, lora_B, scales, adapter_ids,
                                        dropout_p, group_order, group_offsets);
   return at::empty_symint(detail::with_last(x.sym_sizes(), weight.sym_size(0)), x.options());
 }
 
-std::tuple<Tensor, Tensor> lora_linear_multi_forward_meta(
-    const Tensor& x, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& scales, const Tensor& adapter_ids, const Tensor& order, const Tensor& offsets, double dropout_p,
-    const optional<Tensor>& seed) {
+std::tuple<Tensor, Tensor> lora_linear_multi_forward_meta(const Tensor& x, const Tensor& weight,
+                                                          const optional<Tensor>& bias, const Tensor& lora_A,
+                                                          const Tensor& lora_B, const Tensor& scales,
+                                                          const Tensor& adapter_ids, const Tensor& order,
+                                                          const Tensor& offsets, double dropout_p,
+                                                          const optional<Tensor>& seed) {
   const char* op = "_lora_linear_multi_forward";
   detail::check_lora_linear_multi_args(op, x, weight, bias, lora_A, lora_B, scales, adapter_ids, dropout_p, order,
                                        offsets);
@@ -55,9 +57,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_multi_backward_lora_meta(
           at::empty_symint({order.sym_size(0), lora_A.sym_size(1)}, lora_A.options().dtype(acc))};
 }
 
-Tensor lora_linear_multi_backward_input_meta(
-    const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A, const Tensor& grad_h, const Tensor& order,
-    const Tensor& offsets, double dropout_p, const optional<Tensor>& seed) {
+Tensor lora_linear_multi_backward_input_meta(const Tensor& grad_y, const Tensor& weight, const Tensor& lora_A,
+                                             const Tensor& grad_h, const Tensor& order, const Tensor& offsets,
+                                             double dropout_p, const optional<Tensor>& seed) {
   detail::check_seed("_lora_linear_multi_backward_input", seed, dropout_p);
   return at::empty_symint(detail::with_last(grad_y.sym_sizes(), weight.sym_size(1)), grad_y.options());
 }

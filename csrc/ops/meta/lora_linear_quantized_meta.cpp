@@ -22,8 +22,8 @@ Tensor lora_linear_quantized_meta(const Tensor& x, const Tensor& qdata, const op
                                   c10::string_view qtype, int64_t out, int64_t in, const optional<Tensor>& bias,
                                   const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
                                   bool training) {
-  detail::check_lora_linear_quantized_args("lora_linear_quantized", x, qdata, qscale, sv(qtype), out, in, bias,
-                                           &lora_A, &lora_B, scale, dropout_p);
+  detail::check_lora_linear_quantized_args("lora_linear_quantized", x, qdata, qscale, sv(qtype), out, in, bias, &lora_A,
+                                           &lora_B, scale, dropout_p);
   return at::empty_symint(detail::with_last(x.sym_sizes(), out), x.options());
 }
 
@@ -34,10 +34,11 @@ Tensor linear_quantized_meta(const Tensor& x, const Tensor& qdata, const optiona
   return at::empty_symint(detail::with_last(x.sym_sizes(), out), x.options());
 }
 
-std::tuple<Tensor, Tensor> lora_linear_quantized_forward_meta(
-    const Tensor& x, const Tensor& qdata, const optional<Tensor>& qscale, c10::string_view qtype, int64_t out,
-    int64_t in, const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B, double scale,
-    double dropout_p, const optional<Tensor>& seed) {
+std::tuple<Tensor, Tensor> lora_linear_quantized_forward_meta(const Tensor& x, const Tensor& qdata,
+                                                              const optional<Tensor>& qscale, c10::string_view qtype,
+                                                              int64_t out, int64_t in, const optional<Tensor>& bias,
+                                                              const Tensor& lora_A, const Tensor& lora_B, double scale,
+                                                              double dropout_p, const optional<Tensor>& seed) {
   const char* op = "_lora_linear_quantized_forward";
   detail::check_lora_linear_quantized_args(op, x, qdata, qscale, sv(qtype), out, in, bias, &lora_A, &lora_B, scale,
                                            dropout_p);
@@ -53,8 +54,7 @@ Tensor lora_linear_quantized_backward_input_meta(const Tensor& grad_y, const Ten
                                                  const optional<Tensor>& grad_h, double dropout_p,
                                                  const optional<Tensor>& seed) {
   const char* op = "_lora_linear_quantized_backward_input";
-  detail::check_quantized_backward_input_args(op, grad_y, qdata, qscale, sv(qtype), out, in, lora_A, grad_h,
-                                              dropout_p);
+  detail::check_quantized_backward_input_args(op, grad_y, qdata, qscale, sv(qtype), out, in, lora_A, grad_h, dropout_p);
   detail::check_seed(op, seed, dropout_p);
   return at::empty_symint(detail::with_last(grad_y.sym_sizes(), in), grad_y.options());
 }

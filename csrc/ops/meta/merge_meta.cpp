@@ -21,8 +21,7 @@ void merge_exact_meta(at::Tensor& weight, const at::Tensor& lora_A, const at::Te
 }
 
 void unmerge_exact_meta(at::Tensor& weight, const at::Tensor& codes, const at::Tensor& exc_index,
-                        const at::Tensor& exc_value, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                        double scale) {
+                        const at::Tensor& exc_value, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   detail::check_unmerge_exact_args("unmerge_exact_", weight, codes, exc_index, exc_value, lora_A, lora_B, scale);
 }
 

@@ -28,7 +28,9 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // "VmRSS" / "VmHWM" of this process, MiB
 double proc_status_mib(const std::string& key) {
@@ -92,12 +94,18 @@ int main(int argc, char** argv) try {
   int64_t steps = -1;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
-    if (s == "--out" && i + 1 < argc) out = argv[++i];
-    else if (s == "--bench" && i + 1 < argc) bench = std::stoi(argv[++i]);
-    else if (s == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
-    else if (s == "--threads" && i + 1 < argc) threads = std::stoi(argv[++i]);
-    else if (s.rfind("--", 0) == 0 || !data.empty()) throw std::runtime_error("unknown argument " + s);
-    else data = s;
+    if (s == "--out" && i + 1 < argc)
+      out = argv[++i];
+    else if (s == "--bench" && i + 1 < argc)
+      bench = std::stoi(argv[++i]);
+    else if (s == "--steps" && i + 1 < argc)
+      steps = std::stoll(argv[++i]);
+    else if (s == "--threads" && i + 1 < argc)
+      threads = std::stoi(argv[++i]);
+    else if (s.rfind("--", 0) == 0 || !data.empty())
+      throw std::runtime_error("unknown argument " + s);
+    else
+      data = s;
   }
   if (data.empty()) {
     throw std::runtime_error("usage: generate DATA [--out OUT.safetensors] [--bench ROUNDS] [--steps N] [--threads N]");
@@ -120,9 +128,11 @@ int main(int argc, char** argv) try {
   lora_ext::AotiModel slots(data + "/slots.pt2");
   const double load_slots_s = seconds_since(t0);
   const double rss_loaded = proc_status_mib("VmRSS"), anon_loaded = proc_status_mib("RssAnon");
-  std::printf("loaded base.pt2 in %.2f s, slots.pt2 (%lld slots, max rank %lld) in %.2f s; prompt %lld tokens, "
-              "%lld new tokens per run\n", load_base_s, (long long)slots.adapter_slots(), (long long)slots.max_rank(),
-              load_slots_s, (long long)prompt.size(1), (long long)steps);
+  std::printf(
+      "loaded base.pt2 in %.2f s, slots.pt2 (%lld slots, max rank %lld) in %.2f s; prompt %lld tokens, "
+      "%lld new tokens per run\n",
+      load_base_s, (long long)slots.adapter_slots(), (long long)slots.max_rank(), load_slots_s,
+      (long long)prompt.size(1), (long long)steps);
 
   std::map<std::string, at::Tensor> tokens;
   auto show = [&](const std::string& key, const at::Tensor& t) {
@@ -154,7 +164,7 @@ int main(int argc, char** argv) try {
     // tokens/s of every variant at batch 1 and 8, rounds interleaved with alternating order
     struct Variant {
       std::string name;
-      std::function<void(int64_t)> run;  // batch size
+      std::function<void(int64_t)> run;                       // batch size
       std::function<void()> setup = [] {}, teardown = [] {};  // not timed
     };
     auto ids_for = [&](int64_t b, bool mixed) {
@@ -166,9 +176,8 @@ int main(int argc, char** argv) try {
         {"base (form a)", [&](int64_t b) { base.generate(prompt.repeat({b, 1}), steps); }},
         {"merged (form a)", [&](int64_t b) { base.generate(prompt.repeat({b, 1}), steps); },
          [&] { base.merge_adapter(adapters[0]); }, [&] { base.unmerge_adapter(); }},
-        {"base (form b, slot -1)", [&](int64_t b) {
-           slots.generate(prompt.repeat({b, 1}), steps, at::full({b}, -1, at::kLong));
-         }},
+        {"base (form b, slot -1)",
+         [&](int64_t b) { slots.generate(prompt.repeat({b, 1}), steps, at::full({b}, -1, at::kLong)); }},
         {"unmerged (form b)", [&](int64_t b) { slots.generate(prompt.repeat({b, 1}), steps, ids_for(b, false)); }},
         {"per-row (form b)", [&](int64_t b) { slots.generate(prompt.repeat({b, 1}), steps, ids_for(b, true)); }},
     };
@@ -208,9 +217,11 @@ int main(int argc, char** argv) try {
     std::printf("base weights after the rounds: %s\n",
                 same_bits(base.weights(), base_bits) ? "bit-identical" : "CHANGED");
   }
-  std::printf("RSS: %.0f MiB at start, %.0f MiB with both packages loaded (anonymous %.0f), %.0f MiB now (anonymous "
-              "%.0f, file-backed %.0f), peak %.0f MiB\n", rss0, rss_loaded, anon_loaded, proc_status_mib("VmRSS"),
-              proc_status_mib("RssAnon"), proc_status_mib("RssFile"), proc_status_mib("VmHWM"));
+  std::printf(
+      "RSS: %.0f MiB at start, %.0f MiB with both packages loaded (anonymous %.0f), %.0f MiB now (anonymous "
+      "%.0f, file-backed %.0f), peak %.0f MiB\n",
+      rss0, rss_loaded, anon_loaded, proc_status_mib("VmRSS"), proc_status_mib("RssAnon"), proc_status_mib("RssFile"),
+      proc_status_mib("VmHWM"));
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "generate: " << e.what() << "\n";

@@ -11,6 +11,7 @@ adapters (the tests' setup); --model smollm2 loads SmolLM2-135M (dev/lora_ext_de
 adapters (runs/finetune_llm/adapters/{docs,code} by default). python_bench.py DATA measures Python (eager and
 torch.compile) with the same prefix-recomputing greedy loop as the C++ program.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 
 import lora_ext
 from lora_ext.export import export_causal_lm
-from lora_ext_dev.generate import PROMPT, greedy, last_logits, load_model, tiny_llama
+from lora_ext_dev.generate import PROMPT, greedy, last_logits, load_model
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
@@ -36,8 +37,15 @@ def random_adapters(model, folder: pathlib.Path, names=("docs", "code"), r: int 
     """Two adapters with random A and B (B large enough to change the greedy tokens), saved in PEFT's format."""
     out = []
     for i, name in enumerate(names):
-        m = lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=r, lora_alpha=2 * r, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), name)
+        m = lora_ext.inject_adapter(
+            model,
+            lora_ext.LoraConfig(
+                r=r,
+                lora_alpha=2 * r,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+            name,
+        )
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for _, layer in lora_ext.lora_layers(m):
@@ -91,13 +99,20 @@ def main(argv=None):
         adapters[path.name] = dst
     report = {"model": args.model, "steps": args.steps, "adapters": list(adapters)}
     for name, slots in (("base", 0), ("slots", len(adapters))):
-        r = export_causal_lm(model, data / f"{name}.pt2", adapter_slots=slots, max_rank=args.max_rank,
-                             max_seq=args.max_seq, max_batch=16)
+        r = export_causal_lm(
+            model, data / f"{name}.pt2", adapter_slots=slots, max_rank=args.max_rank, max_seq=args.max_seq, max_batch=16
+        )
         report[name] = {k: r[k] for k in ("export_s", "compile_s", "bytes")}
-        print(f"exported {name}.pt2: export {r['export_s']:.1f} s, AOTInductor compile {r['compile_s']:.1f} s, "
-              f"{r['bytes'] / 2**20:.1f} MiB", flush=True)
-    save_file({"input_ids": prompt.contiguous()}, str(data / "prompt.safetensors"),
-              metadata={"adapters": ",".join(adapters), "steps": str(args.steps)})
+        print(
+            f"exported {name}.pt2: export {r['export_s']:.1f} s, AOTInductor compile {r['compile_s']:.1f} s, "
+            f"{r['bytes'] / 2**20:.1f} MiB",
+            flush=True,
+        )
+    save_file(
+        {"input_ids": prompt.contiguous()},
+        str(data / "prompt.safetensors"),
+        metadata={"adapters": ",".join(adapters), "steps": str(args.steps)},
+    )
     t0 = time.perf_counter()
     with torch.no_grad():
         want = python_tokens(model, adapters, prompt, args.steps)

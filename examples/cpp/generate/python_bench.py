@@ -8,21 +8,21 @@ adapter merged (lora_ext.merge), unmerged (set_adapter) and per-row (adapter_bat
 and, eager only, the base through transformers' generate with its KV cache (what recomputing the prefix costs);
 rounds are interleaved with alternating order. Prints tokens/s ranges and the process's RSS after each mode.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import torch
 from safetensors.torch import load_file
 
 import lora_ext
+from lora_ext_dev.generate import greedy, last_logits, load_model
 
 HERE = pathlib.Path(__file__).resolve().parent
-from lora_ext_dev.generate import greedy, last_logits, load_model
 
 
 def rss_mib(key: str = "VmRSS") -> float:
@@ -66,8 +66,14 @@ def bench(data: pathlib.Path, rounds: int, compile_too: bool, eager_too: bool = 
 
         def kv_cache(b):  # what the prefix recomputation costs: transformers' generate with its KV cache
             with lora_ext.disable_adapters(model):
-                model.generate(prompt.repeat(b, 1), attention_mask=torch.ones_like(prompt.repeat(b, 1)),
-                               max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+                model.generate(
+                    prompt.repeat(b, 1),
+                    attention_mask=torch.ones_like(prompt.repeat(b, 1)),
+                    max_new_tokens=steps,
+                    min_new_tokens=steps,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
 
         def unmerged(b):
             greedy(f, prompt.repeat(b, 1), steps)
@@ -119,8 +125,10 @@ def main(argv=None):
     p.add_argument("--compile-only", action="store_true", help="torch.compile only (its RSS without eager's runs)")
     args = p.parse_args(argv)
     res = bench(pathlib.Path(args.data), args.rounds, not args.no_compile, not args.compile_only)
-    print(f"{res['steps']} new tokens from a {res['prompt_tokens']}-token prompt, {res['threads']} threads, "
-          f"{args.rounds} rounds (the prefix recomputed per token)")
+    print(
+        f"{res['steps']} new tokens from a {res['prompt_tokens']}-token prompt, {res['threads']} threads, "
+        f"{args.rounds} rounds (the prefix recomputed per token)"
+    )
     for mode in ("eager", "compile"):
         if mode not in res:
             continue
