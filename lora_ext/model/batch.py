@@ -7,9 +7,10 @@ from typing import Iterator
 
 from torch import nn
 
+from .._utils.names import BASE
 from .._utils.wrappers import shards_parameters
 from ..layers.linear import LoraLinear
-from ..layers.per_row import BASE, AdapterBatch, enter_batch, exit_batch
+from ..layers.per_row import AdapterBatch, enter_batch, exit_batch
 from .core import lora_layers, saved_modules
 
 
