@@ -25,6 +25,7 @@ __all__ = [
     "linear_quantized",
     "lora_group_rows",
     "lora_linear_multi",
+    "lora_linear_multi_quantized",
     "merge_",
     "unmerge_",
     "ExactMergeCodes",
@@ -150,6 +151,42 @@ def lora_linear_multi(
     return torch.ops.lora_ext.lora_linear_multi.default(
         x,
         weight,
+        bias,
+        lora_A,
+        lora_B,
+        scales,
+        adapter_ids,
+        float(dropout_p),
+        bool(training),
+        group_order,
+        group_offsets,
+    )
+
+
+def lora_linear_multi_quantized(
+    x: Tensor,
+    qweight,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scales: Tensor,
+    adapter_ids: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    group_order: Optional[Tensor] = None,
+    group_offsets: Optional[Tensor] = None,
+) -> Tensor:
+    """:func:`lora_linear_multi` over a quantized frozen base ``qweight`` (a ``lora_ext.quant.QuantizedWeight``),
+    dequantized tile by tile as in :func:`lora_linear_quantized`, never whole. The per-row arguments, dropout masks
+    and gradients are :func:`lora_linear_multi`'s (gradients reach ``x``, ``bias`` if it requires grad, ``lora_A`` and
+    ``lora_B``; the base gets none)."""
+    return torch.ops.lora_ext.lora_linear_multi_quantized.default(
+        x,
+        qweight.qdata,
+        qweight.qscale,
+        qweight.qtype,
+        int(qweight.out_features),
+        int(qweight.in_features),
         bias,
         lora_A,
         lora_B,

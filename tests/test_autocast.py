@@ -150,6 +150,22 @@ def test_quantized_ops_under_autocast_cast_x_and_bias_only(device, dtype, qtype)
     with torch.autocast(device, dtype=dtype):
         base = ops.linear_quantized(x, qw, b)
     assert base.dtype == dtype and torch.equal(base, ops.linear_quantized(x.to(dtype), qw, b.to(dtype)))
+    # per-row adapters on the quantized base: the same rule (x and bias cast, adapters and bytes as they are)
+    ids = torch.tensor([1, -1, 0, 1, 0, -1, 1, 0, 0, 1], device=device)
+    sa, sb = torch.stack([a, 0.5 * a]), torch.stack([bb, -bb])
+    s = torch.tensor([2.0, 0.5], device=device)
+
+    def multi_under_autocast(x, sa, sb):
+        with torch.autocast(device, dtype=dtype):
+            return ops.lora_linear_multi_quantized(x, qw, b, sa, sb, s, ids, 0.0, True)
+
+    def multi_by_hand(x, sa, sb):
+        return ops.lora_linear_multi_quantized(x.to(dtype), qw, b.to(dtype), sa, sb, s, ids, 0.0, True)
+
+    y, grads, _ = _run_and_grads(multi_under_autocast, _leaves(x, sa, sb))
+    y_ref, grads_ref, _ = _run_and_grads(multi_by_hand, _leaves(x, sa, sb))
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_ref))
 
 
 @pytest.mark.parametrize("device", DEVICES)

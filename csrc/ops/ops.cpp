@@ -59,6 +59,17 @@ at::Tensor lora_linear_quantized(const at::Tensor& x, const QuantizedWeight& w, 
                                                lora_A, lora_B, scale, dropout_p, training);
 }
 
+at::Tensor lora_linear_multi_quantized(const at::Tensor& x, const QuantizedWeight& w,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                       const at::Tensor& lora_B, const at::Tensor& scales,
+                                       const at::Tensor& adapter_ids, double dropout_p, bool training,
+                                       const std::optional<at::Tensor>& group_order,
+                                       const std::optional<at::Tensor>& group_offsets) {
+  return handles::lora_linear_multi_quantized().call(x, w.qdata, w.qscale, w.qtype, w.out_features, w.in_features, bias,
+                                                     lora_A, lora_B, scales, adapter_ids, dropout_p, training,
+                                                     group_order, group_offsets);
+}
+
 at::Tensor linear_quantized(const at::Tensor& x, const QuantizedWeight& w, const std::optional<at::Tensor>& bias) {
   return handles::linear_quantized().call(x, w.qdata, w.qscale, w.qtype, w.out_features, w.in_features, bias);
 }

@@ -88,4 +88,21 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "_lora_linear_multi_backward_input(Tensor grad_y, Tensor weight, Tensor lora_A, Tensor grad_h, "
       "Tensor order, Tensor offsets, float dropout_p, Tensor? seed) -> Tensor");
+
+  // lora_linear_multi over a quantized frozen base (the base arguments of lora_linear_quantized, the
+  // per-row ones of lora_linear_multi): y = bias + x dequant(W)^T + the rows' LoRA terms, with W never
+  // dequantized whole. Autograd pieces: the forward returns (y, h) as _lora_linear_multi_forward does; the
+  // LoRA gradients come from _lora_linear_multi_backward_lora; grad_x = grad_y W + the rows' LoRA terms.
+  m.def(
+      "lora_linear_multi_quantized(Tensor x, Tensor qdata, Tensor? qscale, str qtype, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scales, Tensor adapter_ids, "
+      "float dropout_p=0., bool training=False, Tensor? group_order=None, Tensor? group_offsets=None) -> Tensor");
+  m.def(
+      "_lora_linear_multi_quantized_forward(Tensor x, Tensor qdata, Tensor? qscale, str qtype, int out_features, "
+      "int in_features, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scales, Tensor adapter_ids, "
+      "Tensor order, Tensor offsets, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "_lora_linear_multi_quantized_backward_input(Tensor grad_y, Tensor qdata, Tensor? qscale, str qtype, "
+      "int out_features, int in_features, Tensor lora_A, Tensor grad_h, Tensor order, Tensor offsets, "
+      "float dropout_p, Tensor? seed) -> Tensor");
 }

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..layers.linear import LoraLinear
-from ..layers.per_row import per_row_plan
+from ..layers.per_row import per_row_plan, stacked_adapters
 from .layers import QuantLinear
 
 
@@ -67,21 +66,16 @@ class LoraQuantLinear(LoraLinear):
         )
 
     def _per_row_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        # The compiled multi-adapter op over the quantized base: one pass for all rows and adapters, the same
+        # grouping, dropout masks and gradients as LoraLinear's lora_linear_multi over the dequantized weight.
         plan = per_row_plan(self, x, batch)
-        y = self.base_layer(x)
         if plan is None:
-            return y
-        names, p, _, order, offsets = plan
-        x2d, y2d = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        bounds = offsets.tolist()
-        for i, name in enumerate(names):
-            if bounds[i + 1] == bounds[i]:
-                continue
-            rows = order[bounds[i] : bounds[i + 1]]
-            a, b = self.adapter_weights(name)
-            xa = F.dropout(x2d.index_select(0, rows), p, self.training).to(a.dtype)
-            y2d = y2d.index_add(0, rows, (F.linear(F.linear(xa, a), b) * self.scaling[name]).to(y.dtype))
-        return y2d.reshape(y.shape)
+            return self.base_layer(x)
+        _, p, ids, order, offsets = plan
+        A, B, scales = stacked_adapters(self, batch.cache_stacks)
+        return ops.lora_linear_multi_quantized(
+            x, self.base_layer.qweight, self.base_layer.bias, A, B, scales, ids, p, self.training, order, offsets
+        )
 
     def merge(self, adapter_names=None, safe_merge: bool = False, exact: bool = False) -> None:
         raise ValueError(

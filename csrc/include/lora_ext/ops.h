@@ -83,6 +83,15 @@ LORA_EXT_API at::Tensor lora_linear_quantized(const at::Tensor& x, const Quantiz
                                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                               const at::Tensor& lora_B, double scale, double dropout_p = 0.0,
                                               bool training = false);
+// lora_linear_multi over the quantized base (per-row adapters, as lora_linear_multi); gradients for x,
+// bias, lora_A and lora_B.
+LORA_EXT_API at::Tensor lora_linear_multi_quantized(const at::Tensor& x, const QuantizedWeight& w,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, const at::Tensor& scales,
+                                                    const at::Tensor& adapter_ids, double dropout_p = 0.0,
+                                                    bool training = false,
+                                                    const std::optional<at::Tensor>& group_order = std::nullopt,
+                                                    const std::optional<at::Tensor>& group_offsets = std::nullopt);
 // x W^T + bias for the quantized base alone.
 LORA_EXT_API at::Tensor linear_quantized(const at::Tensor& x, const QuantizedWeight& w,
                                          const std::optional<at::Tensor>& bias = std::nullopt);

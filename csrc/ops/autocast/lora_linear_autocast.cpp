@@ -70,6 +70,18 @@ Tensor lora_linear_quantized(const Tensor& x, const Tensor& qdata, const optiona
 }
 
 template <c10::DeviceType device>
+Tensor lora_linear_multi_quantized(const Tensor& x, const Tensor& qdata, const optional<Tensor>& qscale,
+                                   std::string_view qtype, int64_t out_features, int64_t in_features,
+                                   const optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
+                                   const Tensor& scales, const Tensor& adapter_ids, double dropout_p, bool training,
+                                   const optional<Tensor>& group_order, const optional<Tensor>& group_offsets) {
+  auto guard = below_autocast<device>();
+  const ops::QuantizedWeight w{qdata, qscale, std::string(qtype), out_features, in_features};
+  return ops::lora_linear_multi_quantized(lower<device>(x), w, lower<device>(bias), lora_A, lora_B, scales, adapter_ids,
+                                          dropout_p, training, group_order, group_offsets);
+}
+
+template <c10::DeviceType device>
 Tensor linear_quantized(const Tensor& x, const Tensor& qdata, const optional<Tensor>& qscale, std::string_view qtype,
                         int64_t out_features, int64_t in_features, const optional<Tensor>& bias) {
   auto guard = below_autocast<device>();
@@ -83,6 +95,7 @@ void register_autocast(torch::Library& m) {
   m.impl("lora_linear_multi", TORCH_FN(lora_linear_multi<device>));
   m.impl("lora_linear_quantized", TORCH_FN(lora_linear_quantized<device>));
   m.impl("linear_quantized", TORCH_FN(linear_quantized<device>));
+  m.impl("lora_linear_multi_quantized", TORCH_FN(lora_linear_multi_quantized<device>));
 }
 
 }  // namespace

@@ -134,8 +134,15 @@ void check_lora_linear_multi_args(const char* op, const at::Tensor& x, const at:
                   adapter_ids.defined(),
               "lora_ext::", op, ": expected defined tensors for x, weight, lora_A, lora_B, scales and adapter_ids");
   check_base_args(op, x, weight, bias);
-  const auto& in = weight.sym_size(1);
-  const auto& out = weight.sym_size(0);
+  check_multi_adapter_args(op, x, weight.sym_size(1), weight.sym_size(0), weight.sym_sizes(), lora_A, lora_B, scales,
+                           adapter_ids, dropout_p, group_order, group_offsets);
+}
+
+void check_multi_adapter_args(const char* op, const at::Tensor& x, const c10::SymInt& in, const c10::SymInt& out,
+                              c10::SymIntArrayRef weight_sizes, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                              const at::Tensor& scales, const at::Tensor& adapter_ids, double dropout_p,
+                              const std::optional<at::Tensor>& group_order,
+                              const std::optional<at::Tensor>& group_offsets) {
   check_dims(op, "lora_A", lora_A, 3, "[n_adapters, r_max, in]");
   check_dims(op, "lora_B", lora_B, 3, "[n_adapters, out, r_max]");
   check_same_device(op, "lora_A", lora_A, x);
@@ -150,7 +157,7 @@ void check_lora_linear_multi_args(const char* op, const at::Tensor& x, const at:
   TORCH_SYM_CHECK(
       lora_B.sym_size(0).sym_eq(n).sym_and(lora_B.sym_size(1).sym_eq(out)).sym_and(lora_B.sym_size(2).sym_eq(r)),
       "lora_ext::", op, ": expected lora_B of shape [n_adapters, out, r_max] = [", n, ", ", out, ", ", r,
-      "] (from lora_A ", lora_A.sym_sizes(), " and weight ", weight.sym_sizes(), "), got ", lora_B.sym_sizes());
+      "] (from lora_A ", lora_A.sym_sizes(), " and weight ", weight_sizes, "), got ", lora_B.sym_sizes());
   const auto bt = x.scalar_type(), at_ = lora_A.scalar_type();
   TORCH_CHECK(lora_B.scalar_type() == at_, "lora_ext::", op, ": expected lora_A and lora_B of the same dtype, got ",
               at_, " and ", lora_B.scalar_type());

@@ -32,6 +32,13 @@ void check_lora_linear_multi_args(const char* op, const at::Tensor& x, const at:
                                   const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids,
                                   double dropout_p, const std::optional<at::Tensor>& group_order,
                                   const std::optional<at::Tensor>& group_offsets);
+// Its part after the base (x, weight, bias): the stacked adapters, scales, ids, grouping and dropout_p
+// for a base of logical shape weight_sizes = [out, in] (lora_linear_multi_quantized's too).
+void check_multi_adapter_args(const char* op, const at::Tensor& x, const c10::SymInt& in, const c10::SymInt& out,
+                              c10::SymIntArrayRef weight_sizes, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                              const at::Tensor& scales, const at::Tensor& adapter_ids, double dropout_p,
+                              const std::optional<at::Tensor>& group_order,
+                              const std::optional<at::Tensor>& group_offsets);
 
 // The backward pieces' inputs (any backend): grad_y [..., out] (in x's dtype for
 // the lora piece), x [..., in] with as many rows, h / grad_h [N, r] in the

@@ -21,6 +21,9 @@
 // ops/common/quantized_base.h) that writes x W^T into y:
 //   assign(y, bias, x2d)      y = bias + x2d W^T (bias may be absent)
 //   accumulate(y, x2d)        y += x2d W^T
+// and, for the multi-adapter ops' input gradient (ops/common/lora_linear_multi.h):
+//   in_features()
+//   accumulate_t(gx, g2d, assign)   gx (+)= g2d W, gx [N, in] and g2d [N, out] in one dtype
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -37,6 +40,7 @@ namespace lora_ext::detail {
 struct DenseBase {
   const at::Tensor& weight;
   int64_t out_features() const { return weight.size(0); }
+  int64_t in_features() const { return weight.size(1); }
   void assign(at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& x2d) const {
     if (bias.has_value() && bias->defined()) {
       at::addmm_out(y, *bias, x2d, weight.t());
@@ -45,6 +49,13 @@ struct DenseBase {
     }
   }
   void accumulate(at::Tensor& y, const at::Tensor& x2d) const { y.addmm_(x2d, weight.t()); }
+  void accumulate_t(at::Tensor& gx, const at::Tensor& g2d, bool assign) const {
+    if (assign) {
+      at::mm_out(gx, g2d, weight);
+    } else {
+      gx.addmm_(g2d, weight);
+    }
+  }
 };
 
 template <typename Backend, typename Base>

@@ -16,18 +16,22 @@
 //       (order, offsets) is the grouping of ids (check_grouping_values)
 //   static void check_scales(op, scales, adapter_dtype)      finite scales
 //   Groups, static Groups groups(order, offsets, N, n)      the grouping as its kernels read it
-//   static Tensor forward(op, x2d, weight, bias, lora_A, lora_B, scales, g, drop, h)
+//   template <Base> static Tensor forward(op, x2d, base, bias, lora_A, lora_B, scales, g, drop, h)
 //       y [N, out] in x's dtype; h [N, r_max] (zeros, in the acc dtype) filled on adapter rows
 //   static tuple<Tensor, Tensor, Tensor> backward_lora(op, g2d, x2d, lora_A, B_acc, scales, g, h, drop)
 //       grad_A [n, r_max, in] and grad_B [n, out, r_max] contiguous in the acc dtype, grad_h [N, r_max]
-//   static Tensor backward_input(op, g2d, weight, A_acc, grad_h, g, drop)   grad_x [N, in] in g2d's dtype
-// N >= 1 in the last three.
+//   template <Base> static Tensor backward_input(op, g2d, base, A_acc, grad_h, g, drop)
+//       grad_x [N, in] in g2d's dtype
+// N >= 1 in the last three. The base product is a Base (ops/common/lora_linear_forward.h): DenseBase{weight}
+// for lora_linear_multi, QuantizedBase for lora_linear_multi_quantized (ops/common/lora_linear_multi_quantized.h),
+// so the LoRA terms' kernels are the same for both.
 #include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
 
 #include "ops/common/checks.h"
+#include "ops/common/lora_linear_forward.h"
 #include "ops/common/op_utils.h"
 
 namespace lora_ext::detail {
@@ -55,13 +59,13 @@ std::tuple<at::Tensor, at::Tensor> multi_grouping(const char* op, const at::Tens
 }
 
 // (y, h) for a checked grouping.
-template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> multi_forward_impl(const char* op, const at::Tensor& x, const at::Tensor& weight,
+template <typename Backend, typename Base>
+std::tuple<at::Tensor, at::Tensor> multi_forward_impl(const char* op, const at::Tensor& x, const Base& base,
                                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, const at::Tensor& scales,
                                                       const at::Tensor& order, const at::Tensor& offsets,
                                                       double dropout_p, const std::optional<at::Tensor>& seed) {
-  const int64_t out = weight.size(0), n = lora_A.size(0), r = lora_A.size(1);
+  const int64_t out = base.out_features(), n = lora_A.size(0), r = lora_A.size(1);
   const auto acc = lora_acc_dtype(lora_A.scalar_type());
   const at::Tensor x2d = as_rows(x);
   const int64_t N = x2d.size(0);
@@ -72,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> multi_forward_impl(const char* op, const at::
   const auto g = Backend::groups(order, offsets, N, n);
   const auto drop = dropout_from_seed(seed, dropout_p);
   const std::optional<at::Tensor> b = bias.has_value() && bias->defined() ? bias : std::nullopt;
-  const at::Tensor y = Backend::forward(op, x2d, weight, b, lora_A, lora_B, scales, g, drop, h);
+  const at::Tensor y = Backend::forward(op, x2d, base, b, lora_A, lora_B, scales, g, drop, h);
   return {y.view(out_shape), h};
 }
 
@@ -88,8 +92,8 @@ at::Tensor lora_linear_multi_op(const at::Tensor& x, const at::Tensor& weight, c
   const typename Backend::Guard guard(x.device());
   const auto [order, offsets] = multi_grouping<Backend>(op, adapter_ids, group_order, group_offsets, lora_A.size(0));
   const double p = training ? dropout_p : 0.0;
-  return std::get<0>(multi_forward_impl<Backend>(op, x, weight, bias, lora_A, lora_B, scales, order, offsets, p,
-                                                 draw_dropout_seed(p)));
+  return std::get<0>(multi_forward_impl<Backend>(op, x, DenseBase{weight}, bias, lora_A, lora_B, scales, order, offsets,
+                                                 p, draw_dropout_seed(p)));
 }
 
 template <typename Backend>
@@ -102,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_multi_forward_op(
   check_seed(op, seed, dropout_p);
   const typename Backend::Guard guard(x.device());
   Backend::check_grouping(op, adapter_ids, order, offsets, lora_A.size(0));
-  return multi_forward_impl<Backend>(op, x, weight, bias, lora_A, lora_B, scales, order, offsets, dropout_p, seed);
+  return multi_forward_impl<Backend>(op, x, DenseBase{weight}, bias, lora_A, lora_B, scales, order, offsets, dropout_p,
+                                     seed);
 }
 
 template <typename Backend>
@@ -146,7 +151,7 @@ at::Tensor lora_linear_multi_backward_input_op(const at::Tensor& grad_y, const a
   const auto g = Backend::groups(order, offsets, N, n);
   const auto drop = dropout_from_seed(seed, dropout_p);
   const at::Tensor A_acc = lora_A.to(acc);
-  return Backend::backward_input(op, g2d, weight, A_acc, grad_h, g, drop).view(shape);
+  return Backend::backward_input(op, g2d, DenseBase{weight}, A_acc, grad_h, g, drop).view(shape);
 }
 
 }  // namespace lora_ext::detail

@@ -154,4 +154,30 @@ inline const auto& lora_linear_multi_backward_input() {
   return op;
 }
 
+// ---------------------------------------------------------------- multi-adapter batches on a quantized base
+inline const auto& lora_linear_multi_quantized() {
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t, const OptTensor&,
+                  const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, const OptTensor&,
+                  const OptTensor&)>("lora_ext::lora_linear_multi_quantized");
+  return op;
+}
+
+inline const auto& lora_linear_multi_quantized_forward() {
+  static const auto op =
+      find<tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t,
+                                 const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, const Tensor&, double, const OptTensor&)>(
+          "lora_ext::_lora_linear_multi_quantized_forward");
+  return op;
+}
+
+inline const auto& lora_linear_multi_quantized_backward_input() {
+  static const auto op =
+      find<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, int64_t, int64_t, const Tensor&,
+                  const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&)>(
+          "lora_ext::_lora_linear_multi_quantized_backward_input");
+  return op;
+}
+
 }  // namespace lora_ext::handles

@@ -3,6 +3,7 @@
 #include "ops/common/checks.h"
 #include "ops/common/op_utils.h"
 
+#include <array>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -126,6 +127,50 @@ const quant::Format& check_quantized_backward_input_args(const char* op, const a
   }
   check_dropout_p(op, dropout_p);
   return f;
+}
+
+const quant::Format& check_lora_linear_multi_quantized_args(
+    const char* op, const at::Tensor& x, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids,
+    double dropout_p, const std::optional<at::Tensor>& group_order, const std::optional<at::Tensor>& group_offsets) {
+  TORCH_CHECK(x.defined() && qdata.defined() && lora_A.defined() && lora_B.defined() && scales.defined() &&
+                  adapter_ids.defined(),
+              "lora_ext::", op, ": expected defined tensors for x, qdata, lora_A, lora_B, scales and adapter_ids");
+  const auto& f = check_lora_linear_quantized_args(op, x, qdata, qscale, qtype, out_features, in_features, bias,
+                                                   nullptr, nullptr, 1.0, dropout_p);
+  const c10::SymInt in(in_features), out(out_features);
+  const std::array<c10::SymInt, 2> sizes{out, in};
+  check_multi_adapter_args(op, x, in, out, sizes, lora_A, lora_B, scales, adapter_ids, dropout_p, group_order,
+                           group_offsets);
+  return f;
+}
+
+int64_t check_multi_quantized_backward_input_args(const char* op, const at::Tensor& grad_y, const at::Tensor& qdata,
+                                                  const std::optional<at::Tensor>& qscale, std::string_view qtype,
+                                                  int64_t out_features, int64_t in_features, const at::Tensor& lora_A,
+                                                  const at::Tensor& grad_h, const at::Tensor& order,
+                                                  const at::Tensor& offsets) {
+  check_quantized_weight(op, qdata, qscale, qtype, out_features, in_features);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.sym_size(-1) == out_features, "lora_ext::", op,
+              ": expected grad_y of shape [..., ", out_features, "], got ", grad_y.sym_sizes());
+  TORCH_CHECK(grad_y.device() == qdata.device() && activation_dtype(grad_y.scalar_type()), "lora_ext::", op,
+              ": expected a float grad_y on ", qdata.device(), ", got ", grad_y.scalar_type(), " on ", grad_y.device());
+  TORCH_CHECK(lora_A.dim() == 3 && lora_A.sym_size(2) == in_features && lora_A.device() == grad_y.device(),
+              "lora_ext::", op, ": expected lora_A of shape [n_adapters, r_max, ", in_features, "] on ",
+              grad_y.device(), ", got ", lora_A.sym_sizes(), " on ", lora_A.device());
+  const auto acc = lora_acc_dtype(lora_A.scalar_type());
+  TORCH_CHECK(acc == (half_like_dtype(grad_y.scalar_type()) ? at::kFloat : grad_y.scalar_type()), "lora_ext::", op,
+              ": expected lora_A of a dtype that accumulates in grad_y's, got ", lora_A.scalar_type(), " with grad_y ",
+              grad_y.scalar_type());
+  int64_t N = 1;
+  for (int64_t i = 0; i + 1 < grad_y.dim(); ++i) N *= grad_y.size(i);
+  TORCH_CHECK(grad_h.dim() == 2 && grad_h.size(0) == N && grad_h.size(1) == lora_A.size(1) &&
+                  grad_h.scalar_type() == acc && grad_h.device() == grad_y.device(),
+              "lora_ext::", op, ": expected grad_h of shape [N, r_max] = [", N, ", ", lora_A.size(1), "] and dtype ",
+              acc, ", got ", grad_h.sizes(), " and ", grad_h.scalar_type());
+  check_grouping(op, order, offsets, N, lora_A.size(0));
+  return N;
 }
 
 }  // namespace lora_ext::detail

@@ -38,4 +38,22 @@ const quant::Format& check_quantized_backward_input_args(const char* op, const a
                                                          int64_t in_features, const std::optional<at::Tensor>& lora_A,
                                                          const std::optional<at::Tensor>& grad_h, double dropout_p);
 
+// lora_linear_multi_quantized: the quantized base, x and bias as for lora_linear_quantized, then the stacked
+// adapters, scales, ids and grouping of lora_linear_multi (check_multi_adapter_args) for a [out_features,
+// in_features] weight.
+const quant::Format& check_lora_linear_multi_quantized_args(
+    const char* op, const at::Tensor& x, const at::Tensor& qdata, const std::optional<at::Tensor>& qscale,
+    std::string_view qtype, int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids,
+    double dropout_p, const std::optional<at::Tensor>& group_order, const std::optional<at::Tensor>& group_offsets);
+
+// _lora_linear_multi_quantized_backward_input: grad_y [..., out_features] (a float dtype) on qdata's device,
+// lora_A [n, r_max, in_features], grad_h [N, r_max] in lora_A's accumulation dtype, the grouping's shapes.
+// Returns N.
+int64_t check_multi_quantized_backward_input_args(const char* op, const at::Tensor& grad_y, const at::Tensor& qdata,
+                                                  const std::optional<at::Tensor>& qscale, std::string_view qtype,
+                                                  int64_t out_features, int64_t in_features, const at::Tensor& lora_A,
+                                                  const at::Tensor& grad_h, const at::Tensor& order,
+                                                  const at::Tensor& offsets);
+
 }  // namespace lora_ext::detail

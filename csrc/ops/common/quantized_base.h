@@ -39,6 +39,7 @@ struct QuantizedBase {
   int64_t out, in;
 
   int64_t out_features() const { return out; }
+  int64_t in_features() const { return in; }
 
   // fn(row0, rows, tile) for consecutive tiles of W's rows, in `dtype`.
   template <typename Fn>

@@ -21,6 +21,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/lora_linear_multi.h"
+#include "ops/common/lora_linear_multi_quantized.h"
 #include "ops/common/op_utils.h"
 #include "ops/cpu/chunking.h"
 #include "ops/cpu/cpu_backend.h"
@@ -183,11 +184,13 @@ void fused_lora_f32(Tensor& y, Tensor& h, const Tensor& x2d, const Tensor& A, co
   });
 }
 
-// y [N, out] and h (zeros [N, r]) filled on the adapter rows, N >= 1.
-Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias, const Tensor& lora_A,
+// y [N, out] and h (zeros [N, r]) filled on the adapter rows, N >= 1. The base product x W^T is base's
+// (a DenseBase or a QuantizedBase: ops/common/lora_linear_forward.h).
+template <typename Base>
+Tensor multi_forward(const Tensor& x2d, const Base& base, const optional<Tensor>& bias, const Tensor& lora_A,
                      const Tensor& lora_B, const std::vector<double>& scales, const Groups& g,
                      const optional<detail::DropoutParams>& drop, Tensor& h) {
-  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(1);
+  const int64_t in = x2d.size(1), out = base.out_features(), r = lora_A.size(1);
   const int64_t N = x2d.size(0);
   const auto acc = h.scalar_type();
   const auto xt = x2d.scalar_type();
@@ -218,14 +221,11 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
           at::addmm_out(yv, yv, h.narrow(0, start, len), Bt[a], 0, scales[a]);
         }
       }
-      y.addmm_(x2d, weight.t());
+      base.accumulate(y, x2d);
     } else {
       // Small outputs or short runs (decode): the base GEMM first, then the LoRA rows are added
       // in place by the fused kernel (y is small enough to stay in cache).
-      if (bias)
-        at::addmm_out(y, *bias, x2d, weight.t());
-      else
-        at::mm_out(y, x2d, weight.t());
+      base.assign(y, bias, x2d);
       fused_lora_f32(y, h, x2d, A_acc, Bt, scales, g, /*expand=*/true);
     }
     return y;
@@ -246,10 +246,10 @@ Tensor multi_forward(const Tensor& x2d, const Tensor& weight, const optional<Ten
     g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
       y.index_add_(0, idx, at::mm(h.index_select(0, idx), B_acc[a].t()), scales[a]);
     });
-    y.addmm_(x2d, weight.t());
+    base.accumulate(y, x2d);
   } else {
     // half/bf16 output: the float32 branch is added to the base rows and rounded once
-    y = bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+    base.assign(y, bias, x2d);
     g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
       Tensor v = y.index_select(0, idx).to(acc);
       v.addmm_(h.index_select(0, idx), B_acc[a].t(), 1, scales[a]);
@@ -282,10 +282,11 @@ std::tuple<Tensor, Tensor, Tensor> multi_backward_lora(const char* op, const Ten
   return {gA, gB, gh};
 }
 
-// grad_x = grad_y W + mask/(1-p) * (grad_h A[a]) per group, N >= 1.
-Tensor multi_backward_input(const Tensor& g2d, const Tensor& weight, const Tensor& A_acc, const Tensor& grad_h,
+// grad_x = grad_y W + mask/(1-p) * (grad_h A[a]) per group, N >= 1; grad_y W is base's.
+template <typename Base>
+Tensor multi_backward_input(const Tensor& g2d, const Base& base, const Tensor& A_acc, const Tensor& grad_h,
                             const Groups& g, const optional<detail::DropoutParams>& drop) {
-  const int64_t in = weight.size(1), N = g2d.size(0);
+  const int64_t in = base.in_features(), N = g2d.size(0);
   const auto acc = A_acc.scalar_type();
   const int64_t rows_per_chunk = chunk_rows(in, acc);
   // per group: T = mask/(1-p) * (grad_h A[a]) [c, in], in acc
@@ -305,9 +306,10 @@ Tensor multi_backward_input(const Tensor& g2d, const Tensor& weight, const Tenso
     gx = at::zeros({N, in}, g2d.options());
     g.for_adapter_chunks(rows_per_chunk,
                          [&](int64_t a, const Tensor& idx) { gx.index_copy_(0, idx, lora_rows(a, idx)); });
-    gx.addmm_(g2d, weight);
+    base.accumulate_t(gx, g2d, /*assign=*/false);
   } else {
-    gx = at::mm(g2d, weight);
+    gx = at::empty({N, in}, g2d.options());
+    base.accumulate_t(gx, g2d, /*assign=*/true);
     g.for_adapter_chunks(rows_per_chunk, [&](int64_t a, const Tensor& idx) {
       Tensor v = gx.index_select(0, idx).to(acc).add_(lora_rows(a, idx));
       gx.index_copy_(0, idx, v.to(g2d.scalar_type()));
@@ -330,10 +332,11 @@ struct CpuMulti {
   static Groups groups(const Tensor& order, const Tensor& offsets, int64_t /*N*/, int64_t n) {
     return host_groups(order, offsets, n);
   }
-  static Tensor forward(const char* /*op*/, const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias,
+  template <typename Base>
+  static Tensor forward(const char* /*op*/, const Tensor& x2d, const Base& base, const optional<Tensor>& bias,
                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Groups& g,
                         const optional<detail::DropoutParams>& drop, Tensor& h) {
-    return multi_forward(x2d, weight, bias, lora_A, lora_B, host_scales(scales), g, drop, h);
+    return multi_forward(x2d, base, bias, lora_A, lora_B, host_scales(scales), g, drop, h);
   }
   static std::tuple<Tensor, Tensor, Tensor> backward_lora(const char* op, const Tensor& g2d, const Tensor& x2d,
                                                           const Tensor& lora_A, const Tensor& B_acc,
@@ -341,9 +344,10 @@ struct CpuMulti {
                                                           const optional<detail::DropoutParams>& drop) {
     return multi_backward_lora(op, g2d, x2d, lora_A, B_acc, scales, g, h, drop);
   }
-  static Tensor backward_input(const char* /*op*/, const Tensor& g2d, const Tensor& weight, const Tensor& A_acc,
+  template <typename Base>
+  static Tensor backward_input(const char* /*op*/, const Tensor& g2d, const Base& base, const Tensor& A_acc,
                                const Tensor& grad_h, const Groups& g, const optional<detail::DropoutParams>& drop) {
-    return multi_backward_input(g2d, weight, A_acc, grad_h, g, drop);
+    return multi_backward_input(g2d, base, A_acc, grad_h, g, drop);
   }
 };
 
@@ -355,6 +359,10 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("_lora_linear_multi_forward", &detail::lora_linear_multi_forward_op<CpuMulti>);
   m.impl("_lora_linear_multi_backward_lora", &detail::lora_linear_multi_backward_lora_op<CpuMulti>);
   m.impl("_lora_linear_multi_backward_input", &detail::lora_linear_multi_backward_input_op<CpuMulti>);
+  m.impl("lora_linear_multi_quantized", &detail::lora_linear_multi_quantized_op<CpuMulti, CpuBackend>);
+  m.impl("_lora_linear_multi_quantized_forward", &detail::lora_linear_multi_quantized_forward_op<CpuMulti, CpuBackend>);
+  m.impl("_lora_linear_multi_quantized_backward_input",
+         &detail::lora_linear_multi_quantized_backward_input_op<CpuMulti, CpuBackend>);
 }
 
 }  // namespace lora_ext::cpu

@@ -27,7 +27,9 @@
 #include "ops/common/checks.h"
 #include "ops/common/dropout_rng.h"
 #include "ops/common/lora_linear_multi.h"
+#include "ops/common/lora_linear_multi_quantized.h"
 #include "ops/common/op_utils.h"
+#include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/params.h"
 #include "ops/cuda/utils.cuh"
 #include "ops/cuda/validated_inputs.h"
@@ -310,12 +312,15 @@ struct CudaMulti {
   }
 
   // The base GEMM through ATen, then h = mask(x) A[a]^T (shrink) and y += s h B[a]^T (expand).
-  static Tensor forward(const char* op, const Tensor& x2d, const Tensor& weight, const optional<Tensor>& bias,
+  // The base product is base's (DenseBase: cuBLAS; QuantizedBase: dequantized tiles and cuBLAS).
+  template <typename Base>
+  static Tensor forward(const char* op, const Tensor& x2d, const Base& base, const optional<Tensor>& bias,
                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& scales, const Groups& g,
                         const optional<detail::DropoutParams>& drop, Tensor& h) {
     const int64_t n = lora_A.size(0);
     const auto acc = h.scalar_type();
-    Tensor y = bias ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+    Tensor y = at::empty({x2d.size(0), base.out_features()}, x2d.options());
+    base.assign(y, bias, x2d);
     const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
     const optional<Tensor> s = scales.to(acc).contiguous();
     dispatch_elem(x2d.scalar_type(), op, [&](auto ty, auto acc_ty) {
@@ -347,10 +352,12 @@ struct CudaMulti {
     return {gA.contiguous(), gB, gh};
   }
 
-  static Tensor backward_input(const char* op, const Tensor& g2d, const Tensor& weight, const Tensor& A,
+  template <typename Base>
+  static Tensor backward_input(const char* op, const Tensor& g2d, const Base& base, const Tensor& A,
                                const Tensor& grad_h, const Groups& g, const optional<detail::DropoutParams>& drop) {
     const int64_t n = A.size(0);
-    Tensor gx = at::mm(g2d, weight);
+    Tensor gx = at::empty({g2d.size(0), base.in_features()}, g2d.options());
+    base.accumulate_t(gx, g2d, /*assign=*/true);
     const Tensor ghc = grad_h.contiguous();
     dispatch_elem(g2d.scalar_type(), op, [&](auto ty, auto acc_ty) {
       using T = typename decltype(ty)::type;
@@ -371,5 +378,11 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("_lora_linear_multi_forward", &detail::lora_linear_multi_forward_op<cuda_multi::CudaMulti>);
   m.impl("_lora_linear_multi_backward_lora", &detail::lora_linear_multi_backward_lora_op<cuda_multi::CudaMulti>);
   m.impl("_lora_linear_multi_backward_input", &detail::lora_linear_multi_backward_input_op<cuda_multi::CudaMulti>);
+  m.impl("lora_linear_multi_quantized",
+         &detail::lora_linear_multi_quantized_op<cuda_multi::CudaMulti, cuda::CudaBackend>);
+  m.impl("_lora_linear_multi_quantized_forward",
+         &detail::lora_linear_multi_quantized_forward_op<cuda_multi::CudaMulti, cuda::CudaBackend>);
+  m.impl("_lora_linear_multi_quantized_backward_input",
+         &detail::lora_linear_multi_quantized_backward_input_op<cuda_multi::CudaMulti, cuda::CudaBackend>);
 }
 }  // namespace lora_ext
