@@ -24,6 +24,14 @@ using torch::autograd::variable_list;
 
 namespace {
 
+// The rows grouped by adapter: the caller's (checked by the op's argument checks) or computed.
+std::tuple<Tensor, Tensor> grouping(const Tensor& adapter_ids, int64_t n_adapters, const optional<Tensor>& group_order,
+                                    const optional<Tensor>& group_offsets) {
+  if (group_order.has_value() && group_order->defined()) return {*group_order, *group_offsets};
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return handles::lora_group_rows().call(adapter_ids, n_adapters);
+}
+
 class LoraLinearMultiFunction : public torch::autograd::Function<LoraLinearMultiFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
@@ -82,14 +90,7 @@ Tensor lora_linear_multi_autograd(const Tensor& x, const Tensor& weight, const o
   }
   detail::check_lora_linear_multi_args("lora_linear_multi", x, weight, bias, lora_A, lora_B, scales, adapter_ids,
                                        dropout_p, group_order, group_offsets);
-  Tensor order, offsets;
-  if (group_order.has_value() && group_order->defined()) {
-    order = *group_order;
-    offsets = *group_offsets;
-  } else {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(order, offsets) = handles::lora_group_rows().call(adapter_ids, lora_A.size(0));
-  }
+  const auto [order, offsets] = grouping(adapter_ids, lora_A.size(0), group_order, group_offsets);
   return LoraLinearMultiFunction::apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, order, offsets, dropout_p,
                                         training);
 }
@@ -161,14 +162,7 @@ Tensor lora_linear_multi_quantized_autograd(const Tensor& x, const Tensor& qdata
   detail::check_lora_linear_multi_quantized_args("lora_linear_multi_quantized", x, qdata, qscale,
                                                  std::string_view(qtype.data(), qtype.size()), out, in, bias, lora_A,
                                                  lora_B, scales, adapter_ids, dropout_p, group_order, group_offsets);
-  Tensor order, offsets;
-  if (group_order.has_value() && group_order->defined()) {
-    order = *group_order;
-    offsets = *group_offsets;
-  } else {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(order, offsets) = handles::lora_group_rows().call(adapter_ids, lora_A.size(0));
-  }
+  const auto [order, offsets] = grouping(adapter_ids, lora_A.size(0), group_order, group_offsets);
   return LoraLinearMultiQuantizedFunction::apply(x, qdata, qscale, qtype, out, in, bias, lora_A, lora_B, scales,
                                                  adapter_ids, order, offsets, dropout_p, training);
 }
